@@ -1,0 +1,1 @@
+"""Package data: run configs (YAML), model registries (JSON), prompt banks."""

@@ -1,0 +1,1 @@
+"""The ML library: patch grid, CLIP embedder, spectral encoder, fusion, data, losses, engine, metrics."""

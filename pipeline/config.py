@@ -1,0 +1,245 @@
+"""Run configuration: YAML files and `--set KEY=VALUE` overrides loaded into typed dataclasses.
+
+Unknown keys and wrong types are errors that name the key, so a typo never trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SEMANTIC_MODES = ("none", "global", "global_local")
+FUSION_KINDS = ("concat", "film", "gate", "cross_attn")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class SemanticConfig:
+    MODE: str = "global_local"  # none | global (Approach 1) | global_local (Approach 2)
+    FUSION: str = "film"  # how CLIP vectors enter patch features: concat | film | gate | cross_attn
+    CONDITION_QUERY: bool = True  # the global vector also conditions the attention-pooling query
+    PROJ_DIM: int = 128  # CLIP vectors are projected to this width before fusion
+
+
+@dataclass
+class ClipConfig:
+    NAME: str = ""  # open_clip model name; empty = take the store's (train) or the checkpoint's (predict)
+    WEIGHTS: str = ""  # hub tag or local weights file; same rule as NAME
+
+
+@dataclass
+class SpectralConfig:
+    ENCODER: str = "spectral-vit-tiny"  # a model JSON in configs/models/ (registry = file stem)
+    ENCODER_WEIGHTS: str = ""  # for frozen pretrained encoders (SPAI's setup): a local weights file
+    MASK_RADIUS: int = 16  # FFT low/high-pass split on a 224 patch, as in SPAI
+    CHUNK_SIZE: int = 64  # patches encoded at once; bounds memory for any resolution
+
+
+@dataclass
+class ModelConfig:
+    USE_SEMANTIC_CONTEXT: bool = True  # False means SEMANTIC.MODE must be none
+    DROPOUT: float = 0.1
+    HIDDEN_DIM: int = 256  # width of patch vectors after SRS projection and of the head
+    SEMANTIC: SemanticConfig = field(default_factory=SemanticConfig)
+    CLIP: ClipConfig = field(default_factory=ClipConfig)
+    SPECTRAL: SpectralConfig = field(default_factory=SpectralConfig)
+
+
+@dataclass
+class DataConfig:
+    PROMPTS_PATH: str = ""  # empty = the shipped ImageNet class names (configs/prompts/imagenet_classnames.txt)
+    GENERATORS: list[str] = field(default_factory=list)  # keep only these generators (reals always kept); empty = all
+    MAX_PATCHES: int = 16  # patches per image in a training view (a random subset of grid cells)
+    NUM_WORKERS: int = 0  # DataLoader workers for training
+    SKIP_MISSING: bool = False  # skip (and count) samples absent from the store instead of failing
+
+
+@dataclass
+class AugConfig:
+    FLIP_PROB: float = 0.5  # horizontal flip of each patch (the CLIP vector of a flipped patch is kept)
+    JPEG_PROB: float = 0.3
+    JPEG_QUALITY: list[int] = field(default_factory=lambda: [50, 100])  # SPAI's range
+    BLUR_PROB: float = 0.2
+    BLUR_SIGMA: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    NOISE_PROB: float = 0.2
+    NOISE_STD: list[float] = field(default_factory=lambda: [0.0, 0.03])  # on [0, 1] pixels
+
+
+@dataclass
+class TrainConfig:
+    EPOCHS: int = 10
+    BATCH_SIZE: int = 16
+    BASE_LR: float = 5e-4
+    MIN_LR: float = 1e-6
+    WEIGHT_DECAY: float = 0.05
+    WARMUP_EPOCHS: float = 1.0
+    CLIP_GRAD: float = 1.0
+    SEED: int = 0
+    PRECISION: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class LossConfig:
+    SEMANTIC_WEIGHT: float = 0.0  # weight of the semantic-consistency term; 0 disables it
+    TEMPERATURE: float = 0.07  # contrastive temperature of that term
+
+
+@dataclass
+class RunConfig:
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    DATA: DataConfig = field(default_factory=DataConfig)
+    AUG: AugConfig = field(default_factory=AugConfig)
+    TRAIN: TrainConfig = field(default_factory=TrainConfig)
+    LOSS: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self) -> RunConfig:
+        sem = self.MODEL.SEMANTIC
+        if sem.MODE not in SEMANTIC_MODES:
+            raise ConfigError(f"MODEL.SEMANTIC.MODE: {sem.MODE!r} is not one of {', '.join(SEMANTIC_MODES)}")
+        if sem.FUSION not in FUSION_KINDS:
+            raise ConfigError(f"MODEL.SEMANTIC.FUSION: {sem.FUSION!r} is not one of {', '.join(FUSION_KINDS)}")
+        if not self.MODEL.USE_SEMANTIC_CONTEXT and sem.MODE != "none":
+            raise ConfigError(
+                f"MODEL.USE_SEMANTIC_CONTEXT is false but MODEL.SEMANTIC.MODE is {sem.MODE!r}: "
+                "set MODEL.SEMANTIC.MODE=none, or MODEL.USE_SEMANTIC_CONTEXT=true"
+            )
+        if self.MODEL.USE_SEMANTIC_CONTEXT and sem.MODE == "none":
+            raise ConfigError(
+                "MODEL.SEMANTIC.MODE is none but MODEL.USE_SEMANTIC_CONTEXT is true: "
+                "set MODEL.USE_SEMANTIC_CONTEXT=false for the spectral-only baseline"
+            )
+        if self.TRAIN.PRECISION not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"TRAIN.PRECISION: {self.TRAIN.PRECISION!r} is not one of auto, fp32, bf16")
+        for key, pair in (("AUG.JPEG_QUALITY", self.AUG.JPEG_QUALITY), ("AUG.BLUR_SIGMA", self.AUG.BLUR_SIGMA),
+                          ("AUG.NOISE_STD", self.AUG.NOISE_STD)):
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ConfigError(f"{key}: expected [low, high] with low <= high, got {pair}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form: equal configs hash equal whatever file they came from."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # --set DATA.GENERATORS=a,b,c
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'the top level'}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`A.B.C=value` -> {"A": {"B": {"C": value}}}; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. TRAIN.EPOCHS=5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    for p in reversed(parts):
+        value = {p: value}
+    return value
+
+
+def shipped_config(name: str) -> Path:
+    """A run config shipped in configs/ (e.g. `demo`)."""
+    return Path(str(resources.files("semspai.configs") / f"{name}.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """The dataclass defaults <- `path` <- each `KEY=VALUE` override, then validated."""
+    data: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = loaded
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data).validate()
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (the form `--config` reads back)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def prompts_path(cfg: RunConfig) -> Path:
+    if cfg.DATA.PROMPTS_PATH:
+        return Path(cfg.DATA.PROMPTS_PATH)
+    return Path(str(resources.files("semspai.configs") / "prompts" / "imagenet_classnames.txt"))

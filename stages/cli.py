@@ -1,0 +1,36 @@
+"""The `semspai` click group: every stage registers its command here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from semspai import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="semspai")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """semspai: detect AI-generated images at any resolution (spectral learning + CLIP semantics)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _register() -> None:
+    # Each stage module defines one click command (or group); importing here keeps `--help` complete.
+    from semspai.stages import shard
+
+    cli.add_command(shard.command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="semspai")

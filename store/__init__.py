@@ -1,0 +1,1 @@
+"""Formats and persistence: image decoding, shards, stage manifests, the feature store, checkpoints."""

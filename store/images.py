@@ -1,0 +1,94 @@
+"""The one image decode function every stage uses: bytes -> RGB uint8, orientation applied."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 16384 x 16384: far above any photo or generator output, far below what exhausts memory on decode.
+DEFAULT_MAX_PIXELS = 268_435_456
+# The decoder's identity, recorded wherever pixels feed a cached result (a change here invalidates caches).
+DECODER_ID = "pil-exif-rgb8-v1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a readable image (corrupt, truncated, empty, unknown format)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # after EXIF orientation
+    height: int
+    format: str  # PIL's format name, e.g. "JPEG"
+    mode: str  # the mode as stored, before conversion to RGB
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # PIL only warns between its limit and twice it; we enforce our own limit below instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"{exc}; raise --max-pixels to accept it") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"not a readable image: {exc}") from exc
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; raise --max-pixels to accept it")
+    return img
+
+
+def probe_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Fully decode `data` (so truncation is caught) and report its size after orientation."""
+    img = _open(data, max_pixels)
+    fmt, mode = img.format or "", img.mode
+    rgb = _to_rgb(img)
+    return ImageInfo(width=rgb.shape[1], height=rgb.shape[0], format=fmt, mode=mode)
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array with EXIF orientation applied.
+
+    Greyscale, palette, CMYK, 16-bit and float images are converted to 8-bit RGB; an alpha channel is
+    dropped (not composited), so the stored colour values, and the traces in them, stay as they are.
+    """
+    return _to_rgb(_open(data, max_pixels))
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            a = np.asarray(img, dtype=np.int64)
+            # 16-bit greyscale: keep the top byte; 32-bit "I" from 16-bit PNGs holds 0..65535 too
+            a8 = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(a8[..., None], 3, axis=2))
+        if mode == "F":
+            a8 = np.clip(np.asarray(img, dtype=np.float32), 0, 255).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(a8[..., None], 3, axis=2))
+        if mode == "P" or mode == "PA":
+            img = img.convert("RGBA")
+        if mode != "RGB":
+            img = img.convert("RGB")
+        arr = np.asarray(img, dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, IndexError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageDecodeError(f"decoded to an unusable array of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
