@@ -1,0 +1,56 @@
+"""What every CLI stage shares: config options, and turning known errors into one-line exits."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import click
+
+from semspai.pipeline.config import ConfigError
+from semspai.store.checkpoints import CheckpointError
+from semspai.store.images import ImageDecodeError
+from semspai.store.manifest import StaleOutputError
+from semspai.store.shards import ShardError
+
+# Errors that mean "bad input": reported as one line, exit code 1, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    ShardError,
+    StaleOutputError,
+    ImageDecodeError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+)
+
+
+def register_user_error(*types: type[BaseException]) -> None:
+    """Let a stage add its own bad-input error types (e.g. the feature store's)."""
+    global USER_ERRORS
+    USER_ERRORS = USER_ERRORS + tuple(types)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Report bad-input errors as `Error: <one line>` and exit non-zero instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+    return wrapper
+
+
+def config_options(fn: Callable) -> Callable:
+    """`--config FILE` and repeatable `--set KEY=VALUE`."""
+    fn = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override one config key, e.g. --set TRAIN.EPOCHS=5 (repeatable; values are YAML).",
+    )(fn)
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        help="YAML run config (unknown keys are errors).",
+    )(fn)

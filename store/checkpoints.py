@@ -1,0 +1,53 @@
+"""Checkpoints: atomic writes, `weights_only` loading, and `RUN` -> `RUN/checkpoints/best.pt` resolution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_SCHEMA_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or file cannot be used; the message names it."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Save `state` (tensors, numbers, strings, lists, dicts only — so `weights_only` can load it) atomically:
+    a temporary file is written and fsynced, then renamed, so a killed run never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as fh:
+        torch.save({"schema_version": CHECKPOINT_SCHEMA_VERSION, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory meaning its `checkpoints/best.pt`."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        if not best.exists():
+            raise CheckpointError(f"run directory {path} has no checkpoints/best.pt (did `semspai train` finish an epoch?)")
+        return best
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint (file or run directory) with `weights_only=True`: no pickled code runs."""
+    file = resolve_checkpoint(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
+        raise CheckpointError(f"checkpoint {file} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("schema_version") != CHECKPOINT_SCHEMA_VERSION:
+        raise CheckpointError(f"checkpoint {file} is not a semspai checkpoint of schema {CHECKPOINT_SCHEMA_VERSION}")
+    return state

@@ -1,0 +1,92 @@
+"""Stage manifests: what a stage's output was made from, so reruns skip, or refuse stale inputs.
+
+A manifest records the resolved config's digest, a fingerprint of each input and the stage's schema
+version — never the git commit, so an unrelated commit does not invalidate hours of extraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from semspai.store.shards import write_json_atomic
+
+MANIFEST_NAME = "semspai-stage.json"
+
+
+class StaleOutputError(RuntimeError):
+    """The output exists but was made from other inputs or another config; the message says what to rerun."""
+
+
+@dataclass
+class StageManifest:
+    stage: str
+    schema_version: int
+    config_digest: str
+    inputs: dict[str, str]  # input name -> fingerprint
+    semspai_version: str = ""
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def fingerprint_paths(paths: list[Path], root: Path | None = None) -> str:
+    """Cheap fingerprint of many files: names, sizes and mtimes (content hashes would cost a full read)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        name = str(p.relative_to(root)) if root else str(p)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint_file(path: str | Path) -> str:
+    """Content fingerprint of one small file (e.g. an upstream stage's index)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_path(out: str | Path) -> Path:
+    return Path(out) / MANIFEST_NAME
+
+
+def read_manifest(out: str | Path) -> StageManifest | None:
+    path = manifest_path(out)
+    if not path.exists():
+        return None
+    return StageManifest(**json.loads(path.read_text()))
+
+
+def write_manifest(out: str | Path, manifest: StageManifest) -> None:
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(manifest_path(out), asdict(manifest))
+
+
+def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, str], force: bool) -> bool:
+    """Decide whether a stage must run. True: run it. False: its output is up to date.
+
+    Raises StaleOutputError when the output exists but was made from other inputs, another config or
+    another schema; `rerun_hint` maps an input name to the command that rebuilds what depends on it.
+    `force` always runs.
+    """
+    if force:
+        return True
+    have = read_manifest(out)
+    if have is None:
+        return True
+    if have.stage != wanted.stage:
+        raise StaleOutputError(f"{out} holds the output of `semspai {have.stage}`, not of `semspai {wanted.stage}`")
+    reasons = []
+    if have.schema_version != wanted.schema_version:
+        reasons.append(f"it was made by schema version {have.schema_version}, this semspai writes {wanted.schema_version}")
+    if have.config_digest != wanted.config_digest:
+        reasons.append("it was made with another configuration")
+    for name, fp in wanted.inputs.items():
+        if have.inputs.get(name) != fp:
+            reasons.append(f"its input {name} changed (was rebuilt) after it was made at {have.created}")
+    if not reasons:
+        return False
+    hints = [rerun_hint[n] for n in wanted.inputs if have.inputs.get(n) != wanted.inputs[n] and n in rerun_hint]
+    what = hints[0] if hints else f"`semspai {wanted.stage}` with --force"
+    raise StaleOutputError(f"{out} is stale: {'; '.join(reasons)}. Rerun {what} to rebuild it.")
