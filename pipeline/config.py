@@ -60,6 +60,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     PROMPTS_PATH: str = ""  # empty = the shipped ImageNet class names (configs/prompts/imagenet_classnames.txt)
+    PROMPT_TEMPLATE: str = "a photo of a {}."  # each class name becomes one prompt (CLIP's zero-shot convention)
     GENERATORS: list[str] = field(default_factory=list)  # keep only these generators (reals always kept); empty = all
     MAX_PATCHES: int = 16  # patches per image in a training view (a random subset of grid cells)
     NUM_WORKERS: int = 0  # DataLoader workers for training
@@ -243,3 +244,15 @@ def prompts_path(cfg: RunConfig) -> Path:
     if cfg.DATA.PROMPTS_PATH:
         return Path(cfg.DATA.PROMPTS_PATH)
     return Path(str(resources.files("semspai.configs") / "prompts" / "imagenet_classnames.txt"))
+
+
+def prompt_bank(cfg: RunConfig) -> list[str]:
+    """The prompt texts fixed into a store at extraction: one per non-empty line of the prompts file."""
+    path = prompts_path(cfg)
+    try:
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError as exc:
+        raise ConfigError(f"DATA.PROMPTS_PATH: {path} does not exist") from exc
+    if "{}" not in cfg.DATA.PROMPT_TEMPLATE:
+        raise ConfigError(f"DATA.PROMPT_TEMPLATE: {cfg.DATA.PROMPT_TEMPLATE!r} has no {{}} for the class name")
+    return [cfg.DATA.PROMPT_TEMPLATE.format(n) for n in names]
