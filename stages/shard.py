@@ -1,0 +1,261 @@
+"""`semspai shard`: image folders and CSV manifests -> WebDataset tars of original bytes + index.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from semspai import __version__
+from semspai.pipeline.progress import progress
+from semspai.store.images import DEFAULT_MAX_PIXELS, DECODER_ID, ImageDecodeError, ImageTooLargeError, probe_image
+from semspai.store.manifest import StageManifest, check_stage, fingerprint_paths, write_manifest
+from semspai.store.shards import INDEX_NAME, SHARD_SCHEMA_VERSION, SPLITS, ShardWriter, write_json_atomic
+from semspai.store.sources import (
+    SourceError,
+    SourceRecord,
+    hash_split,
+    parse_split_ratios,
+    read_manifest_csv,
+    sample_key,
+    scan_folder,
+)
+from semspai.stages.common import register_user_error, user_errors
+
+log = logging.getLogger(__name__)
+STAGE = "shard"
+SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.partial)?$")
+register_user_error(SourceError)
+
+
+@dataclass
+class ShardConfig:
+    sources: list[str]  # folders or CSV manifests
+    out: str
+    manifests: list[str] = field(default_factory=list)
+    shard_size: int = 1000  # samples per tar: big enough for streaming, small enough to spread over workers
+    split: str = "0.8,0.1,0.1"  # train,val,test ratios for samples whose manifest row names no split
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    skip_unlabeled: bool = False
+    force: bool = False
+    workers: int = 0  # decode threads; 0 = one per core
+
+    def digest(self) -> str:
+        """Hash of what changes the output (not `force`, `workers` or where the sources are listed)."""
+        keys = ("shard_size", "split", "max_pixels", "skip_unlabeled")
+        payload = {k: getattr(self, k) for k in keys} | {"schema": SHARD_SCHEMA_VERSION, "decoder": DECODER_ID}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ShardResult:
+    out: Path
+    up_to_date: bool  # True: nothing was done, the output already matched inputs and config
+    n_written: int = 0
+    n_skipped: int = 0
+    n_duplicates: int = 0
+    n_unlabeled_skipped: int = 0
+    shards: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Probed:
+    record: SourceRecord
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    error: str = ""
+
+
+def collect_records(cfg: ShardConfig) -> list[SourceRecord]:
+    records: list[SourceRecord] = []
+    for src in [*cfg.sources, *cfg.manifests]:
+        path = Path(src)
+        if path.is_dir():
+            records += scan_folder(path)
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            records += read_manifest_csv(path)
+        elif not path.exists():
+            raise SourceError(f"source {src} does not exist")
+        else:
+            raise SourceError(f"source {src} is neither a folder nor a .csv manifest")
+    if not records:
+        raise SourceError(f"no images (.jpg .png .webp .tif .bmp) found in {', '.join(cfg.sources + cfg.manifests)}")
+    seen: dict[str, SourceRecord] = {}
+    for r in records:
+        if r.origin in seen:
+            raise SourceError(f"{r.path} is listed twice (as {r.origin}); list each source once")
+        seen[r.origin] = r
+    return sorted(records, key=lambda r: r.origin)
+
+
+def _probe(record: SourceRecord, max_pixels: int) -> _Probed:
+    try:
+        data = record.path.read_bytes()
+    except OSError as exc:
+        return _Probed(record, error=f"unreadable file: {exc.strerror or exc}")
+    probed = _Probed(record, sha256=hashlib.sha256(data).hexdigest())
+    try:
+        info = probe_image(data, max_pixels)
+    except ImageTooLargeError as exc:
+        probed.error = f"too large: {exc}"
+    except ImageDecodeError as exc:
+        probed.error = str(exc)
+    else:
+        probed.width, probed.height = info.width, info.height
+    return probed
+
+
+def _clear_old_shards(out: Path) -> None:
+    for p in out.iterdir():
+        if SHARD_FILE.match(p.name):
+            p.unlink()
+
+
+def run(cfg: ShardConfig) -> ShardResult:
+    """Shard the sources into `cfg.out`; a no-op (up_to_date) when inputs and config are unchanged."""
+    start = time.perf_counter()
+    ratios = parse_split_ratios(cfg.split)
+    if cfg.shard_size < 1:
+        raise SourceError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    records = collect_records(cfg)
+    out = Path(cfg.out)
+    input_files = [r.path for r in records if r.path.exists()] + [Path(m) for m in cfg.sources + cfg.manifests
+                                                                    if Path(m).is_file()]
+    wanted = StageManifest(stage=STAGE, schema_version=SHARD_SCHEMA_VERSION, config_digest=cfg.digest(),
+                           inputs={"sources": fingerprint_paths(input_files)}, semspai_version=__version__)
+    hint = {"sources": f"`semspai shard ... --out {out} --force`"}
+    if not check_stage(out, wanted, hint, cfg.force):
+        return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
+
+    unlabeled = [r for r in records if r.label is None]
+    if unlabeled and not cfg.skip_unlabeled:
+        raise SourceError(f"{unlabeled[0].path}: no label can be derived (no real/fake folder, no manifest label); "
+                          f"{len(unlabeled)} such file(s) — fix the layout or pass --skip-unlabeled")
+    records = [r for r in records if r.label is not None]
+
+    with ThreadPoolExecutor(cfg.workers or os.cpu_count() or 1) as pool:
+        probed = list(progress(pool.map(lambda r: _probe(r, cfg.max_pixels), records),
+                               total=len(records), desc="decode check", unit="img"))
+    skipped = [{"path": str(p.record.path), "reason": p.error} for p in probed if p.error]
+    first_by_sha: dict[str, _Probed] = {}
+    duplicates = []
+    kept: list[_Probed] = []
+    for p in probed:
+        if p.error:
+            continue
+        if p.sha256 in first_by_sha:
+            duplicates.append({"path": str(p.record.path), "duplicate_of": str(first_by_sha[p.sha256].record.path)})
+            continue
+        first_by_sha[p.sha256] = p
+        kept.append(p)
+
+    by_split: dict[str, list[tuple[str, _Probed]]] = {s: [] for s in SPLITS}
+    for p in kept:
+        r = p.record
+        split = r.split or hash_split(r.group or r.origin, ratios)
+        by_split[split].append((sample_key(r.origin), p))
+
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_old_shards(out)
+    (out / INDEX_NAME).unlink(missing_ok=True)  # an index only ever describes complete tars
+    shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
+    for split in SPLITS:
+        items = sorted(by_split[split], key=lambda kp: kp[0])
+        for n, lo in enumerate(range(0, len(items), cfg.shard_size)):
+            name = f"{split}-{n:06d}.tar"
+            writer = ShardWriter(out / name)
+            try:
+                for key, p in items[lo : lo + cfg.shard_size]:
+                    _write_sample(writer, key, p, split)
+            except BaseException:
+                writer.abort()
+                raise
+            shards.append({"name": name, "split": split, "count": writer.count, "sha256": writer.close()})
+        for _, p in items:
+            counts["split"][split] += 1
+            counts["label"]["fake" if p.record.label else "real"] += 1
+            counts["generator"][p.record.generator] += 1
+            counts["split_label"][f"{split}/{'fake' if p.record.label else 'real'}"] += 1
+
+    index = {
+        "schema_version": SHARD_SCHEMA_VERSION,
+        "decoder": DECODER_ID,
+        "split_ratios": list(ratios),
+        "shards": shards,
+        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "n_samples": len(kept),
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "unlabeled_skipped": [str(r.path) for r in unlabeled],
+    }
+    write_json_atomic(out / INDEX_NAME, index)
+    write_manifest(out, wanted)
+    return ShardResult(
+        out=out, up_to_date=False, n_written=len(kept), n_skipped=len(skipped), n_duplicates=len(duplicates),
+        n_unlabeled_skipped=len(unlabeled), shards=[s["name"] for s in shards], counts=index["counts"],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None:
+    r = p.record
+    data = r.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != p.sha256:
+        raise SourceError(f"{r.path} changed while sharding; rerun `semspai shard`")
+    meta = {
+        "label": r.label, "generator": r.generator, "caption": r.caption, "split": split, "group": r.group or r.origin,
+        "width": p.width, "height": p.height, "path": r.origin, "sha256": p.sha256,
+    }
+    writer.write(key, data, r.path.suffix.lower().lstrip("."), meta)
+
+
+@click.command("shard")
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for tars + index.json.")
+@click.option("--manifest", "manifests", multiple=True, type=click.Path(dir_okay=False),
+              help="CSV: path,label[,generator][,caption][,split][,group] or SPAI's image,class,split (repeatable).")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per tar.")
+@click.option("--split", default="0.8,0.1,0.1", show_default=True,
+              help="train,val,test ratios for samples whose manifest gives no split (by group hash).")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels (decompression-bomb guard).")
+@click.option("--skip-unlabeled", is_flag=True, help="Skip and count files with no derivable label instead of failing.")
+@click.option("--workers", default=0, help="Decode threads (0 = one per core).")
+@click.option("--force", is_flag=True, help="Rebuild even if the output is up to date or stale.")
+@user_errors
+def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabeled, workers, force) -> None:
+    """Pack images (folders with real/fake label folders, or CSV manifests) into WebDataset tars.
+
+    Original bytes are stored, never re-encoded; the same input gives byte-identical tars.
+    """
+    cfg = ShardConfig(sources=list(sources), out=out, manifests=list(manifests), shard_size=shard_size, split=split,
+                      max_pixels=max_pixels, skip_unlabeled=skip_unlabeled, force=force, workers=workers)
+    result = run(cfg)
+    if result.up_to_date:
+        click.echo(f"{out}: up to date (same inputs and config); nothing to do. Pass --force to rebuild.")
+        return
+    rate = result.n_written / max(result.seconds, 1e-9)
+    click.echo(f"{result.n_written} images in {len(result.shards)} shards at {out} "
+               f"({result.seconds:.1f} s, {rate:.0f} img/s)")
+    click.echo("splits: " + ", ".join(f"{k}={v}" for k, v in result.counts["split"].items()))
+    click.echo("labels: " + ", ".join(f"{k}={v}" for k, v in result.counts["label"].items()))
+    if result.n_skipped or result.n_duplicates or result.n_unlabeled_skipped:
+        click.echo(f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate, "
+                   f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json")
+    if not result.shards:
+        raise click.ClickException("no image could be sharded")
+
+
+__all__ = ["ShardConfig", "ShardResult", "run", "command"]

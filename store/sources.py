@@ -1,0 +1,135 @@
+"""Source listings for `semspai shard`: image folders and CSV manifests -> labelled records, and hash splits."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from semspai.store.images import IMAGE_EXTENSIONS
+
+REAL_NAMES = {"real", "0_real"}
+FAKE_NAMES = {"fake", "1_fake"}
+LABEL_VALUES = {"real": 0, "0": 0, "fake": 1, "1": 1}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class SourceError(ValueError):
+    """A source folder or manifest cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class SourceRecord:
+    path: Path  # the image file
+    origin: str  # stable identity: "<source name>/<path relative to the source>"
+    label: int | None  # 0 real, 1 fake, None when not derivable
+    generator: str
+    caption: str = ""
+    split: str = ""  # empty = decided by the group hash
+    group: str = ""  # samples of one group never straddle splits; empty = the origin
+
+
+def sample_key(origin: str) -> str:
+    """A dot-free, stable key for WebDataset (a dot would split it into key and extension)."""
+    return hashlib.sha256(origin.encode()).hexdigest()[:24]
+
+
+def label_from_parts(parts: tuple[str, ...]) -> tuple[int | None, str]:
+    """Label and generator from a relative path's folder names (DESIGN.md's convention).
+
+    `.../real|fake/<generator>/file` names the generator under the label; ForenSynths'
+    `<generator>/0_real|1_fake/file` names it above. The deepest label folder wins.
+    """
+    folders = parts[:-1]
+    for i in range(len(folders) - 1, -1, -1):
+        name = folders[i].lower()
+        if name in REAL_NAMES or name in FAKE_NAMES:
+            label = 0 if name in REAL_NAMES else 1
+            if i + 1 < len(folders):
+                return label, folders[i + 1]
+            if i > 0:
+                return label, folders[i - 1]
+            return label, "unknown"
+    return None, folders[-1] if folders else "unknown"
+
+
+def scan_folder(root: Path) -> list[SourceRecord]:
+    root = Path(root)
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+        rel = path.relative_to(root)
+        label, generator = label_from_parts((root.name, *rel.parts))
+        records.append(SourceRecord(path=path, origin=f"{root.name}/{rel.as_posix()}", label=label, generator=generator))
+    return records
+
+
+def _parse_label(raw: str, where: str) -> int | None:
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value not in LABEL_VALUES:
+        raise SourceError(f"{where}: label {raw!r} is not one of real, fake, 0, 1")
+    return LABEL_VALUES[value]
+
+
+def _parse_split(raw: str, where: str) -> str:
+    value = raw.strip().lower()
+    if not value:
+        return ""
+    if value not in SPLIT_ALIASES:
+        raise SourceError(f"{where}: split {raw!r} is not one of train, val, test")
+    return SPLIT_ALIASES[value]
+
+
+def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
+    """Our manifest (`path,label[,generator][,caption][,split][,group]`) or SPAI's (`image,class,split`).
+
+    Paths are relative to the CSV's folder (absolute paths are kept).
+    """
+    csv_path = Path(csv_path)
+    base = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        spai = "image" in fields and "class" in fields
+        if not spai and not ("path" in fields and "label" in fields):
+            raise SourceError(f"{csv_path}: expected columns path,label[,generator][,caption][,split][,group] "
+                              f"or SPAI's image,class,split; found {','.join(fields) or 'none'}")
+        records = []
+        for line_no, raw_row in enumerate(reader, start=2):
+            row = {(k or "").strip().lower(): (v or "") for k, v in raw_row.items()}
+            where = f"{csv_path}:{line_no}"
+            rel = row["image" if spai else "path"].strip()
+            if not rel:
+                raise SourceError(f"{where}: empty path")
+            path = (base / rel) if not Path(rel).is_absolute() else Path(rel)
+            label = _parse_label(row["class" if spai else "label"], where)
+            generator = row.get("generator", "").strip() or label_from_parts(Path(rel).parts)[1]
+            records.append(SourceRecord(
+                path=path, origin=f"{csv_path.stem}/{rel}", label=label, generator=generator,
+                caption=row.get("caption", "").strip(), split=_parse_split(row.get("split", ""), where),
+                group=row.get("group", "").strip(),
+            ))
+    return records
+
+
+def parse_split_ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise SourceError(f"--split {text!r}: expected three numbers R,R,R (train,val,test), e.g. 0.8,0.1,0.1") from exc
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise SourceError(f"--split {text!r}: expected three non-negative numbers with a positive sum")
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def hash_split(group: str, ratios: tuple[float, float, float]) -> str:
+    """Split by a hash of the group: stable when files are added, and a group never straddles splits."""
+    u = int(hashlib.sha256(group.encode()).hexdigest()[:16], 16) / 2**64  # uniform in [0, 1)
+    if u < ratios[0]:
+        return "train"
+    if u < ratios[0] + ratios[1]:
+        return "val"
+    return "test"
