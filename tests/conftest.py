@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny labelled image trees and shards made on the fly (no data files in the repo)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def random_photo(width: int, height: int, seed: int) -> np.ndarray:
+    """Smooth random content (upsampled noise plus grain), so encoded sizes look photo-like."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).astype(np.int16)
+    img = img + rng.integers(-10, 10, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_image(path: Path, width: int, height: int, seed: int) -> Path:
+    """Write a random photo; the format follows the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".bmp": "BMP"}
+    path.write_bytes(encode(random_photo(width, height, seed), fmt[path.suffix.lower()]))
+    return path
+
+
+# (generator, label folder, count): two generators, reals from one camera-like source
+TREE = (("camera", "real", 8), ("gan_a", "fake", 4), ("gan_b", "fake", 4))
+SIZES = ((256, 256), (300, 240), (200, 180), (480, 460))
+
+
+def make_tree(root: Path) -> Path:
+    """`root/<real|fake>/<generator>/<n>.png|jpg` with mixed sizes, including one under 224 px."""
+    seed = 0
+    for gen, label, count in TREE:
+        for i in range(count):
+            w, h = SIZES[seed % len(SIZES)]
+            write_image(root / label / gen / f"{i:03d}.{'png' if seed % 2 else 'jpg'}", w, h, seed)
+            seed += 1
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 images (8 real, 8 fake, two generators) sharded 4 per tar with an explicit split on every image."""
+    from semspai.stages.shard import ShardConfig, run
+
+    root = make_tree(tmp_path_factory.mktemp("tree") / "data")
+    # an explicit, balanced split so every split holds reals and fakes whatever the hashes say
+    rows = ["path,label,generator,split,caption"]
+    for i, path in enumerate(sorted(root.rglob("*.*"))):
+        label, gen = path.parts[-3], path.parts[-2]
+        split = ("train", "train", "val", "test")[i % 4]
+        rows.append(f"{path.relative_to(root)},{label},{gen},{split},a photo number {i}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("shards")
+    run(ShardConfig(sources=[], manifests=[str(root / "manifest.csv")], out=str(out), shard_size=4))
+    return out
