@@ -24,9 +24,10 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     # Each stage module defines one click command (or group); importing here keeps `--help` complete.
-    from semspai.stages import shard
+    from semspai.stages import demo, shard
 
     cli.add_command(shard.command)
+    cli.add_command(demo.command)
 
 
 _register()
