@@ -10,7 +10,7 @@ import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
@@ -134,7 +134,8 @@ def run(cfg: ShardConfig) -> ShardResult:
     input_files = [r.path for r in records if r.path.exists()] + [Path(m) for m in cfg.sources + cfg.manifests
                                                                     if Path(m).is_file()]
     wanted = StageManifest(stage=STAGE, schema_version=SHARD_SCHEMA_VERSION, config_digest=cfg.digest(),
-                           inputs={"sources": fingerprint_paths(input_files)}, semspai_version=__version__)
+                           inputs={"sources": fingerprint_paths(input_files)}, semspai_version=__version__,
+                           config=asdict(cfg))
     hint = {"sources": f"`semspai shard ... --out {out} --force`"}
     if not check_stage(out, wanted, hint, cfg.force):
         return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)

@@ -29,6 +29,7 @@ class StageManifest:
     config_digest: str
     inputs: dict[str, str]  # input name -> fingerprint
     semspai_version: str = ""
+    config: dict = field(default_factory=dict)  # the resolved config itself, so the output says how it was made
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
