@@ -65,6 +65,7 @@ class DataConfig:
     MAX_PATCHES: int = 16  # patches per image in a training view (a random subset of grid cells)
     NUM_WORKERS: int = 0  # DataLoader workers for training
     SKIP_MISSING: bool = False  # skip (and count) samples absent from the store instead of failing
+    SHUFFLE_BUFFER: int = 256  # raw samples mixed within a stream on top of the per-epoch shard order
 
 
 @dataclass

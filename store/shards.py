@@ -132,6 +132,25 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
         raise ShardError(f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it") from exc
 
 
+def shard_sidecars(path: str | Path) -> list[tuple[str, dict]]:
+    """(key, JSON sidecar) of each sample in stored order, skipping image bytes: lets a trainer plan an epoch
+    (splits, generators, counts) without decoding or even reading the images."""
+    path = Path(path)
+    out = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if member.isfile() and ext == "json":
+                    out.append((key, json.loads(tar.extractfile(member).read())))
+    except FileNotFoundError as exc:
+        raise ShardError(f"shard {path} does not exist") from exc
+    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
+        raise ShardError(f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it") from exc
+    return out
+
+
 def resolve_shards(spec: str | Path) -> list[Path]:
     """A brace pattern (`train-{000000..000031}.tar`), a glob, a shard folder or one tar -> sorted tar paths.
 

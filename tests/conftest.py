@@ -70,3 +70,13 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     run(ShardConfig(sources=[], manifests=[str(root / "manifest.csv")], out=str(out), shard_size=4))
     return out
+
+
+@pytest.fixture(scope="session")
+def train_store(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-random feature store over `tiny_shards` (captions included), made in-process without Dask."""
+    from semspai.stages.extract import ExtractConfig, run
+
+    store = tmp_path_factory.mktemp("store") / "features.zarr"
+    run(ExtractConfig(shards=str(tiny_shards), store=str(store), clip="tiny-random", workers=0))
+    return store
