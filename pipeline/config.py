@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,9 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -146,8 +150,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key + ".")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):  # --set DATA.GENERATORS=a,b,c
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # --set DATA.GENERATORS=a,b,c or AUG.JPEG_QUALITY=50,100
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            try:
+                value = items if item_tp is str else [yaml.safe_load(v) for v in items]
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{key}: {value!r} is not a comma-separated list of values") from exc
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -158,6 +166,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

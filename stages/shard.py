@@ -18,7 +18,7 @@ import click
 from semspai import __version__
 from semspai.pipeline.progress import progress
 from semspai.store.images import DEFAULT_MAX_PIXELS, DECODER_ID, ImageDecodeError, ImageTooLargeError, probe_image
-from semspai.store.manifest import StageManifest, check_stage, fingerprint_paths, write_manifest
+from semspai.store.manifest import StageManifest, check_stage, fingerprint_paths, manifest_path, write_manifest
 from semspai.store.shards import INDEX_NAME, SHARD_SCHEMA_VERSION, SPLITS, ShardWriter, write_json_atomic
 from semspai.store.sources import (
     SourceError,
@@ -169,8 +169,10 @@ def run(cfg: ShardConfig) -> ShardResult:
         by_split[split].append((sample_key(r.origin), p))
 
     out.mkdir(parents=True, exist_ok=True)
-    _clear_old_shards(out)
+    # the manifest and index go first: a crash below must not leave them vouching for missing tars
+    manifest_path(out).unlink(missing_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # an index only ever describes complete tars
+    _clear_old_shards(out)
     shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
     for split in SPLITS:
         items = sorted(by_split[split], key=lambda kp: kp[0])

@@ -35,6 +35,7 @@ class ImageInfo:
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    _admit_in_pil(max_pixels)
     with warnings.catch_warnings():
         # PIL only warns between its limit and twice it; we enforce our own limit below instead.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -42,12 +43,23 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"{exc}; raise --max-pixels to accept it") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError as exc:
+            # PIL's message names the BytesIO object's address, which would differ between runs
+            raise ImageDecodeError("not a readable image: unknown format or corrupt header") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
             raise ImageDecodeError(f"not a readable image: {exc}") from exc
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; raise --max-pixels to accept it")
     return img
+
+
+def _admit_in_pil(max_pixels: int | None) -> None:
+    """Raise (never lower) PIL's own guard, which errors above twice MAX_IMAGE_PIXELS, so that it cannot
+    refuse an image that the configured `max_pixels` admits; `_open` enforces `max_pixels` itself."""
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil is not None and (max_pixels is None or 2 * pil < max_pixels):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
 
 
 def probe_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInfo:

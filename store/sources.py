@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,10 @@ def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
             raise SourceError(f"{csv_path}: expected columns path,label[,generator][,caption][,split][,group] "
                               f"or SPAI's image,class,split; found {','.join(fields) or 'none'}")
         records = []
-        for line_no, raw_row in enumerate(reader, start=2):
+        for raw_row in reader:
             row = {(k or "").strip().lower(): (v or "") for k, v in raw_row.items()}
-            where = f"{csv_path}:{line_no}"
+            # the reader's own count: blank lines and quoted line breaks make the row index wrong
+            where = f"{csv_path}:{reader.line_num}"
             rel = row["image" if spai else "path"].strip()
             if not rel:
                 raise SourceError(f"{where}: empty path")
@@ -119,7 +121,7 @@ def parse_split_ratios(text: str) -> tuple[float, float, float]:
         parts = [float(x) for x in text.split(",")]
     except ValueError as exc:
         raise SourceError(f"--split {text!r}: expected three numbers R,R,R (train,val,test), e.g. 0.8,0.1,0.1") from exc
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
         raise SourceError(f"--split {text!r}: expected three non-negative numbers with a positive sum")
     total = sum(parts)
     return parts[0] / total, parts[1] / total, parts[2] / total

@@ -1,0 +1,280 @@
+"""Run configs: defaults, YAML + `--set` overrides, errors naming the key, the semantic-mode rule, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from semspai.pipeline.config import (
+    SEMANTIC_MODES,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+    prompt_bank,
+    prompts_path,
+    save_config,
+    shipped_config,
+)
+
+
+def write_yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_defaults_load_and_are_valid():
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert cfg.MODEL.USE_SEMANTIC_CONTEXT is True and cfg.MODEL.SEMANTIC.MODE in SEMANTIC_MODES
+    assert cfg.DATA.GENERATORS == []
+    assert cfg.digest() == RunConfig().digest()
+
+
+def test_every_design_key_exists():
+    d = RunConfig().to_dict()
+    for key in (
+        "MODEL.USE_SEMANTIC_CONTEXT",
+        "MODEL.SEMANTIC.MODE",
+        "MODEL.SEMANTIC.FUSION",
+        "MODEL.CLIP.NAME",
+        "MODEL.CLIP.WEIGHTS",
+        "DATA.PROMPTS_PATH",
+        "LOSS.SEMANTIC_WEIGHT",
+        "DATA.GENERATORS",
+        "TRAIN.EPOCHS",
+        "TRAIN.BATCH_SIZE",
+        "TRAIN.BASE_LR",
+        "TRAIN.SEED",
+    ):
+        node = d
+        for part in key.split("."):
+            assert part in node, f"{key} is missing"
+            node = node[part]
+
+
+def test_shipped_configs_load():
+    for path in sorted(shipped_config("x").parent.glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig)
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"TRAIN": {"EPOCHS": 3, "BASE_LR": 0.001}, "DATA": {"GENERATORS": ["a"]}})
+    cfg = load_config(path, ["TRAIN.EPOCHS=7", "MODEL.SEMANTIC.FUSION=gate"])
+    assert cfg.TRAIN.EPOCHS == 7  # the override wins over the file
+    assert cfg.TRAIN.BASE_LR == 0.001  # the file wins over the default
+    assert cfg.DATA.GENERATORS == ["a"]
+    assert cfg.MODEL.SEMANTIC.FUSION == "gate"
+    assert cfg.MODEL.SEMANTIC.MODE == RunConfig().MODEL.SEMANTIC.MODE  # siblings of an override are kept
+    assert cfg.TRAIN.BATCH_SIZE == RunConfig().TRAIN.BATCH_SIZE
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("TRAIN.EPOCHS=5", {"TRAIN": {"EPOCHS": 5}}),
+        ("TRAIN.BASE_LR=0.0003", {"TRAIN": {"BASE_LR": 0.0003}}),
+        ("MODEL.USE_SEMANTIC_CONTEXT=false", {"MODEL": {"USE_SEMANTIC_CONTEXT": False}}),
+        ("DATA.GENERATORS=[a, b]", {"DATA": {"GENERATORS": ["a", "b"]}}),
+        ("MODEL.CLIP.NAME=", {"MODEL": {"CLIP": {"NAME": ""}}}),
+        ("A=x=y", {"A": "x=y"}),  # only the first = separates key and value
+    ],
+)
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["TRAIN.EPOCHS", "TRAIN..EPOCHS=1", "=1", "A.B=[unclosed"])
+def test_bad_override_syntax(text):
+    with pytest.raises(ConfigError, match="--set"):
+        parse_override(text)
+
+
+@pytest.mark.parametrize(
+    "override,path,expected",
+    [
+        ("TRAIN.EPOCHS=5", ("TRAIN", "EPOCHS"), 5),
+        ("TRAIN.BASE_LR=0.001", ("TRAIN", "BASE_LR"), 0.001),
+        ("TRAIN.BASE_LR=1e-4", ("TRAIN", "BASE_LR"), 1e-4),  # YAML 1.1 reads this as a string
+        ("TRAIN.WARMUP_EPOCHS=2", ("TRAIN", "WARMUP_EPOCHS"), 2.0),  # an int where a float is wanted
+        ("DATA.SKIP_MISSING=true", ("DATA", "SKIP_MISSING"), True),
+        ("DATA.GENERATORS=a,b,c", ("DATA", "GENERATORS"), ["a", "b", "c"]),
+        ("DATA.GENERATORS=progan", ("DATA", "GENERATORS"), ["progan"]),
+        ("DATA.GENERATORS=[sd3, flux]", ("DATA", "GENERATORS"), ["sd3", "flux"]),
+        ("DATA.GENERATORS=", ("DATA", "GENERATORS"), []),
+        ("AUG.JPEG_QUALITY=[60, 90]", ("AUG", "JPEG_QUALITY"), [60, 90]),
+        ("AUG.JPEG_QUALITY=60,90", ("AUG", "JPEG_QUALITY"), [60, 90]),
+        ("AUG.BLUR_SIGMA=0.5,1.5", ("AUG", "BLUR_SIGMA"), [0.5, 1.5]),
+        (
+            "MODEL.CLIP.WEIGHTS=pretrained/clip/ViT-B-32.safetensors",
+            ("MODEL", "CLIP", "WEIGHTS"),
+            "pretrained/clip/ViT-B-32.safetensors",
+        ),
+        ("DATA.PROMPT_TEMPLATE=a picture of {}", ("DATA", "PROMPT_TEMPLATE"), "a picture of {}"),
+    ],
+)
+def test_set_values_are_typed(override, path, expected):
+    node = load_config(None, [override])
+    for part in path:
+        node = getattr(node, part)
+    assert node == expected and type(node) is type(expected)
+    if isinstance(expected, list):
+        assert [type(v) for v in node] == [type(v) for v in expected]
+
+
+def test_float_with_exponent_in_a_yaml_file(tmp_path):
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", "TRAIN:\n  BASE_LR: 5e-4\n  MIN_LR: 1.0e-6\n"))
+    assert (cfg.TRAIN.BASE_LR, cfg.TRAIN.MIN_LR) == (5e-4, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"TRIAN": {"EPOCHS": 1}}, "TRIAN"),
+        ({"TRAIN": {"EPOCH": 1}}, "TRAIN.EPOCH"),
+        ({"MODEL": {"SEMANTIC": {"MOD": "global"}}}, "MODEL.SEMANTIC.MOD"),
+    ],
+)
+def test_unknown_keys_are_named(tmp_path, data, key):
+    with pytest.raises(ConfigError, match=rf"unknown config key {key}\b"):
+        load_config(write_yaml(tmp_path / "c.yaml", data))
+    override = key + "=1"
+    with pytest.raises(ConfigError, match=rf"unknown config key {key}\b"):
+        load_config(None, [override])
+
+
+def test_unknown_key_lists_the_known_ones():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["TRAIN.EPOHCS=3"])
+    assert "EPOCHS" in str(info.value) and "BATCH_SIZE" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("TRAIN.EPOCHS=many", "TRAIN.EPOCHS"),
+        ("TRAIN.EPOCHS=2.5", "TRAIN.EPOCHS"),
+        ("TRAIN.EPOCHS=true", "TRAIN.EPOCHS"),
+        ("TRAIN.BASE_LR=fast", "TRAIN.BASE_LR"),
+        ("TRAIN.BASE_LR=true", "TRAIN.BASE_LR"),
+        ("MODEL.USE_SEMANTIC_CONTEXT=1", "MODEL.USE_SEMANTIC_CONTEXT"),
+        ("MODEL.USE_SEMANTIC_CONTEXT=maybe", "MODEL.USE_SEMANTIC_CONTEXT"),
+        ("MODEL.CLIP.NAME=[a, b]", "MODEL.CLIP.NAME"),
+        ("MODEL.SEMANTIC=global", "MODEL.SEMANTIC"),
+        ("DATA.GENERATORS={a: 1}", "DATA.GENERATORS"),
+        ("AUG.JPEG_QUALITY=[50, high]", "AUG.JPEG_QUALITY[1]"),
+        ("AUG.JPEG_QUALITY=50,high", "AUG.JPEG_QUALITY[1]"),
+        ("AUG.JPEG_QUALITY=50,[", "AUG.JPEG_QUALITY"),
+        ("AUG.BLUR_SIGMA=0.5,1e", "AUG.BLUR_SIGMA[1]"),
+    ],
+)
+def test_wrong_types_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value).startswith(key + ":"), str(info.value)
+
+
+def test_wrong_type_in_a_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^TRAIN\.BATCH_SIZE: expected an integer"):
+        load_config(write_yaml(tmp_path / "c.yaml", {"TRAIN": {"BATCH_SIZE": "sixteen"}}))
+    with pytest.raises(ConfigError, match="TRAIN: expected a mapping"):
+        load_config(write_yaml(tmp_path / "c.yaml", {"TRAIN": [1, 2]}))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write_yaml(tmp_path / "bad.yaml", "TRAIN: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    assert load_config(write_yaml(tmp_path / "empty.yaml", "")) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    "use,mode,ok",
+    [
+        (True, "global", True),
+        (True, "global_local", True),
+        (False, "none", True),
+        (False, "global", False),
+        (False, "global_local", False),
+        (True, "none", False),
+    ],
+)
+def test_semantic_context_and_mode_must_agree(use, mode, ok):
+    overrides = [f"MODEL.USE_SEMANTIC_CONTEXT={str(use).lower()}", f"MODEL.SEMANTIC.MODE={mode}"]
+    if ok:
+        cfg = load_config(None, overrides)
+        assert (cfg.MODEL.USE_SEMANTIC_CONTEXT, cfg.MODEL.SEMANTIC.MODE) == (use, mode)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    msg = str(info.value)
+    assert "MODEL.USE_SEMANTIC_CONTEXT" in msg and "MODEL.SEMANTIC.MODE" in msg
+    assert "set MODEL." in msg  # says how to fix it
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("MODEL.SEMANTIC.MODE=local", "MODEL.SEMANTIC.MODE"),
+        ("MODEL.SEMANTIC.FUSION=sum", "MODEL.SEMANTIC.FUSION"),
+        ("TRAIN.PRECISION=fp16", "TRAIN.PRECISION"),
+        ("AUG.JPEG_QUALITY=[90, 50]", "AUG.JPEG_QUALITY"),
+        ("AUG.NOISE_STD=[0.1]", "AUG.NOISE_STD"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config(None, [override])
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "TRAIN.EPOCHS=2",
+            "TRAIN.BASE_LR=1.5e-05",
+            "DATA.GENERATORS=a,b",
+            "MODEL.USE_SEMANTIC_CONTEXT=false",
+            "MODEL.SEMANTIC.MODE=none",
+            "DATA.PROMPT_TEMPLATE=an image of {}, maybe",
+            "MODEL.CLIP.NAME=ViT-B-32",
+        ],
+    )
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg and again.digest() == cfg.digest()
+    assert yaml.safe_load(path.read_text())["TRAIN"]["EPOCHS"] == 2
+
+
+def test_digest_tracks_every_change():
+    base = RunConfig()
+    changed = dataclasses.replace(base, TRAIN=dataclasses.replace(base.TRAIN, SEED=1))
+    assert changed.digest() != base.digest()
+    assert config_from_dict(base.to_dict()).digest() == base.digest()
+
+
+def test_prompt_bank_ships_imagenet_names():
+    cfg = RunConfig()
+    assert prompts_path(cfg).is_file()
+    bank = prompt_bank(cfg)
+    assert len(bank) == 1000
+    assert all(p.startswith("a photo of a ") and p.endswith(".") for p in bank)
+    assert len(set(bank)) >= 998  # ImageNet repeats two names (crane, maillot)
+
+
+def test_prompt_bank_from_a_file_and_errors(tmp_path):
+    (tmp_path / "p.txt").write_text("cat\n\n dog \n")
+    cfg = load_config(
+        None, [f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE='{} here'"]
+    )  # quoted: {} alone is YAML's empty mapping
+    assert prompt_bank(cfg) == ["cat here", "dog here"]
+    with pytest.raises(ConfigError, match="DATA.PROMPTS_PATH"):
+        prompt_bank(load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'none.txt'}"]))
+    with pytest.raises(ConfigError, match="DATA.PROMPT_TEMPLATE"):
+        prompt_bank(load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE=plain"]))

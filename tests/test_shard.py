@@ -1,0 +1,527 @@
+"""`semspai shard` and the shard format: round trip, determinism, splits, bad input, crashes, reruns."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from semspai.stages.shard import ShardConfig, run
+from semspai.store.images import decode_image
+from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, read_manifest
+from semspai.store.shards import (
+    INDEX_NAME,
+    ShardError,
+    ShardWriter,
+    file_sha256,
+    iter_shard,
+    read_index,
+    resolve_shards,
+    shard_name,
+    shard_split,
+)
+from semspai.store.sources import SourceError, sample_key
+
+from tests.conftest import TREE, encode, make_tree, random_photo, write_image
+
+CNN_RANKING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnndetection-ranking"
+
+
+@pytest.fixture(scope="module")
+def pristine_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("pristine") / "data")
+
+
+@pytest.fixture
+def image_tree(pristine_tree: Path, tmp_path: Path) -> Path:
+    """conftest's tree, copied (mtimes kept) from one made per module: tests may change their copy."""
+    return Path(shutil.copytree(pristine_tree, tmp_path / "data"))
+
+
+def shard(sources: Path | list[Path], out: Path, **kw):
+    srcs = [str(s) for s in (sources if isinstance(sources, list) else [sources])]
+    kw.setdefault("workers", 2)
+    return run(ShardConfig(sources=srcs, out=str(out), **kw))
+
+
+def samples(out: Path) -> dict[str, tuple[str, object]]:
+    """key -> (tar name, ShardSample) over every tar of `out`."""
+    found = {}
+    for tar in resolve_shards(out):
+        for s in iter_shard(tar):
+            assert s.key not in found, f"key {s.key} stored twice"
+            found[s.key] = (tar.name, s)
+    return found
+
+
+def tar_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir())}
+
+
+def small_tree(root: Path, n: int, start: int = 0) -> Path:
+    """`n` small images split over two generators and the reals, seeds from `start` (so trees can grow)."""
+    for i in range(start, start + n):
+        label, gen = (("real", "cam"), ("fake", "g1"), ("fake", "g2"))[i % 3]
+        write_image(root / label / gen / f"{i:04d}.png", 24 + i % 5, 20 + i % 3, seed=1000 + i)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_bytes_and_metadata(image_tree, tmp_path):
+    out = tmp_path / "shards"
+    result = shard(image_tree, out, shard_size=3)
+    n_total = sum(c for _, _, c in TREE)
+    assert not result.up_to_date and result.n_written == n_total
+    assert result.n_skipped == result.n_duplicates == result.n_unlabeled_skipped == 0
+
+    found = samples(out)
+    assert len(found) == n_total
+    seen_origins = set()
+    for key, (tar_name, s) in found.items():
+        meta = s.meta
+        src = image_tree.parent / meta["path"]  # origins are "<source folder name>/<relative path>"
+        seen_origins.add(meta["path"])
+        data = src.read_bytes()
+        assert s.image == data  # original bytes, never re-encoded
+        assert s.ext == src.suffix.lower().lstrip(".")
+        assert "." not in key and key == sample_key(meta["path"])
+        assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+        label_dir, gen = src.parent.parent.name, src.parent.name
+        assert meta["label"] == s.label == {"real": 0, "fake": 1}[label_dir]
+        assert meta["generator"] == gen
+        assert meta["group"] == meta["path"] and meta["caption"] == ""
+        h, w = decode_image(data).shape[:2]
+        assert (meta["width"], meta["height"]) == (w, h)
+        assert meta["split"] == shard_split(tar_name) in ("train", "val", "test")
+        assert set(meta) == {"label", "generator", "caption", "split", "group", "width", "height", "path", "sha256"}
+    assert seen_origins == {f"data/{p.relative_to(image_tree).as_posix()}" for p in image_tree.rglob("*.*")}
+
+    index = read_index(out)
+    assert index["n_samples"] == n_total
+    assert index["counts"]["label"] == {"real": 8, "fake": 8}
+    assert index["counts"]["generator"] == {"camera": 8, "gan_a": 4, "gan_b": 4}
+    split_counts = Counter(s.meta["split"] for _, s in found.values())
+    assert index["counts"]["split"] == dict(split_counts)
+    assert sum(index["counts"]["split_label"].values()) == n_total
+    assert index["skipped"] == index["duplicates"] == index["unlabeled_skipped"] == []
+    assert [s["name"] for s in index["shards"]] == result.shards
+    assert sorted(result.shards) == sorted(p.name for p in out.glob("*.tar"))
+    for entry in index["shards"]:
+        assert entry["sha256"] == file_sha256(out / entry["name"])
+        assert entry["count"] == sum(1 for _ in iter_shard(out / entry["name"])) <= 3
+        assert entry["split"] == shard_split(entry["name"])
+    assert not list(out.glob("*.partial"))
+    assert read_manifest(out).stage == "shard"
+
+
+def test_tar_members_have_fixed_metadata_and_sorted_keys(image_tree, tmp_path):
+    out = tmp_path / "s"
+    shard(image_tree, out, shard_size=100)
+    for tar_path in resolve_shards(out):
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+        assert all((m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644) for m in members)
+        keys = [m.name.split(".")[0] for m in members]
+        assert keys[::2] == keys[1::2] == sorted(keys[::2])  # image then sidecar, by key
+        assert all(m.name.endswith(".json") for m in members[1::2])
+
+
+def test_width_height_after_exif_orientation(tmp_path):
+    rgb = random_photo(40, 24, seed=2)
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    path = tmp_path / "src" / "real" / "cam" / "rotated.jpg"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(buf.getvalue())
+    shard(tmp_path / "src", tmp_path / "out", split="1,0,0")
+    ((_, s),) = samples(tmp_path / "out").values()
+    assert (s.meta["width"], s.meta["height"]) == (24, 40)
+    assert s.image == buf.getvalue()
+
+
+def test_formats_and_extensions(tmp_path):
+    src = tmp_path / "src"
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+    for i, name in enumerate(["a.jpg", "b.JPEG", "c.png", "d.webp", "e.tif", "f.tiff", "g.bmp"]):
+        path = src / "fake" / "gen" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(random_photo(30, 20, i), fmt.get(path.suffix.lower(), "BMP")))
+    shard(src, tmp_path / "out")
+    exts = sorted(s.ext for _, s in samples(tmp_path / "out").values())
+    assert exts == ["bmp", "jpeg", "jpg", "png", "tif", "tiff", "webp"]
+
+
+# --------------------------------------------------------------------------------------------- determinism
+
+
+def test_byte_identical_tars_across_runs_and_force(image_tree, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shard(image_tree, a, shard_size=4, workers=1)
+    shard(image_tree, b, shard_size=4, workers=3)  # the thread count must not change the bytes
+    first = tar_bytes(a)
+    assert first and first == tar_bytes(b)
+    assert read_index(a) == read_index(b)
+    assert not shard(image_tree, a, shard_size=4, force=True).up_to_date
+    assert tar_bytes(a) == first
+
+
+def test_split_stability_when_files_are_added(tmp_path):
+    src = small_tree(tmp_path / "src", 45)
+    shard(src, tmp_path / "before")
+    before = {k: s.meta["split"] for k, (_, s) in samples(tmp_path / "before").items()}
+    assert set(before.values()) == {"train", "val", "test"}
+    small_tree(src, 30, start=45)
+    shard(src, tmp_path / "after")
+    after = {k: s.meta["split"] for k, (_, s) in samples(tmp_path / "after").items()}
+    assert len(after) == 75
+    assert {k: after[k] for k in before} == before
+
+
+def test_split_option_changes_ratios(tmp_path):
+    src = small_tree(tmp_path / "src", 30)
+    shard(src, tmp_path / "out", split="0,0,1")
+    assert {s.meta["split"] for _, s in samples(tmp_path / "out").values()} == {"test"}
+    assert [p.name for p in resolve_shards(tmp_path / "out")] == ["test-000000.tar"]
+
+
+def test_groups_never_straddle_splits(tmp_path):
+    src = tmp_path / "src"
+    rows = ["path,label,generator,group"]
+    for g in range(30):
+        for j in range(3):  # a source photo and two fakes made from it share a group
+            rel = f"img/{g:02d}_{j}.png"
+            write_image(src / rel, 20, 20, seed=g * 10 + j)
+            rows.append(f"{rel},{'real' if j == 0 else 'fake'},{'cam' if j == 0 else 'gen'},photo{g}")
+    (src / "m.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    run(ShardConfig(sources=[], manifests=[str(src / "m.csv")], out=str(out), workers=2))
+    by_group = defaultdict(set)
+    for _, s in samples(out).values():
+        by_group[s.meta["group"]].add(s.meta["split"])
+    assert len(by_group) == 30
+    assert all(len(splits) == 1 for splits in by_group.values())
+    assert len(set.union(*by_group.values())) >= 2  # the hash does spread groups over splits
+
+
+def test_manifest_split_and_caption_win(tmp_path):
+    src = tmp_path / "src"
+    rows = ["path,label,split,caption"]
+    for i in range(6):
+        write_image(src / f"{i}.png", 20, 20, seed=i)
+        rows.append(f"{i}.png,{i % 2},{('train', 'val', 'test')[i % 3]},caption {i}")
+    (src / "m.csv").write_text("\n".join(rows) + "\n")
+    run(ShardConfig(sources=[str(src / "m.csv")], out=str(tmp_path / "out"), split="1,0,0"))
+    got = {s.meta["path"]: (s.meta["split"], s.meta["caption"], s.label) for _, s in samples(tmp_path / "out").values()}
+    assert got == {f"m/{i}.png": (("train", "val", "test")[i % 3], f"caption {i}", i % 2) for i in range(6)}
+
+
+def test_tiny_shards_fixture(tiny_shards):
+    index = read_index(tiny_shards)
+    assert index["n_samples"] == 16
+    assert all(
+        index["counts"]["split_label"].get(f"{sp}/{lb}", 0) > 0
+        for sp in ("train", "val", "test")
+        for lb in ("real", "fake")
+    )
+    assert all(s.meta["caption"].startswith("a photo number") for _, s in samples(tiny_shards).values())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_unreadable_images_are_skipped_and_listed(image_tree, tmp_path):
+    bad_dir = image_tree / "fake" / "gan_a"
+    good = (bad_dir / "000.jpg").read_bytes()
+    (bad_dir / "zero.png").write_bytes(b"")
+    (bad_dir / "half.jpg").write_bytes(good[: len(good) // 2])
+    png = encode(random_photo(64, 64, seed=9), "PNG")
+    (bad_dir / "half.png").write_bytes(png[: len(png) // 2])
+    (bad_dir / "junk.webp").write_bytes(b"not an image at all" * 10)
+    out = tmp_path / "out"
+    result = shard(image_tree, out)
+    assert result.n_skipped == 4 and result.n_written == 16
+    index = read_index(out)
+    reasons = {Path(s["path"]).name: s["reason"] for s in index["skipped"]}
+    assert set(reasons) == {"zero.png", "half.jpg", "half.png", "junk.webp"}
+    assert "empty file" in reasons["zero.png"]
+    assert "truncated" in reasons["half.png"]
+    assert all("truncated" in r or "not a readable image" in r for n, r in reasons.items() if n != "zero.png")
+    stored = {Path(s.meta["path"]).name for _, s in samples(out).values()}
+    assert not stored & set(reasons)
+
+
+def test_unlabeled_file_is_an_error_naming_it(image_tree, tmp_path):
+    write_image(image_tree / "misc" / "stray.png", 20, 20, seed=1)
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match=r"stray\.png.*--skip-unlabeled"):
+        shard(image_tree, out)
+    assert not out.exists() or not list(out.glob("*.tar"))
+    result = shard(image_tree, out, skip_unlabeled=True)
+    assert result.n_unlabeled_skipped == 1 and result.n_written == 16
+    assert [Path(p).name for p in read_index(out)["unlabeled_skipped"]] == ["stray.png"]
+
+
+def test_duplicates_kept_once_and_reported(image_tree, tmp_path):
+    original = image_tree / "real" / "camera" / "000.jpg"
+    copy = image_tree / "fake" / "gan_b" / "copy.jpg"
+    copy.write_bytes(original.read_bytes())
+    out = tmp_path / "out"
+    result = shard(image_tree, out)
+    assert result.n_duplicates == 1 and result.n_written == 16
+    (dup,) = read_index(out)["duplicates"]
+    # records are taken in origin order, so the copy under fake/ comes first and is the one kept
+    assert {Path(dup["path"]).name, Path(dup["duplicate_of"]).name} == {"000.jpg", "copy.jpg"}
+    digests = Counter(s.meta["sha256"] for _, s in samples(out).values())
+    assert max(digests.values()) == 1
+
+
+def test_too_large_images_refused_naming_the_option(image_tree, tmp_path):
+    write_image(image_tree / "fake" / "gan_a" / "huge.png", 500, 500, seed=3)
+    out = tmp_path / "out"
+    result = shard(image_tree, out, max_pixels=480 * 460)
+    assert result.n_skipped == 1
+    (skipped,) = read_index(out)["skipped"]
+    assert Path(skipped["path"]).name == "huge.png"
+    assert "too large" in skipped["reason"] and "--max-pixels" in skipped["reason"] and "500x500" in skipped["reason"]
+
+
+def test_missing_manifest_target_is_skipped(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "a.png", 20, 20, seed=0)
+    (src / "m.csv").write_text("path,label\na.png,real\nmissing.png,fake\n")
+    result = run(ShardConfig(sources=[str(src / "m.csv")], out=str(tmp_path / "out")))
+    assert result.n_written == 1 and result.n_skipped == 1
+    assert "unreadable" in read_index(tmp_path / "out")["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"split": "1,1"}, "--split"),
+        ({"shard_size": 0}, "--shard-size"),
+    ],
+)
+def test_bad_options(image_tree, tmp_path, kw, match):
+    with pytest.raises(SourceError, match=match):
+        shard(image_tree, tmp_path / "out", **kw)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        shard(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        shard(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(SourceError, match="neither a folder nor a .csv"):
+        shard(tmp_path / "x.txt", tmp_path / "out")
+    src = small_tree(tmp_path / "src", 3)
+    with pytest.raises(SourceError, match="listed twice"):
+        shard([src, src], tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------- crashes
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def crash_after(monkeypatch, n_ok: int) -> None:
+    real_write = ShardWriter.write
+    calls = {"n": 0}
+
+    def write(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n_ok:
+            raise Boom("disk on fire")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+
+
+def assert_no_complete_looking_output(out: Path) -> None:
+    assert not (out / INDEX_NAME).exists()
+    assert not (out / MANIFEST_NAME).exists()
+    assert not list(out.glob("*.partial"))
+    for tar in out.glob("*.tar"):  # whatever tar is left is a whole, readable one
+        assert sum(1 for _ in iter_shard(tar)) == 4
+
+
+def test_crash_mid_run_leaves_no_complete_looking_output(image_tree, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    crash_after(monkeypatch, 6)
+    with pytest.raises(Boom):
+        shard(image_tree, out, shard_size=4)
+    assert_no_complete_looking_output(out)
+    monkeypatch.undo()
+    result = shard(image_tree, out, shard_size=4)  # the rerun redoes the work
+    assert not result.up_to_date and result.n_written == 16
+    assert len(samples(out)) == 16
+
+
+def test_crash_during_forced_rebuild_is_not_up_to_date_afterwards(image_tree, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shard(image_tree, out, shard_size=4)
+    crash_after(monkeypatch, 2)
+    with pytest.raises(Boom):
+        shard(image_tree, out, shard_size=4, force=True)
+    assert_no_complete_looking_output(out)
+    monkeypatch.undo()
+    # the old manifest must not survive the old tars: a plain rerun has to rebuild, not say "up to date"
+    result = shard(image_tree, out, shard_size=4)
+    assert not result.up_to_date
+    assert len(samples(out)) == 16 and read_index(out)["n_samples"] == 16
+
+
+def test_shard_writer_abort_and_dotted_keys(tmp_path):
+    w = ShardWriter(tmp_path / "train-000000.tar")
+    with pytest.raises(ValueError, match="dot"):
+        w.write("a.b", b"x", "png", {})
+    w.write("ab", b"x", "png", {"label": 1})
+    assert (tmp_path / "train-000000.tar.partial").exists() and not (tmp_path / "train-000000.tar").exists()
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------- rerun and stale
+
+
+def test_second_run_is_up_to_date_and_touches_nothing(image_tree, tmp_path):
+    out = tmp_path / "out"
+    shard(image_tree, out)
+    before = mtimes(out)
+    result = shard(image_tree, out, workers=1)  # decode threads do not change the output
+    assert result.up_to_date and result.n_written == 0
+    assert mtimes(out) == before
+
+
+def test_changed_config_is_stale_until_forced(image_tree, tmp_path):
+    out = tmp_path / "out"
+    shard(image_tree, out, shard_size=4)
+    before = tar_bytes(out)
+    for kw in ({"shard_size": 5}, {"split": "0.5,0.25,0.25"}, {"max_pixels": 10**6}, {"skip_unlabeled": True}):
+        with pytest.raises(StaleOutputError, match="another configuration") as info:
+            shard(image_tree, out, **kw)
+        assert "--force" in str(info.value)
+        assert tar_bytes(out) == before  # a refusal changes nothing
+    result = shard(image_tree, out, shard_size=5, force=True)
+    assert not result.up_to_date
+    assert all(s["count"] <= 5 for s in read_index(out)["shards"])
+    assert shard(image_tree, out, shard_size=5).up_to_date
+
+
+def test_touched_or_added_source_is_stale_naming_what_to_rerun(image_tree, tmp_path):
+    out = tmp_path / "out"
+    shard(image_tree, out)
+    victim = image_tree / "real" / "camera" / "000.jpg"
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(StaleOutputError) as info:
+        shard(image_tree, out)
+    msg = str(info.value)
+    assert "sources" in msg and f"semspai shard ... --out {out} --force" in msg
+    assert shard(image_tree, out, force=True).n_written == 16
+
+    write_image(image_tree / "fake" / "gan_b" / "new.png", 30, 30, seed=77)
+    with pytest.raises(StaleOutputError, match="--force"):
+        shard(image_tree, out)
+    assert shard(image_tree, out, force=True).n_written == 17
+    assert shard(image_tree, out).up_to_date
+
+
+def test_edited_manifest_is_stale(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "a.png", 20, 20, seed=0)
+    csv = src / "m.csv"
+    csv.write_text("path,label\na.png,real\n")
+    run(ShardConfig(sources=[str(csv)], out=str(tmp_path / "out")))
+    csv.write_text("path,label\na.png,fake\n")
+    with pytest.raises(StaleOutputError):
+        run(ShardConfig(sources=[str(csv)], out=str(tmp_path / "out")))
+
+
+def test_output_of_another_stage_is_refused(image_tree, tmp_path):
+    from semspai.store.manifest import StageManifest, write_manifest
+
+    out = tmp_path / "out"
+    write_manifest(out, StageManifest(stage="extract-clip", schema_version=1, config_digest="x", inputs={}))
+    with pytest.raises(StaleOutputError, match="extract-clip"):
+        shard(image_tree, out)
+
+
+# ------------------------------------------------------------------------------------------ reading shards
+
+
+def test_iter_shard_rejects_truncated_and_missing_tars(tiny_shards, tmp_path):
+    tar = resolve_shards(tiny_shards)[0]
+    data = tar.read_bytes()
+    cut = tmp_path / "train-000000.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*rerun `semspai shard`"):
+        list(iter_shard(cut))
+    with pytest.raises(ShardError, match="does not exist"):
+        list(iter_shard(tmp_path / "missing.tar"))
+
+
+def test_iter_shard_rejects_a_sample_without_sidecar(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("abc.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"png"))
+    with pytest.raises(ShardError, match="no .json sidecar"):
+        list(iter_shard(path))
+
+
+def test_resolve_shards_spec_forms(tiny_shards, tmp_path):
+    tars = resolve_shards(tiny_shards)
+    assert tars == sorted(tiny_shards.glob("*.tar")) and len(tars) >= 3
+    train = sorted(p for p in tars if p.name.startswith("train-"))
+    assert resolve_shards(f"{tiny_shards}/train-{{000000..{len(train) - 1:06d}}}.tar") == train
+    assert resolve_shards(f"{tiny_shards}/train-*.tar") == train
+    assert resolve_shards(train[0]) == [train[0]]
+    assert shard_name(train[0]) == "train-000000" and shard_split(train[0]) == "train"
+    with pytest.raises(ShardError, match="do not exist"):
+        resolve_shards(f"{tiny_shards}/train-{{000000..000099}}.tar")
+    with pytest.raises(ShardError, match="no shard matches"):
+        resolve_shards(f"{tiny_shards}/nothing-*.tar")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="holds no .tar"):
+        resolve_shards(tmp_path / "empty")
+    with pytest.raises(ShardError, match="neither"):
+        resolve_shards(tmp_path / "nope")
+    with pytest.raises(ShardError, match="index.json is missing"):
+        read_index(tmp_path / "empty")
+
+
+# -------------------------------------------------------------------------------------------- shared data
+
+
+@pytest.mark.skipif(not CNN_RANKING.is_dir(), reason=f"{CNN_RANKING} is absent (shared data, not in the repo)")
+def test_cnndetection_ranking_gives_400_images_40_per_generator(tmp_path):
+    out = tmp_path / "out"
+    result = shard(CNN_RANKING, out)
+    assert result.n_written == 400 and result.n_skipped == result.n_duplicates == 0
+    index = read_index(out)
+    assert index["counts"]["label"] == {"real": 200, "fake": 200}
+    assert len(index["counts"]["generator"]) == 10
+    assert set(index["counts"]["generator"].values()) == {40}
+    sizes = {(s.meta["width"], s.meta["height"]) for _, s in samples(out).values()}
+    assert sizes == {(224, 224)}
+    assert sum(index["counts"]["split"].values()) == 400
