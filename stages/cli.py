@@ -28,6 +28,9 @@ def _register() -> None:
 
     cli.add_command(shard.command)
     cli.add_command(demo.command)
+    from semspai.stages import train
+
+    cli.add_command(train.command)
 
 
 _register()

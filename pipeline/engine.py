@@ -1,0 +1,475 @@
+"""The training loop: AdamW with warm-up and cosine decay, validation each epoch, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
+from semspai.pipeline.data import ShardStream, SplitPlan, StoreJoin, TrainBatch, View, collate, plan_split
+from semspai.pipeline.detector import DetectorBatch, create_detector, trainable_parameters, trainable_state_dict
+from semspai.pipeline.losses import DetectionLoss, LossParts
+from semspai.pipeline.progress import progress
+from semspai.store.checkpoints import load_checkpoint, save_checkpoint
+from semspai.store.features import FeatureStore
+from semspai.store.manifest import StageManifest, fingerprint_paths, write_manifest
+from semspai.store.shards import file_sha256, resolve_shards
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
+from torch import nn
+from torch.utils.data import DataLoader
+
+from semspai import __version__
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+TRAIN_SCHEMA_VERSION = 1
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+TIMM_PREFIX = "timm/"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    nothing_to_do: bool  # --resume on a finished run
+    epochs_run: int  # epochs trained by this call
+    history: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished epoch
+    threshold: float = 0.5
+    dropped_batches: int = 0  # over all ranks and epochs of this call (DDP evening-out)
+
+
+class TrainModule(nn.Module):
+    """Detector + loss in one module, so DistributedDataParallel averages the loss head's gradients too."""
+
+    def __init__(self, detector: nn.Module, loss: DetectionLoss) -> None:
+        super().__init__()
+        self.detector = detector
+        self.loss = loss
+
+    def forward(self, batch: DetectorBatch, labels: torch.Tensor, text_vec: torch.Tensor | None):
+        out = self.detector(batch)
+        return self.loss(out.logits, out.embedding, labels, text_vec), out.logits
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast or nothing; `precision` was resolved once at the edge (the stage)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Linear warm-up to `base_lr` over `warmup` steps, then cosine decay to `min_lr` at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def record_store_clip(cfg: RunConfig, spec: dict, store_path: str) -> RunConfig:
+    """The config with the store's encoder in MODEL.CLIP; a MODEL.CLIP.* that names another one is an error."""
+    model, _, weights = spec["arg"].partition(":")
+    names = {model, spec["model"], TIMM_PREFIX + spec["model"]}
+    want = cfg.MODEL.CLIP
+    problem = ""
+    if want.NAME and want.NAME not in names:
+        problem = f"MODEL.CLIP.NAME={want.NAME}"
+    elif want.WEIGHTS and not _same_weights(want.WEIGHTS, weights, spec):
+        problem = f"MODEL.CLIP.WEIGHTS={want.WEIGHTS}"
+    if problem:
+        raise ConfigError(
+            f"{problem} contradicts feature store {store_path}, made with --clip {spec['arg']}; training uses the "
+            "store's encoder: leave MODEL.CLIP empty, or extract a store with the encoder you want"
+        )
+    resolved = copy.deepcopy(cfg)
+    resolved.MODEL.CLIP.NAME, resolved.MODEL.CLIP.WEIGHTS = model, weights
+    return resolved
+
+
+def _same_weights(asked: str, stored_arg_weights: str, spec: dict) -> bool:
+    if asked in (stored_arg_weights, spec["weights_id"]):
+        return True
+    if asked == "random":
+        return spec["weights_id"].startswith("seed:")
+    path = Path(asked)
+    return path.name == spec["weights_id"] and (not path.is_file() or file_sha256(path) == spec["sha256"])
+
+
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The P(fake) threshold maximising TPR - FPR on val (Youden's J): balanced between the classes whatever
+    their ratio, unlike best accuracy, which follows the val set's class balance."""
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    return float(min(1.0, thresholds[int(np.argmax(tpr - fpr))]))  # roc_curve's first threshold is +inf
+
+
+def validation_metrics(labels: np.ndarray, probs: np.ndarray, logits: np.ndarray) -> dict:
+    """AUC, AP, accuracy at 0.5 (the threshold is chosen on these same images, so accuracy at it would flatter),
+    BCE loss and the chosen threshold."""
+    bce = nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels).float())
+    return {
+        "val_loss": float(bce),
+        "val_auc": float(roc_auc_score(labels, probs)),
+        "val_ap": float(average_precision_score(labels, probs)),
+        "val_acc": float(accuracy_score(labels, probs >= 0.5)),
+        "threshold": youden_threshold(labels, probs),
+    }
+
+
+def rng_state() -> dict:
+    """Every RNG the loop draws from, as tensors, lists and numbers (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """One training run in `out`; `fit` trains (or resumes) to TRAIN.EPOCHS."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        shards: str,
+        out: str | Path,
+        store_path: str | None,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        self.rank, self.world = _world()
+        self.device, self.precision = device, precision
+        self.out = Path(out)
+        sem = cfg.MODEL.SEMANTIC
+        weight = cfg.LOSS.SEMANTIC_WEIGHT
+        self.store = FeatureStore.open(store_path) if store_path else None
+        if self.store is None:
+            if sem.MODE != "none":
+                raise ConfigError(
+                    f"MODEL.SEMANTIC.MODE={sem.MODE} reads CLIP vectors from a feature store: pass "
+                    "--from-store PATH (only MODE none trains without one)"
+                )
+            if weight > 0:
+                raise ConfigError(
+                    "LOSS.SEMANTIC_WEIGHT > 0 aligns with the store's text vectors: pass --from-store "
+                    "PATH, or set LOSS.SEMANTIC_WEIGHT=0"
+                )
+        else:
+            cfg = record_store_clip(cfg, self.store.clip_spec, store_path)
+            if weight > 0 and not self.store.has_text:
+                raise ConfigError(
+                    f"LOSS.SEMANTIC_WEIGHT={weight} needs caption or prompt vectors, but feature store {store_path} was "
+                    f"made with {self.store.clip_spec['arg']}, an image-only encoder with no text tower; set "
+                    "LOSS.SEMANTIC_WEIGHT=0 or extract with an open_clip model"
+                )
+        self.cfg = cfg
+        self.clip_dim = self.store.embed_dim if self.store is not None else 0
+        need = (sem.MODE != "none", sem.MODE == "global_local", weight > 0)
+        join = StoreJoin(self.store, *need) if self.store is not None and any(need) else None
+        paths = resolve_shards(shards)
+        if self.store is not None:
+            self.store.check_shards(paths)
+        self.inputs = {"shards": fingerprint_paths(paths)}
+        if self.store is not None:
+            done = {n: i["sha256"] for n, i in self.store.shard_info.items()}
+            blob = json.dumps({"clip": self.store.clip_spec["sha256"], "shards": done}, sort_keys=True)
+            self.inputs["store"] = hashlib.sha256(blob.encode()).hexdigest()
+        data = cfg.DATA
+        plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
+        self.train_stream = self._stream(plans["train"], join, View(data.MAX_PATCHES, cfg.AUG, data.SHUFFLE_BUFFER))
+        self.val_stream = self._stream(plans["val"], join, View())
+        sizes = self.train_stream.rank_sizes()
+        batch = cfg.TRAIN.BATCH_SIZE
+        # every rank takes the same number of steps (the smallest rank's); the others drop their last batch
+        self.steps_per_epoch = math.ceil(sizes[-1] / batch)
+        self.dropped_per_epoch = sum(math.ceil(n / batch) for n in sizes) - self.world * self.steps_per_epoch
+        log.info(
+            "train: %d samples (%d per rank), %d steps per epoch; val: %d samples",
+            len(plans["train"]),
+            sizes[0],
+            self.steps_per_epoch,
+            len(plans["val"]),
+        )
+        if self.dropped_per_epoch:
+            log.info("DDP: %d batch(es) per epoch dropped to keep %d ranks in step", self.dropped_per_epoch, self.world)
+
+        torch.manual_seed(cfg.TRAIN.SEED)  # same initial weights on every rank and in every rerun
+        detector = create_detector(cfg.MODEL, self.clip_dim, device=device)
+        hidden = cfg.MODEL.HIDDEN_DIM
+        loss = DetectionLoss(hidden, self.clip_dim, weight, cfg.LOSS.TEMPERATURE).to(device)
+        self.module = TrainModule(detector, loss)
+        params = trainable_parameters(detector) + list(loss.parameters())
+        # no weight decay on biases and norm scales (1-D): decaying them only fights the normalisation
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.TRAIN.WEIGHT_DECAY},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.TRAIN.BASE_LR)
+        total = cfg.TRAIN.EPOCHS * self.steps_per_epoch
+        warmup = round(cfg.TRAIN.WARMUP_EPOCHS * self.steps_per_epoch)
+        t = cfg.TRAIN
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_at(step, total, warmup, t.BASE_LR, t.MIN_LR) / t.BASE_LR
+        )
+        self.ddp = self.module
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            # the timm backbones keep layers the SRS features bypass (e.g. fc_norm): they never get a gradient
+            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+
+    def _stream(self, plan: SplitPlan, join: StoreJoin | None, view: View) -> ShardStream:
+        return ShardStream(plan, join, view, self.cfg.TRAIN.SEED, self.rank, self.world)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+    def _detector_batch(self, batch: TrainBatch) -> DetectorBatch:
+        def put(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(self.device, non_blocking=True)
+
+        return DetectorBatch(put(batch.patches), put(batch.counts), put(batch.global_vec), put(batch.local_vec))
+
+    def _loader(self, stream: ShardStream, epoch: int) -> Iterator[TrainBatch]:
+        stream.set_epoch(epoch)
+        workers = self.cfg.DATA.NUM_WORKERS
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+        # batches are formed here, not in the workers, so a rank's batch count does not depend on its worker count
+        return (collate(samples) for samples in batched(loader, self.cfg.TRAIN.BATCH_SIZE))
+
+    def _start(self, resume: bool) -> tuple[int, list[dict]]:
+        """(first epoch to train, history so far): a fresh run dir, or the state of the last checkpoint."""
+        last = self.checkpoints / "last.pt"
+        if not resume:
+            if last.exists() or (self.out / METRICS_NAME).exists():
+                raise FileExistsError(
+                    f"{self.out} already holds a training run; pass --resume to continue it, or choose another --out"
+                )
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.out / CONFIG_NAME)
+                write_manifest(
+                    self.out,
+                    StageManifest(
+                        stage=STAGE,
+                        schema_version=TRAIN_SCHEMA_VERSION,
+                        config_digest=self.cfg.digest(),
+                        inputs=self.inputs,
+                        semspai_version=__version__,
+                        config=self.cfg.to_dict(),
+                    ),
+                )
+            return 1, []
+        if not last.exists():
+            raise FileNotFoundError(f"{self.out} has no checkpoints/last.pt to resume from; run without --resume")
+        state = load_checkpoint(last, map_location=self.device)
+        saved = config_from_dict(state["config"])
+        if saved.digest() != self.cfg.digest():
+            raise ConfigError(
+                f"--resume: the config differs from the one {self.out} was trained with "
+                f"({self.out / CONFIG_NAME}); resume without --config/--set"
+            )
+        self.module.detector.load_state_dict(state["model"], strict=False)
+        self.module.loss.load_state_dict(state["loss_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return int(state["epoch"]) + 1, list(state["history"])
+
+    def _train_epoch(self, epoch: int, tb) -> float:
+        self.ddp.train()
+        total, n = torch.zeros((), dtype=torch.float64), 0
+        batches = self._loader(self.train_stream, epoch)
+        desc = f"epoch {epoch}/{self.cfg.TRAIN.EPOCHS}"
+        for _, batch in progress(
+            zip(range(self.steps_per_epoch), batches, strict=False), total=self.steps_per_epoch, desc=desc, unit="step"
+        ):
+            labels = batch.labels.to(self.device)
+            text = None if batch.text_vec is None else batch.text_vec.to(self.device)
+            with autocast(self.precision, self.device):
+                parts, _ = self.ddp(self._detector_batch(batch), labels, text)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            if self.cfg.TRAIN.CLIP_GRAD > 0:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.TRAIN.CLIP_GRAD)
+            self.optimizer.step()
+            self.scheduler.step()
+            total += parts.total.detach().double().cpu()
+            n += 1
+            if tb is not None:
+                self._log_step(tb, parts)
+        if n != self.steps_per_epoch:
+            raise RuntimeError(f"epoch {epoch}: the train stream gave {n} batches, {self.steps_per_epoch} planned")
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return float(total) / n
+
+    def _log_step(self, tb, parts: LossParts) -> None:
+        step = self.scheduler.last_epoch
+        tb.add_scalar("train/loss", float(parts.total), step)
+        tb.add_scalar("train/bce", float(parts.bce), step)
+        if parts.semantic is not None:
+            tb.add_scalar("train/semantic", float(parts.semantic), step)
+        tb.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict:
+        """Scores of the whole val split (each rank scores its share; rank 0 gets all), then its metrics."""
+        self.module.eval()
+        rows = []
+        for batch in self._loader(self.val_stream, epoch):
+            with autocast(self.precision, self.device):
+                logits = self.module.detector(self._detector_batch(batch)).logits.float().cpu()
+            rows += zip(batch.keys, batch.labels.tolist(), logits.tolist(), strict=True)
+        if self.world > 1:
+            gathered: list[list] = [[] for _ in range(self.world)]
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        rows.sort()  # by key: the same metrics whatever the number of ranks
+        labels = np.asarray([r[1] for r in rows], dtype=np.int64)
+        logits = np.asarray([r[2] for r in rows], dtype=np.float32)
+        return validation_metrics(labels, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), logits)
+
+    def _checkpoint(self, epoch: int, history: list[dict]) -> dict:
+        return {
+            "model": trainable_state_dict(self.module.detector),
+            "loss_head": self.module.loss.state_dict(),
+            "config": self.cfg.to_dict(),
+            "clip_spec": dict(self.store.clip_spec) if self.store is not None else {},
+            "clip_dim": self.clip_dim,
+            "threshold": history[-1]["threshold"],
+            "epoch": epoch,
+            "step": self.scheduler.last_epoch,
+            "val_metrics": {k: v for k, v in history[-1].items() if k.startswith("val_")},
+            "history": history,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def _save(self, epoch: int, history: list[dict]) -> None:
+        state = self._checkpoint(epoch, history)
+        save_checkpoint(self.checkpoints / f"epoch-{epoch:04d}.pt", state)
+        aucs = [h["val_auc"] for h in history]
+        if len(aucs) == 1 or aucs[-1] > max(aucs[:-1]):  # ties keep the earlier epoch
+            save_checkpoint(self.checkpoints / "best.pt", state)
+        save_checkpoint(self.checkpoints / "last.pt", state)  # last: it is what --resume trusts
+        write_metrics(self.out / METRICS_NAME, history)
+
+    def fit(self, resume: bool = False, on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
+        first, history = self._start(resume)
+        epochs = self.cfg.TRAIN.EPOCHS
+        if first > epochs:
+            log.info("%s: all %d epochs are done; nothing to do", self.out, epochs)
+            return TrainResult(
+                self.out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"]
+            )
+        tb = open_tensorboard(self.out) if self.rank == 0 else None
+        try:
+            for epoch in range(first, epochs + 1):
+                loss = self._train_epoch(epoch, tb)
+                row = {
+                    "epoch": epoch,
+                    "step": self.scheduler.last_epoch,
+                    "loss": loss,
+                    **self.validate(epoch),
+                    "lr": self.scheduler.get_last_lr()[0],
+                }
+                history.append(row)
+                if self.rank == 0:
+                    self._save(epoch, history)
+                    if tb is not None:
+                        for k in ("val_loss", "val_auc", "val_ap", "val_acc"):
+                            tb.add_scalar(k.replace("_", "/", 1), row[k], row["step"])
+                log.info(
+                    "epoch %d: loss %.4f, val AUC %.4f, AP %.4f, acc %.4f, threshold %.3f",
+                    epoch,
+                    loss,
+                    row["val_auc"],
+                    row["val_ap"],
+                    row["val_acc"],
+                    row["threshold"],
+                )
+                if self.world > 1:
+                    dist.barrier()  # no rank starts the next epoch before rank 0 has written this one
+                if on_epoch_end is not None:
+                    on_epoch_end(row)
+        finally:
+            if tb is not None:
+                tb.close()
+        return TrainResult(
+            self.out,
+            nothing_to_do=False,
+            epochs_run=epochs + 1 - first,
+            history=history,
+            threshold=history[-1]["threshold"],
+            dropped_batches=self.dropped_per_epoch * (epochs + 1 - first),
+        )
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.jsonl rewritten whole from the checkpoint's history (atomically), so a run killed between the
+    checkpoint and the log never leaves them disagreeing."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
+    os.replace(tmp, path)
+
+
+def open_tensorboard(out: Path):
+    """A SummaryWriter under RUN/tensorboard when TensorBoard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("TensorBoard is not installed; metrics go to %s only", out / METRICS_NAME)
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

@@ -1,0 +1,103 @@
+"""`semspai train`: spectral encoder + fusion head trained on shard pixels and cached CLIP vectors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+import torch.distributed as dist
+from semspai.pipeline.clip import resolve_precision
+from semspai.pipeline.config import load_config
+from semspai.pipeline.data import DataError
+from semspai.pipeline.engine import CONFIG_NAME, Trainer, TrainResult
+from semspai.stages.common import config_options, register_user_error, user_errors
+from semspai.store.features import FeatureStoreError
+
+log = logging.getLogger(__name__)
+register_user_error(DataError, FeatureStoreError)
+
+
+@dataclass
+class TrainStageConfig:
+    shards: str  # SPEC: folder, glob or brace pattern
+    out: str  # the run directory
+    store: str | None = None  # the feature store; None only for MODEL.SEMANTIC.MODE none
+    config_path: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    resume: bool = False
+
+
+def pick_device() -> torch.device:
+    """The device, decided once here: this rank's GPU under torchrun, else the first GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the torchrun process group when launched by torchrun with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=None) -> TrainResult:
+    """Train (or, with `resume`, continue) the run in `cfg.out`; returns its metrics history."""
+    config_path = cfg.config_path
+    saved = Path(cfg.out) / CONFIG_NAME
+    if cfg.resume and config_path is None and not cfg.overrides and saved.exists():
+        config_path = str(saved)  # resuming means the run's own resolved config
+    run_cfg = load_config(config_path, cfg.overrides)
+    device = device or pick_device()
+    precision = resolve_precision(run_cfg.TRAIN.PRECISION, device)
+    trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision)
+    return trainer.fit(resume=cfg.resume, on_epoch_end=on_epoch_end)
+
+
+@click.command("train")
+@click.option(
+    "--from-store",
+    "store",
+    type=click.Path(),
+    default=None,
+    help="Feature store of CLIP vectors (required unless MODEL.SEMANTIC.MODE is none).",
+)
+@click.option("--shards", required=True, help="Shard SPEC: folder, glob or brace pattern.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@config_options
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch checkpoint.")
+@user_errors
+def command(store, shards, out, config_path, overrides, resume) -> None:
+    """Train the spectral encoder and fusion head; CLIP vectors come from the store, never from CLIP.
+
+    Learns on the `train` split, selects on `val`; writes OUT/config.yaml, OUT/metrics.jsonl and
+    OUT/checkpoints/{epoch-NNNN,last,best}.pt. Under torchrun, runs DistributedDataParallel.
+    """
+    device = pick_device()
+    init_distributed(device)
+    try:
+        cfg = TrainStageConfig(
+            shards=shards, out=out, store=store, config_path=config_path, overrides=list(overrides), resume=resume
+        )
+        result = run(cfg, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.nothing_to_do:
+        click.echo(f"{out}: all {len(result.history)} epochs are done; nothing to do")
+        return
+    last = result.history[-1]
+    click.echo(
+        f"trained {result.epochs_run} epoch(s) into {out}: val AUC {last['val_auc']:.4f}, "
+        f"AP {last['val_ap']:.4f}, threshold {result.threshold:.3f}"
+    )
+    if result.dropped_batches:
+        click.echo(f"dropped {result.dropped_batches} batch(es) to keep the DDP ranks in step")
+
+
+__all__ = ["TrainStageConfig", "run", "command"]

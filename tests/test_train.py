@@ -1,0 +1,240 @@
+"""`semspai train`: run directory, checkpoints, resume, CLIP never built, config checks, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from semspai.pipeline.config import ConfigError, load_config
+from semspai.pipeline.data import DataError
+from semspai.pipeline.engine import Trainer, lr_at, youden_threshold
+from semspai.stages.cli import cli
+from semspai.stages.train import TrainStageConfig, run
+from semspai.store.checkpoints import load_checkpoint
+from semspai.store.features import FeatureStore
+
+MICRO = [
+    "MODEL.SPECTRAL.ENCODER=spectral-vit-micro",
+    "MODEL.HIDDEN_DIM=32",
+    "MODEL.SCA_HEADS=2",
+    "MODEL.SEMANTIC.PROJ_DIM=16",
+    "TRAIN.EPOCHS=2",
+    "TRAIN.BATCH_SIZE=4",
+    "TRAIN.WARMUP_EPOCHS=0.5",
+    "DATA.MAX_PATCHES=2",
+    "LOSS.SEMANTIC_WEIGHT=0.5",
+]
+CPU = torch.device("cpu")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _train(shards: Path, store: Path | None, out: Path, extra: tuple[str, ...] = (), on_epoch_end=None):
+    cfg = TrainStageConfig(
+        shards=str(shards), out=str(out), store=str(store) if store else None, overrides=[*MICRO, *extra]
+    )
+    return run(cfg, CPU, on_epoch_end=on_epoch_end)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_shards: Path, train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    _train(tiny_shards, train_store, out)
+    return out
+
+
+def test_run_directory_and_checkpoint_contents(full_run: Path, train_store: Path):
+    names = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    assert names == ["best.pt", "epoch-0001.pt", "epoch-0002.pt", "last.pt"]
+    assert (full_run / "semspai-stage.json").exists()
+    resolved = load_config(full_run / "config.yaml")
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"epoch", "step", "loss", "val_auc", "val_ap", "val_acc", "lr"} <= set(r)
+        assert 0 <= r["val_auc"] <= 1 and r["loss"] > 0
+    state = load_checkpoint(full_run / "checkpoints" / "last.pt")  # weights_only
+    store = FeatureStore.open(str(train_store))
+    assert state["clip_spec"] == store.clip_spec and state["clip_dim"] == store.embed_dim == 64
+    assert state["config"] == resolved.to_dict() and resolved.MODEL.CLIP.NAME == "tiny-random"
+    assert state["threshold"] == rows[-1]["threshold"] and 0 <= state["threshold"] <= 1
+    assert state["epoch"] == 2 and state["step"] == 4
+    assert set(state["optimizer"]) == {"state", "param_groups"} and "torch" in state["rng"]
+    assert load_checkpoint(full_run)["epoch"] in (1, 2)  # RUN -> best.pt
+    assert rows[-1]["lr"] == pytest.approx(1e-6)  # the cosine reached MIN_LR on the last step
+
+
+def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_shards, train_store, tmp_path):
+    out = tmp_path / "resumed"
+
+    def stop(row: dict) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _train(tiny_shards, train_store, out, on_epoch_end=stop)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        _train(tiny_shards, train_store, out)
+    result = run(TrainStageConfig(shards=str(tiny_shards), out=str(out), store=str(train_store), resume=True), CPU)
+    assert result.epochs_run == 1
+    assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
+    a, b = load_checkpoint(out / "checkpoints" / "last.pt"), load_checkpoint(full_run / "checkpoints" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # resuming a finished run: exit 0, nothing to do
+    res = CliRunner().invoke(
+        cli, ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(out), "--resume"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "nothing to do" in res.output
+
+
+def test_training_never_builds_clip(full_run, tiny_shards, train_store, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("training built a CLIP model")
+
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
+    monkeypatch.setattr(open_clip.model.CLIP, "__init__", refuse)
+    with pytest.raises(AssertionError, match="built a CLIP"):
+        open_clip.create_model("tiny-random")  # the trap is armed
+    out = tmp_path / "no-clip"
+    _train(tiny_shards, train_store, out)
+    assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
+    trainer = Trainer(load_config(None, MICRO), str(tiny_shards), tmp_path / "t", str(train_store), CPU, "fp32")
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    owners = {
+        type(m).__module__
+        for m in trainer.module.modules()
+        if any(id(p) in optimised for p in m.parameters(recurse=False))
+    }
+    assert owners and not any(o.startswith("open_clip") for o in owners)
+    assert optimised == {id(p) for p in trainer.module.parameters() if p.requires_grad}
+
+
+def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
+    none = ("MODEL.SEMANTIC.MODE=none", "MODEL.USE_SEMANTIC_CONTEXT=false", "LOSS.SEMANTIC_WEIGHT=0", "TRAIN.EPOCHS=1")
+    result = _train(tiny_shards, None, tmp_path / "none", none)
+    assert len(result.history) == 1
+    assert load_checkpoint(tmp_path / "none")["clip_spec"] == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "store", "message"),
+    [
+        ((), False, "--from-store"),
+        (("MODEL.CLIP.NAME=ViT-B-32",), True, "MODEL.CLIP.NAME=ViT-B-32 contradicts feature store"),
+        (("MODEL.CLIP.WEIGHTS=openai",), True, "MODEL.CLIP.WEIGHTS=openai contradicts"),
+    ],
+)
+def test_config_contradictions_are_errors(tiny_shards, train_store, tmp_path, extra, store, message):
+    with pytest.raises(ConfigError, match=message):
+        _train(tiny_shards, train_store if store else None, tmp_path / "x", extra)
+    assert not (tmp_path / "x").exists()
+
+
+def test_semantic_loss_needs_a_text_tower(tiny_shards, tmp_path):
+    from semspai.stages.extract import ExtractConfig
+    from semspai.stages.extract import run as extract
+
+    store = tmp_path / "timm.zarr"
+    extract(ExtractConfig(shards=str(tiny_shards), store=str(store), clip="timm/test_vit:random", workers=0))
+    with pytest.raises(ConfigError, match="no text tower; set LOSS.SEMANTIC_WEIGHT=0"):
+        _train(tiny_shards, store, tmp_path / "run")
+    result = _train(tiny_shards, store, tmp_path / "run", ("LOSS.SEMANTIC_WEIGHT=0", "TRAIN.EPOCHS=1"))
+    assert load_checkpoint(tmp_path / "run")["clip_dim"] == FeatureStore.open(str(store)).embed_dim
+    assert len(result.history) == 1
+
+
+def test_generator_filter_reaching_an_empty_class_is_an_error(tiny_shards, train_store, tmp_path):
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--from-store",
+            str(train_store),
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "DATA.GENERATORS=nope",
+        ],
+    )
+    assert res.exit_code == 1 and "holds only real images" in res.output
+    with pytest.raises(DataError):
+        _train(tiny_shards, train_store, tmp_path / "r", ("DATA.GENERATORS=nope",))
+
+
+def test_schedule_and_threshold():
+    lrs = [lr_at(s, total=10, warmup=2, base_lr=1.0, min_lr=0.0) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.9]) == pytest.approx(0.35)
+
+
+DDP_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from semspai.pipeline.engine import Trainer
+from semspai.pipeline.config import load_config
+shards, store, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+dist.init_process_group("gloo")
+seen = []
+trainer = Trainer(load_config(None, overrides), shards, out, store, torch.device("cpu"), "fp32")
+stream = trainer.train_stream
+for epoch in (1, 2):
+    stream.set_epoch(epoch)
+    seen.append(sorted(s.key for s in stream))
+result = trainer.fit()
+with open(f"{out}.rank{dist.get_rank()}.json", "w") as fh:
+    json.dump({"seen": seen, "plan": sorted(stream.plan.labels), "steps": trainer.steps_per_epoch,
+               "dropped": trainer.dropped_per_epoch, "history": result.history}, fh)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_two_cpu_processes_split_the_epoch(tiny_shards, train_store, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp-run"
+    # batches of 2 over 2 ranks: with an odd split size one rank may hold one batch more, which it drops
+    overrides = [*MICRO, "TRAIN.BATCH_SIZE=2", "DATA.GENERATORS=gan_a"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tiny_shards),
+        str(train_store),
+        str(out),
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"ddp-run.rank{r}.json").read_text()) for r in range(2)]
+    plan = ranks[0]["plan"]
+    for epoch in range(2):
+        a, b = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
+        assert not set(a) & set(b) and sorted(a + b) == plan
+    sizes = [len(ranks[0]["seen"][0]), len(ranks[1]["seen"][0])]  # round-robin deal: differ by at most one
+    assert sizes[0] - sizes[1] in (0, 1)
+    batches = [math.ceil(n / 2) for n in sizes]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == min(batches)
+    assert ranks[0]["dropped"] == sum(batches) - 2 * min(batches) <= 1
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history == ranks[0]["history"] == ranks[1]["history"]  # validation gathered over both ranks
+    assert (out / "checkpoints" / "last.pt").exists()
