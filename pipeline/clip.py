@@ -7,7 +7,7 @@ import functools
 import hashlib
 import logging
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from importlib.resources import files
 from pathlib import Path
@@ -29,7 +29,6 @@ RANDOM_WEIGHTS = "random"  # `MODEL:random`: weights drawn from RANDOM_SEED, for
 RANDOM_SEED = 0
 TIMM_PREFIX = "timm/"
 PRECISIONS = ("auto", "fp32", "bf16")
-PATCH_SIZE = 224  # the patch grid's crop size (pipeline.grid); patches are resized only for other encoder sizes
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_TRANSFORMERS_PREFIXES = ("vision_model.", "text_model.")
 _KEYS_SHOWN = 5  # errors name this many offending keys, not hundreds
@@ -112,18 +111,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _names(keys) -> str:
+def _names(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
     return ", ".join(keys[:_KEYS_SHOWN]) + more
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            # torch.save archives hold data.pkl + data/; TorchScript ones also hold constants.pkl and code/
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile:  # not a zip at all, or a broken one: the state-dict reader reports it
         return False
-    with zipfile.ZipFile(path) as z:
-        # torch.save archives hold data.pkl + data/; TorchScript ones also hold constants.pkl and code/
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
 def read_state_dict(path: Path, arg: str) -> dict[str, torch.Tensor]:
@@ -223,7 +223,7 @@ class ClipEmbedder:
         self.model = model.to(device).eval().requires_grad_(False)
         self.spec = spec
         self.device = device
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)
         self._global_transform = global_transform
         self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -244,7 +244,7 @@ class ClipEmbedder:
         if patches.ndim != 4 or patches.shape[3] != 3 or patches.dtype != np.uint8:
             raise ValueError(f"expected (P, H, W, 3) uint8 patches, got {patches.shape} {patches.dtype}")
         s = self.spec.image_size
-        if patches.shape[1:3] != (s, s):
+        if len(patches) and patches.shape[1:3] != (s, s):
             # PIL, as open_clip's own resize uses it (torch's bicubic differs: a=-0.75 vs PIL's -0.5)
             resample = Image.Resampling[self.spec.interpolation.upper()]
             patches = np.stack([np.asarray(Image.fromarray(p).resize((s, s), resample)) for p in patches])
@@ -280,7 +280,9 @@ class ClipEmbedder:
         return F.normalize(feats.float(), dim=-1)
 
 
-def _build_open_clip(arg: str, name: str, weights: str) -> tuple[torch.nn.Module, dict]:
+def _build_open_clip(
+    arg: str, name: str, weights: str
+) -> tuple[torch.nn.Module, dict, Callable[[Image.Image], torch.Tensor]]:
     _register_project_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
@@ -311,13 +313,15 @@ def _build_open_clip(arg: str, name: str, weights: str) -> tuple[torch.nn.Module
             raise ClipLoadError(f"--clip {arg}: {weights!r} is neither a weights file nor a tag of {name} ({tags})")
         # the tag says which activation its weights were trained with; a mismatch would load silently but wrong
         quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
+        # a file saved from these weights must be loaded under a model name with the same activation
+        file_name = f"{name}-quickgelu" if quick_gelu and not cfg.get("quick_gelu") else name
         try:
             model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
         except RuntimeError as exc:
             raise ClipLoadError(
                 f"--clip {arg}: the weights could not be downloaded ({exc}); without network, save "
-                f"open_clip.create_model('{name}', pretrained='{weights}').state_dict() with safetensors on a "
-                f"machine that has it and pass --clip {name}:/path/to/weights.safetensors"
+                f"open_clip.create_model('{file_name}', pretrained='{weights}').state_dict() with safetensors on a "
+                f"machine that has it and pass --clip {file_name}:/path/to/weights.safetensors"
             ) from exc
         weights_id, sha = weights, state_dict_sha256(model.state_dict())
     pp = model.visual.preprocess_cfg
@@ -334,10 +338,12 @@ def _build_open_clip(arg: str, name: str, weights: str) -> tuple[torch.nn.Module
         "std": pp["std"],
         "interpolation": pp["interpolation"],
     }
-    return model, info
+    return model, info, image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
 
-def _build_timm(arg: str, name: str, weights: str) -> tuple[torch.nn.Module, dict]:
+def _build_timm(
+    arg: str, name: str, weights: str
+) -> tuple[torch.nn.Module, dict, Callable[[Image.Image], torch.Tensor]]:
     if not timm.is_model(name):
         raise ClipLoadError(f"--clip {arg}: timm has no model {name!r} (see timm.list_models())")
     if weights == RANDOM_WEIGHTS:
@@ -380,28 +386,24 @@ def _build_timm(arg: str, name: str, weights: str) -> tuple[torch.nn.Module, dic
         "mean": data_cfg["mean"],
         "std": data_cfg["std"],
         "interpolation": data_cfg["interpolation"],
-        "timm_data_cfg": data_cfg,
     }
-    return model, info
+    return model, info, timm.data.create_transform(**data_cfg, is_training=False)
 
 
 def load_embedder(arg: str, device: str | torch.device = "cpu", precision: str = "auto") -> ClipEmbedder:
     """Build the encoder that `--clip ARG` names: hub tag, local state-dict file, tiny-random or timm/MODEL:FILE."""
     name, weights = parse_clip_arg(arg)
     device = torch.device(device)
-    precision = resolve_precision(precision, device)
     if name.startswith(TIMM_PREFIX):
         name = name[len(TIMM_PREFIX) :]
-        model, info = _build_timm(arg, name, weights)
-        transform = timm.data.create_transform(**info.pop("timm_data_cfg"), is_training=False)
+        model, info, transform = _build_timm(arg, name, weights)
     else:
         if not weights and name != TINY_RANDOM:
             raise ClipLoadError(
                 f"--clip {arg}: name the weights: {name}:TAG (hub, needs network), {name}:/path/weights.safetensors, "
                 f"or {name}:{RANDOM_WEIGHTS} (meaningless vectors, for benchmarks)"
             )
-        model, info = _build_open_clip(arg, name, weights or RANDOM_WEIGHTS)
-        transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        model, info, transform = _build_open_clip(arg, name, weights or RANDOM_WEIGHTS)
     meaningless = info["weights_id"].startswith("seed:")
     spec = ClipSpec(arg=arg, model=name, meaningless=meaningless, **info)
     if meaningless:
@@ -411,13 +413,14 @@ def load_embedder(arg: str, device: str | torch.device = "cpu", precision: str =
             arg,
             RANDOM_SEED,
         )
+    embedder = ClipEmbedder(model, spec, transform, device, precision)
     logger.info(
         "semantic encoder %s: %s, %d-d, %d px, %s on %s",
         arg,
         spec.kind,
         spec.embed_dim,
         spec.image_size,
-        precision,
+        embedder.precision,
         device,
     )
-    return ClipEmbedder(model, spec, transform, device, precision)
+    return embedder
