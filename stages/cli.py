@@ -31,6 +31,10 @@ def _register() -> None:
     from semspai.stages import train
 
     cli.add_command(train.command)
+    from semspai.stages import evaluate, predict
+
+    cli.add_command(evaluate.command)
+    cli.add_command(predict.command)
 
 
 _register()

@@ -1,0 +1,265 @@
+"""Scoring images with a trained checkpoint: the `Detector` behind `semspai predict`, `semspai eval` and the API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from semspai.pipeline.clip import ClipEmbedder, ClipLoadError, ClipSpec, load_embedder, resolve_precision
+from semspai.pipeline.config import RunConfig, config_from_dict
+from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, pack_images
+from semspai.pipeline.engine import autocast
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
+from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, _to_rgb, decode_image
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | Path | Image.Image | np.ndarray
+T = TypeVar("T")
+DEFAULT_BATCH_IMAGES = 8  # images scored together; small because one 4K image alone is ~150 patches
+DEFAULT_BATCH_PATCHES = 256  # a batch is closed early at this many patches, so big images do not pile up
+
+
+@dataclass
+class PatchMaps:
+    """Where the detector looked: one value per grid patch, for heatmaps."""
+
+    boxes: np.ndarray  # (P, 4) int32 x0, y0, x1, y1 in the padded image
+    attention: np.ndarray  # (P,) attention-pooling weights, summing to 1
+    gates: np.ndarray | None  # (P,) fusion gate strength (fusions with gates only)
+
+
+@dataclass
+class Prediction:
+    """One image's result: the fields of the predict CSV, plus the maps when asked for."""
+
+    path: str
+    score: float | None = None  # P(fake)
+    label: str = ""  # fake | real by the checkpoint's threshold; empty on error
+    n_patches: int = 0
+    error: str = ""  # empty when fine
+    maps: PatchMaps | None = field(default=None, repr=False)
+
+    def row(self) -> dict:
+        """The CSV/JSON fields, in the CSV's column order."""
+        return {"path": self.path, "score": self.score, "label": self.label, "n_patches": self.n_patches,
+                "error": self.error}  # fmt: skip
+
+
+def to_rgb(image: ImageInput) -> np.ndarray:
+    """Any accepted input -> (H, W, 3) uint8 RGB through the project's one decode path (EXIF orientation,
+    CMYK, palette, alpha, 16-bit handled alike for files, PIL images and arrays)."""
+    if isinstance(image, (str, Path)):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:
+            raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}") from exc
+        return decode_image(data)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ImageDecodeError(f"array of shape {image.shape} {image.dtype}: expected (H, W[, 3|4]) uint8")
+        return _to_rgb(Image.fromarray(image))
+    raise ImageDecodeError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a uint8 array")
+
+
+def describe(image: ImageInput, i: int) -> str:
+    """The `path` column for an input: its path, a PIL image's file name, or `<array i>`."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    name = getattr(image, "filename", "")
+    return name or f"<{'image' if isinstance(image, Image.Image) else 'array'} {i}>"
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and image files under directories (recursively, sorted); a missing path is an error."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif item.exists():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist")
+    return found
+
+
+def patch_batches(items: Iterable[tuple[T, np.ndarray | None]], max_images: int = DEFAULT_BATCH_IMAGES,
+                  max_patches: int = DEFAULT_BATCH_PATCHES) -> Iterator[list[tuple[T, np.ndarray | None]]]:  # fmt: skip
+    """Group (item, decoded image or None) pairs into batches of at most `max_images` images, closed early once
+    they hold `max_patches` grid patches, so a run of 4K images never sits in memory at once."""
+    batch: list[tuple[T, np.ndarray | None]] = []
+    n_patches = 0
+    for item, rgb in items:
+        batch.append((item, rgb))
+        if rgb is not None:
+            n_patches += len(grid_boxes(rgb.shape[0], rgb.shape[1], DEFAULT_RULE))
+        if len(batch) >= max_images or n_patches >= max_patches:
+            yield batch
+            batch, n_patches = [], 0
+    if batch:
+        yield batch
+
+
+class Detector:
+    """A trained checkpoint ready to score images of any size: the model plus the CLIP encoder it was trained
+    with (its vectors are computed on the fly here; training read them from the store)."""
+
+    def __init__(self, model: SemSpaiDetector, config: RunConfig, embedder: ClipEmbedder | None, threshold: float,
+                 device: torch.device, precision: str, checkpoint: str = "") -> None:  # fmt: skip
+        self.model = model.to(device).eval()
+        self.config = config
+        self.embedder = embedder
+        self.threshold = threshold
+        self.device = device
+        self.precision = precision
+        self.checkpoint = checkpoint
+
+    @property
+    def semantic_mode(self) -> str:
+        return self.model.semantic_mode
+
+    @property
+    def clip_spec(self) -> ClipSpec | None:
+        return self.embedder.spec if self.embedder is not None else None
+
+    @property
+    def chunk_size(self) -> int:
+        return self.model.chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"chunk size must be >= 1, got {n}")
+        self.model.chunk_size = n
+
+    def clip_vectors(self, images: list[np.ndarray], patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global (B, D) and local (N, D) vectors for decoded images and their packed grid patches.
+
+        Vectors are rounded through float16 as the store keeps them, so on-the-fly and cached scores agree.
+        """
+        emb = self.embedder
+        glob = emb.get_image_embedding(torch.stack([emb.preprocess_global(img) for img in images]))  # (B, D)
+        local = []
+        for chunk in torch.split(patches, self.chunk_size):  # bounded memory for any number of patches
+            crops = chunk.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # exact: patches are u8/255
+            local.append(emb.get_image_embedding(emb.preprocess_patches(crops)))  # (n, D)
+        return glob.half().float(), torch.cat(local).half().float()
+
+    @torch.inference_mode()
+    def score(self, images: list[np.ndarray], global_vec: torch.Tensor | None = None,
+              local_vec: torch.Tensor | None = None, return_maps: bool = False) -> list[Prediction]:  # fmt: skip
+        """Score decoded (H, W, 3) uint8 images; CLIP vectors are computed unless given (e.g. from a store).
+
+        global_vec: (B, D); local_vec: (N, D) in `pack_images` order. Returns predictions without paths.
+        """
+        patches, counts, boxes = pack_images(images, DEFAULT_RULE)  # (N, 3, 224, 224), (B,)
+        mode = self.semantic_mode
+        if mode != "none" and global_vec is None:
+            if self.embedder is None:
+                raise ClipLoadError(f"semantic mode {mode} needs CLIP vectors, but no encoder is loaded")
+            global_vec, local_vec = self.clip_vectors(images, patches)
+        batch = DetectorBatch(
+            patches=patches.to(self.device),
+            counts=counts,
+            global_vec=None if mode == "none" else global_vec.to(self.device),
+            local_vec=local_vec.to(self.device) if mode == "global_local" else None,
+        )
+        with autocast(self.precision, self.device):
+            out = self.model(batch, return_maps=return_maps)
+        probs = torch.sigmoid(out.logits.float()).cpu().numpy()  # (B,)
+        preds = []
+        for i, p in enumerate(probs):
+            maps = None
+            if return_maps:
+                gates = out.gates[i].float().cpu().numpy() if out.gates is not None else None
+                maps = PatchMaps(boxes[i], out.attention[i].float().cpu().numpy(), gates)
+            label = "fake" if p >= self.threshold else "real"
+            preds.append(Prediction(path="", score=float(p), label=label, n_patches=int(counts[i]), maps=maps))
+        return preds
+
+    def iter_predict(self, images: Iterable[ImageInput], return_maps: bool = False,
+                     ) -> Iterator[tuple[Prediction, np.ndarray | None]]:  # fmt: skip
+        """Yield (prediction, decoded image or None on error) in input order; an unreadable input gets an error
+        prediction and the rest go on."""
+
+        def decoded() -> Iterator[tuple[tuple[str, str], np.ndarray | None]]:
+            for i, image in enumerate(images):
+                try:
+                    yield (describe(image, i), ""), to_rgb(image)
+                except ImageDecodeError as exc:
+                    yield (describe(image, i), str(exc)), None
+
+        for batch in patch_batches(decoded()):
+            good = [rgb for _, rgb in batch if rgb is not None]
+            scored = iter(self.score(good, return_maps=return_maps) if good else [])
+            for (path, error), rgb in batch:
+                pred = Prediction(path=path, error=error) if rgb is None else next(scored)
+                pred.path = path
+                yield pred, rgb
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], return_maps: bool = False) -> list[Prediction]:
+        """Score paths, PIL images or uint8 arrays (one or many): path, score = P(fake), label, n_patches, error."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            images = [images]
+        return [pred for pred, _ in self.iter_predict(images, return_maps=return_maps)]
+
+
+def load_detector(checkpoint: str | Path, clip: str | None = None, device: str | torch.device = "cpu",
+                  precision: str = "auto") -> Detector:  # fmt: skip
+    """The detector a checkpoint (or a run directory, meaning its best checkpoint) holds, with its CLIP encoder.
+
+    `clip` overrides where the encoder's weights are read from (e.g. the file moved); it must still be the
+    encoder the checkpoint was trained with, since the fusion weights only understand that one's vectors.
+    """
+    file = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(file)
+    for key in ("model", "config", "clip_dim", "threshold"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {file} has no {key!r}; it was not written by `semspai train`")
+    config = config_from_dict(state["config"])
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    model = create_detector(config.MODEL, int(state["clip_dim"]))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or set(missing) - frozen:  # a frozen encoder comes back from its own weights file, not from here
+        bad = sorted(unexpected or set(missing) - frozen)
+        raise CheckpointError(f"checkpoint {file} does not fit its own config ({len(bad)} mismatched keys, e.g. "
+                              f"{bad[0]}); was it written by another semspai version?")  # fmt: skip
+    embedder = None
+    if model.semantic_mode != "none":
+        # `clip_spec` is what `semspai train` writes; `clip` is the name DESIGN's checkpoint contract uses
+        recorded = state.get("clip_spec") or state.get("clip")
+        embedder = _load_recorded_embedder(recorded, clip, file, device, precision)
+    return Detector(model, config, embedder, float(state["threshold"]), device, precision, str(file))
+
+
+def _load_recorded_embedder(recorded: dict | None, override: str | None, file: Path, device: torch.device,
+                            precision: str) -> ClipEmbedder:  # fmt: skip
+    if not recorded:
+        raise CheckpointError(f"checkpoint {file} uses CLIP vectors but records no CLIP spec")
+    spec = ClipSpec.from_dict(recorded)
+    arg = override or spec.arg
+    try:
+        embedder = load_embedder(arg, device, precision)
+    except ClipLoadError as exc:
+        raise ClipLoadError(
+            f"checkpoint {file} needs its CLIP encoder {spec.model} ({spec.weights_id}, sha256 {spec.sha256[:12]}…), "
+            f"which cannot be loaded from {arg!r}: {exc}. Pass --clip {spec.model}:/path/to/{spec.weights_id} "
+            "(the same weights at another path)"
+        ) from exc
+    have, want = embedder.spec.identity(), spec.identity()
+    if have != want:
+        diffs = ", ".join(f"{k}: {have[k]!r} vs trained with {want[k]!r}" for k in want if have[k] != want[k])
+        raise ClipLoadError(f"--clip {arg} is not the CLIP encoder checkpoint {file} was trained with ({diffs})")
+    return embedder

@@ -1,0 +1,481 @@
+"""`semspai eval`: metrics per generator, robustness under perturbations, CLIP score, ablation, and a report."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from semspai import __version__
+from semspai.pipeline.clip import ClipLoadError
+from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, parse_override, save_config
+from semspai.pipeline.data import DataError, SplitPlan, StoreJoin, plan_split
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
+from semspai.pipeline.inference import Detector, PatchMaps, load_detector, patch_batches
+from semspai.pipeline.metrics import BOOTSTRAP_ROUNDS, clip_scores, evaluate_scores
+from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
+from semspai.pipeline.progress import progress
+from semspai.stages import report
+from semspai.stages.common import register_user_error, user_errors
+from semspai.stages.extract import resolve_device
+from semspai.store.features import FeatureStore, FeatureStoreError
+from semspai.store.images import ImageDecodeError, decode_image
+from semspai.store.shards import (
+    SPLITS,
+    ShardSample,
+    iter_shard,
+    resolve_shards,
+    shard_name,
+    shard_split,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+register_user_error(DataError, FeatureStoreError, ClipLoadError, PerturbError)
+
+# Keys `--set` may change at eval: which generators to score, and memory per step. The model itself comes
+# from the checkpoint, so any other key would describe a model that was never trained.
+EVAL_OVERRIDES = ("DATA.GENERATORS", "MODEL.SPECTRAL.CHUNK_SIZE")
+HEADLINE = ("auc", "auc_ci", "ap", "acc_at_threshold", "tpr_at_5_fpr", "n_real", "n_fake", "threshold")
+
+
+@dataclass
+class EvalConfig:
+    checkpoints: list[str]  # checkpoint files or run dirs; the first is the one the report details
+    shards: str
+    out: str
+    store: str | None = None  # read clean CLIP vectors from here instead of computing them
+    split: str = "test"
+    perturb: list[str] = field(default_factory=list)  # e.g. ["jpeg:50,75,90", "blur:1.0"]
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, keys in EVAL_OVERRIDES only
+    clip: str | None = None  # where the CLIP weights are now, when they moved since training
+    device: str = "auto"
+    n_heatmaps: int = 3  # images per heatmap group (most confident fakes, reals, worst errors)
+    bootstrap: int = BOOTSTRAP_ROUNDS
+    seed: int = 0  # of the bootstrap
+
+
+@dataclass
+class CheckpointEval:
+    """One checkpoint's scores on the split (clean and perturbed) and their metrics."""
+
+    label: str
+    checkpoint: str
+    mode: str
+    fusion: str
+    config: RunConfig
+    threshold: float
+    clip: dict | None
+    keys: list[str]
+    paths: list[str]  # each image's source path as sharded
+    labels: np.ndarray  # (N,) 0 real / 1 fake
+    generators: list[str]
+    scores: np.ndarray  # (N,) P(fake), clean
+    perturbed: dict[str, np.ndarray]  # perturbation name -> (N,)
+    metrics: dict  # DESIGN.md's metrics.json
+    maps: dict[str, PatchMaps] = field(default_factory=dict)  # key -> maps (the report's checkpoint only)
+    clip_score: dict | None = None
+    clip_note: str = ""
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict  # metrics.json: the first checkpoint's
+    report_md: Path
+    report_html: Path
+    runs: list[CheckpointEval]
+    seconds: float
+
+    @property
+    def headline(self) -> dict:
+        """AUC (with its 95% interval), AP, accuracy at the threshold, TPR at 5% FPR, counts."""
+        return {k: self.metrics["overall"][k] for k in HEADLINE}
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """The checkpoint's resolved config with eval's allowed `--set` overrides applied."""
+    data = cfg.to_dict()
+    for text in overrides:
+        parsed, node, path = parse_override(text), data, []
+        while isinstance(parsed, dict) and len(parsed) == 1:
+            (k, parsed), path = next(iter(parsed.items())), [*path, next(iter(parsed))]
+        key = ".".join(path)
+        if key not in EVAL_OVERRIDES:
+            raise ConfigError(f"--set {key}: eval takes only {', '.join(EVAL_OVERRIDES)}; the model and its "
+                              "training settings come from the checkpoint")  # fmt: skip
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = parsed
+    return config_from_dict(data)
+
+
+def split_shards(spec: str, split: str) -> list[Path]:
+    """The tars of SPEC that may hold `split`: those named after it, and any not named after a split."""
+    return [p for p in resolve_shards(spec) if shard_split(p) == split or shard_split(p) not in SPLITS]
+
+
+def _samples(plan: SplitPlan) -> Iterator[tuple[tuple[Path, ShardSample], np.ndarray]]:
+    wanted = {k for keys in plan.keys.values() for k in keys}
+    for path in sorted(plan.keys):
+        for sample in iter_shard(path):
+            if sample.key in wanted:
+                try:
+                    rgb = decode_image(sample.image)
+                except ImageDecodeError as exc:
+                    raise DataError(f"shard {shard_name(path)}: sample {sample.key} cannot be decoded ({exc}); "
+                                    "rerun `semspai shard` for its source") from exc  # fmt: skip
+                yield (path, sample), rgb
+
+
+def clip_score_blocker(store: FeatureStore | None, det: Detector) -> str:
+    """Why no CLIP score can be computed ('' when it can): it needs an encoder with a text tower."""
+    if store is not None:
+        return "" if store.has_text else f"the store's encoder ({store.clip_spec['arg']}) has no text tower"
+    if det.embedder is None:
+        return "a spectral-only checkpoint and no --store: there is no CLIP encoder to score with"
+    return "" if det.embedder.spec.has_text else f"encoder {det.embedder.spec.arg} has no text tower"
+
+
+def clip_score_vectors(store: FeatureStore | None, det: Detector, samples: list[ShardSample],
+                       rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Image (B, D) and caption (B, D) vectors (NaN rows without a caption): cached ones from the store, else
+    computed by the checkpoint's encoder."""
+    if store is not None:
+        rows = [store.index_of(s.key) for s in samples]
+        caps = [store.caption_vector(i) for i in rows]
+        nan = np.full(store.embed_dim, np.nan, np.float32)
+        return (store.global_vectors()[rows].astype(np.float32),
+                np.stack([nan if c is None else c.astype(np.float32) for c in caps]))  # fmt: skip
+    emb = det.embedder
+    image = emb.get_image_embedding(torch.stack([emb.preprocess_global(rgb) for rgb in rgbs])).cpu().numpy()
+    captions = [str(s.meta.get("caption") or "") for s in samples]
+    caption = np.full_like(image, np.nan)
+    has = [i for i, c in enumerate(captions) if c]
+    if has:
+        caption[has] = emb.get_text_embedding([captions[i] for i in has]).cpu().numpy()
+    return image, caption
+
+
+def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Perturbation], primary: bool,
+                        device: str) -> CheckpointEval:  # fmt: skip
+    """Score one checkpoint on the split, clean and under each perturbation, and compute its metrics."""
+    det = load_detector(checkpoint, clip=cfg.clip, device=device)
+    run_cfg = apply_overrides(det.config, cfg.overrides)
+    det.chunk_size = run_cfg.MODEL.SPECTRAL.CHUNK_SIZE
+    mode = det.semantic_mode
+    store = None
+    if cfg.store:
+        expect = det.clip_spec.identity() if det.clip_spec is not None else None
+        store = FeatureStore.open(cfg.store, expect_clip=expect, expect_patch_rule=DEFAULT_RULE.id)
+    shards = split_shards(cfg.shards, cfg.split)
+    if store is not None:
+        store.check_shards(shards)
+    join = None
+    if store is not None and mode != "none":
+        join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False)
+    plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
+    clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
+    clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
+
+    keys, paths, labels, gens, scores = [], [], [], [], []
+    perturbed: dict[str, list[float]] = {p.name: [] for p in perturbations}
+    maps: dict[str, PatchMaps] = {}
+    label = f"{mode}" if mode == "none" else f"{mode} ({run_cfg.MODEL.SEMANTIC.FUSION})"
+    items = progress(_samples(plan), total=len(plan), desc=f"eval {label}", unit="img")
+    for batch in patch_batches(items):
+        samples = [s for (_, s), _ in batch]
+        rgbs = [rgb for _, rgb in batch]
+        global_vec = local_vec = None
+        if join is not None:
+            rows = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),
+                                 slice(None)) for (p, s), rgb in batch]  # fmt: skip
+            global_vec = torch.from_numpy(np.stack([g for g, _, _ in rows])).float()  # (B, D)
+            if mode == "global_local":
+                local_vec = torch.from_numpy(np.concatenate([loc for _, loc, _ in rows])).float()  # (N, D)
+        preds = det.score(rgbs, global_vec, local_vec, return_maps=primary)
+        for sample, pred in zip(samples, preds, strict=True):
+            keys.append(sample.key)
+            paths.append(str(sample.meta.get("path") or ""))
+            labels.append(int(sample.meta["label"]))
+            gens.append(str(sample.meta.get("generator") or ""))
+            scores.append(pred.score)
+            if primary:
+                maps[sample.key] = pred.maps
+        for p in perturbations:  # CLIP vectors of perturbed pixels are computed here: the store holds clean ones
+            changed = [p.apply(rgb, sample.key) for sample, rgb in zip(samples, rgbs, strict=True)]
+            perturbed[p.name] += [q.score for q in det.score(changed)]
+        if not clip_note:
+            clip_rows.append(clip_score_vectors(store, det, samples, rgbs))
+
+    y, clean = np.asarray(labels), np.asarray(scores)
+    metrics = evaluate_scores(y, clean, gens, det.threshold, cfg.bootstrap, cfg.seed)
+    metrics["perturbations"] = {
+        name: evaluate_scores(y, np.asarray(v), gens, det.threshold, cfg.bootstrap, cfg.seed)
+        for name, v in perturbed.items()
+    }
+    result = CheckpointEval(
+        label=label, checkpoint=det.checkpoint, mode=mode, fusion=run_cfg.MODEL.SEMANTIC.FUSION, config=run_cfg,
+        threshold=det.threshold, clip=det.clip_spec.to_dict() if det.clip_spec else None, keys=keys, paths=paths, labels=y,
+        generators=gens, scores=clean, perturbed={k: np.asarray(v) for k, v in perturbed.items()}, metrics=metrics,
+        maps=maps,
+    )  # fmt: skip
+    if not clip_note:
+        image, caption = (np.concatenate(v) for v in zip(*clip_rows, strict=True))
+        result.clip_score = clip_scores(image, caption, y, gens) or None
+        clip_note = "" if result.clip_score else f"no image of split {cfg.split} has a caption"
+    result.clip_note = clip_note
+    return result
+
+
+def pick_examples(run: CheckpointEval, k: int) -> dict[str, list[int]]:
+    """Indices of the k most confident fakes and reals, and the k worst errors (most confidently wrong at the
+    checkpoint's threshold)."""
+    y, s, t = run.labels, run.scores, run.threshold
+    fakes, reals = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    wrongness = np.where(y == 1, t - s, s - t)  # > 0: on the wrong side of the threshold
+    wrong = np.flatnonzero((s >= t).astype(int) != y)
+    return {
+        "most confident fakes": fakes[np.argsort(-s[fakes], kind="stable")][:k].tolist(),
+        "most confident reals": reals[np.argsort(s[reals], kind="stable")][:k].tolist(),
+        "worst errors": wrong[np.argsort(-wrongness[wrong], kind="stable")][:k].tolist(),
+    }
+
+
+def render_heatmaps(run: CheckpointEval, plan_shards: list[Path], picks: dict[str, list[int]],
+                    folder: Path) -> dict[str, list[tuple[Path, str]]]:  # fmt: skip
+    """Draw each picked image with its attention (and gate) map; re-reads only the shards that hold them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {run.keys[i]: i for idx in picks.values() for i in idx}
+    images: dict[str, np.ndarray] = {}
+    for path in plan_shards:
+        for sample in iter_shard(path):
+            if sample.key in wanted:
+                images[sample.key] = decode_image(sample.image)
+        if len(images) == len(wanted):
+            break
+    out: dict[str, list[tuple[Path, str]]] = {}
+    for group, idx in picks.items():
+        slug = group.split()[-1]
+        for rank, i in enumerate(idx, 1):
+            key = run.keys[i]
+            truth = f"fake, {run.generators[i]}" if run.labels[i] else "real"
+            caption = f"{truth}: score {run.scores[i]:.3f}"
+            png = report.plot_heatmap(images[key], run.maps[key], f"{group} #{rank} — {caption}",
+                                      folder / f"{slug}-{rank}-{key[:10]}.png")  # fmt: skip
+            out.setdefault(group, []).append((png, caption))
+    return out
+
+
+def _auc_text(m: dict) -> str:
+    if m["auc"] is None:
+        return "–"
+    lo, hi = m["auc_ci"]
+    return f"{m['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+METRIC_HEADER = ["AUC [95% CI]", "AP", "acc @0.5", "acc @threshold", "TPR @1% FPR", "TPR @5% FPR", "reals", "fakes"]
+
+
+def _metric_row(m: dict) -> list:
+    return [_auc_text(m), m["ap"], m["acc_at_0_5"], m["acc_at_threshold"], m["tpr_at_1_fpr"], m["tpr_at_5_fpr"],
+            m["n_real"], m["n_fake"]]  # fmt: skip
+
+
+def _curves(run: CheckpointEval) -> list[report.Curve]:
+    y, s, g = run.labels, run.scores, np.asarray(run.generators, dtype=object)
+    m = run.metrics
+    curves = [report.Curve("all generators", y, s, m["overall"]["auc"], m["overall"]["ap"], bold=True)]
+    for gen, gm in m["per_generator"].items():
+        keep = (y == 0) | (g == gen)
+        curves.append(report.Curve(gen, y[keep], s[keep], gm["auc"], gm["ap"]))
+    return curves
+
+
+def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_used: bool,
+                 heatmaps: dict[str, list[tuple[Path, str]]]) -> tuple[Path, Path]:  # fmt: skip
+    """report.md and report.html (same content) with their PNGs under out/plots and out/heatmaps."""
+    run = runs[0]
+    m = run.metrics
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    doc = report.Document(f"semspai evaluation — {cfg.split} split")
+    clip = run.clip
+    encoder = "none (spectral only)" if clip is None else f"`{clip['arg']}` ({clip['model']}, {clip['weights_id']})"
+    doc.text(f"Checkpoint `{run.checkpoint}`: semantic mode **{run.mode}**, fusion {run.fusion}, CLIP encoder "
+             f"{encoder}. Shards `{cfg.shards}`, split `{cfg.split}`: {m['overall']['n_real']} real and "
+             f"{m['overall']['n_fake']} fake images. Decision threshold {run.threshold:.3f} (chosen on val by "
+             f"training). semspai {__version__}.")  # fmt: skip
+    if clip is not None and clip.get("meaningless"):
+        doc.text("**Warning:** this checkpoint's CLIP encoder has random weights: its semantic vectors carry no "
+                 "meaning (fine for the demo and tests, never for results).")  # fmt: skip
+    source = f"read from the feature store `{cfg.store}`" if store_used else "computed on the fly by the encoder"
+    if run.mode != "none":
+        doc.text(f"Clean images: CLIP vectors {source}.")
+    doc.text("AUC intervals are 95% stratified bootstrap intervals "
+             f"({cfg.bootstrap} rounds, seed {cfg.seed}); test sets here are small, so read them before the digits.")  # fmt: skip
+
+    doc.heading("Overall")
+    doc.table(["", *METRIC_HEADER], [["all generators", *_metric_row(m["overall"])]])
+    curves = _curves(run)
+    doc.images([report.plot_roc(curves, plots / "roc.png", "ROC (each generator vs all reals)"),
+                report.plot_pr(curves, plots / "pr.png", "Precision-recall"),
+                report.plot_scores(run.labels, run.scores, run.threshold, plots / "scores.png")], out)  # fmt: skip
+
+    doc.heading("Per generator")
+    doc.text("Each generator's fakes against all reals of the split (SPAI's protocol).")
+    doc.table(["generator", *METRIC_HEADER], [[g, *_metric_row(gm)] for g, gm in m["per_generator"].items()])
+
+    if m["perturbations"]:
+        doc.heading("Robustness")
+        doc.text("Perturbations are applied to the decoded pixels of every test image; "
+                 + ("CLIP vectors of perturbed images are computed on the fly (the store holds clean ones)."
+                    if run.mode != "none" else "this checkpoint uses no CLIP vectors."))  # fmt: skip
+        gens = list(m["per_generator"])
+        rows = [["clean", _auc_text(m["overall"]), "", m["overall"]["ap"], m["overall"]["acc_at_threshold"],
+                 *[m["per_generator"][g]["auc"] for g in gens]]]  # fmt: skip
+        for name, pm in m["perturbations"].items():
+            o = pm["overall"]
+            delta = None if o["auc"] is None or m["overall"]["auc"] is None else f"{o['auc'] - m['overall']['auc']:+.3f}"
+            rows.append([name, _auc_text(o), delta, o["ap"], o["acc_at_threshold"],
+                         *[pm["per_generator"][g]["auc"] for g in gens]])  # fmt: skip
+        doc.table(["perturbation", "AUC [95% CI]", "ΔAUC", "AP", "acc @threshold", *[f"AUC {g}" for g in gens]], rows)
+        names = ["clean", *m["perturbations"]]
+        series = {r.label: [r.metrics["overall"]["auc"]] + [p["overall"]["auc"] for p in r.metrics["perturbations"].values()]
+                  for r in runs}  # fmt: skip
+        doc.images([report.plot_robustness(names, series, plots / "robustness.png")], out)
+
+    doc.heading("CLIP score")
+    if run.clip_score:
+        doc.text("100 × cosine of each image's CLIP vector and its caption's, averaged per class and generator: "
+                 "how well the images follow their prompts (only images with a caption count).")  # fmt: skip
+        doc.table(["group", "CLIP score", "images"], [[k, v["clip_score"], v["n"]] for k, v in run.clip_score.items()])
+    else:
+        doc.text(f"Not computed: {run.clip_note}.")
+
+    if len(runs) > 1:
+        doc.heading("Ablation")
+        doc.text("Every checkpoint on the same images; the report above details the first.")
+        has_p = bool(m["perturbations"])
+        header = ["checkpoint", "mode", "AUC [95% CI]", "AP", "acc @threshold", "TPR @5% FPR"]
+        header += ["mean AUC perturbed"] if has_p else []
+        rows = []
+        for r in runs:
+            o = r.metrics["overall"]
+            row = [r.label, r.mode, _auc_text(o), o["ap"], o["acc_at_threshold"], o["tpr_at_5_fpr"]]
+            if has_p:
+                aucs = [p["overall"]["auc"] for p in r.metrics["perturbations"].values() if p["overall"]["auc"] is not None]
+                row.append(float(np.mean(aucs)) if aucs else None)
+            rows.append(row)
+        doc.table(header, rows)
+        doc.table(["checkpoint", "file"], [[r.label, r.checkpoint] for r in runs])
+        abl = [report.Curve(r.label, r.labels, r.scores, r.metrics["overall"]["auc"], r.metrics["overall"]["ap"])
+               for r in runs]  # fmt: skip
+        doc.images([report.plot_roc(abl, plots / "roc_ablation.png", "ROC per checkpoint")], out)
+
+    doc.heading("Where the detector looked")
+    doc.text("Attention weight of each 224-px patch in the pooling (× number of patches, so 1 is an even share)"
+             + (" and the fusion gate per patch" if any(mp.gates is not None for mp in run.maps.values()) else "")
+             + ", overlaid on the image as the detector saw it (small images padded).")  # fmt: skip
+    for group, items in heatmaps.items():
+        doc.text(f"**{group}**" if items else f"**{group}**: none")
+        if items:
+            doc.images([p for p, _ in items], out, [c for _, c in items])
+    if not heatmaps.get("worst errors"):
+        doc.text(f"No image is on the wrong side of the threshold {run.threshold:.3f}.")
+
+    doc.heading("Files")
+    doc.text("`metrics.json` (all numbers above), `predictions.csv` (every image's scores), `eval.json` (settings "
+             "and every checkpoint's metrics), `config.yaml` (the resolved config).")  # fmt: skip
+    return doc.write(out)
+
+
+def write_predictions(run: CheckpointEval, path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "path", "label", "generator", "score", *run.perturbed])
+        for i, key in enumerate(run.keys):
+            writer.writerow([key, run.paths[i], "fake" if run.labels[i] else "real", run.generators[i],
+                             f"{run.scores[i]:.6f}",
+                             *[f"{v[i]:.6f}" for v in run.perturbed.values()]])  # fmt: skip
+
+
+def run(cfg: EvalConfig) -> EvalResult:
+    """Evaluate every checkpoint on the split and write metrics.json, the report and its figures to cfg.out."""
+    start = time.perf_counter()
+    if not cfg.checkpoints:
+        raise ConfigError("eval needs at least one --checkpoint")
+    perturbations = parse_perturbations(cfg.perturb)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # written last: its presence means the eval finished
+    for old in ("plots", "heatmaps"):  # figures of an earlier eval must not mix with this one's
+        shutil.rmtree(out / old, ignore_errors=True)
+    runs = [evaluate_checkpoint(cfg, ck, perturbations, i == 0, device) for i, ck in enumerate(cfg.checkpoints)]
+    seen: dict[str, int] = {}
+    for r in runs:  # two checkpoints of one mode stay apart in the tables
+        seen[r.label] = seen.get(r.label, 0) + 1
+        if seen[r.label] > 1:
+            r.label = f"{r.label} #{seen[r.label]}"
+    primary = runs[0]
+    shards = sorted(split_shards(cfg.shards, cfg.split))
+    heatmaps = render_heatmaps(primary, shards, pick_examples(primary, cfg.n_heatmaps), out / "heatmaps")
+    save_config(primary.config, out / "config.yaml")
+    write_predictions(primary, out / "predictions.csv")
+    md, page = write_report(cfg, runs, out, cfg.store is not None, heatmaps)
+    settings = {k: getattr(cfg, k) for k in ("checkpoints", "shards", "store", "split", "perturb", "overrides", "clip",
+                                             "bootstrap", "seed")}  # fmt: skip
+    write_json_atomic(out / "eval.json", {
+        "settings": settings | {"device": device, "semspai_version": __version__},
+        "checkpoints": [{"label": r.label, "checkpoint": r.checkpoint, "mode": r.mode, "fusion": r.fusion,
+                         "threshold": r.threshold, "clip": r.clip, "metrics": r.metrics} for r in runs],
+        "clip_score": primary.clip_score, "clip_score_note": primary.clip_note,
+    })  # fmt: skip
+    write_json_atomic(out / "metrics.json", primary.metrics)
+    return EvalResult(out=out, metrics=primary.metrics, report_md=md, report_html=page, runs=runs,
+                      seconds=time.perf_counter() - start)  # fmt: skip
+
+
+@click.command("eval")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(),
+              help="Checkpoint file or run dir (= RUN/checkpoints/best.pt); repeat for an ablation table.")
+@click.option("--shards", required=True, help="Shard spec: folder, glob or brace pattern.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for metrics and report.")
+@click.option("--store", default=None, type=click.Path(), help="Feature store with the clean CLIP vectors "
+              "(else CLIP runs on the fly).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(SPLITS))
+@click.option("--perturb", multiple=True, metavar="KIND:V[,V...]",
+              help="jpeg:50,75,90 | resize:0.5,0.75 | blur:1.0 | noise:0.02 (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help=f"Override {' or '.join(EVAL_OVERRIDES)} (e.g. DATA.GENERATORS=a,b).")
+@click.option("--clip", default=None, help="Where the checkpoint's CLIP weights are now (MODEL:WEIGHTS).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--heatmaps", "n_heatmaps", default=3, show_default=True, help="Images per heatmap group.")
+@user_errors
+def command(checkpoints, shards, out, store, split, perturb, overrides, clip, device, n_heatmaps) -> None:
+    """Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report."""
+    result = run(EvalConfig(checkpoints=list(checkpoints), shards=shards, out=out, store=store, split=split,
+                            perturb=list(perturb), overrides=list(overrides), clip=clip, device=device,
+                            n_heatmaps=n_heatmaps))  # fmt: skip
+    for r in result.runs:
+        o = r.metrics["overall"]
+        click.echo(f"{r.label}: AUC {_auc_text(o)}, AP {_fmt(o['ap'])}, acc@threshold {_fmt(o['acc_at_threshold'])} "
+                   f"({o['n_real']} real, {o['n_fake']} fake)")  # fmt: skip
+    click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "
+               f"({result.seconds:.0f} s)")  # fmt: skip
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+__all__ = ["EvalConfig", "EvalResult", "CheckpointEval", "run", "command"]

@@ -1,0 +1,221 @@
+"""`semspai predict` and the Python API: formats and modes, bad files, chunking, run dirs, CLI = API."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import semspai
+from semspai.pipeline.clip import ClipLoadError
+from semspai.pipeline.inference import find_images, load_detector
+from semspai.stages.cli import cli
+from semspai.stages.predict import CSV_HEADER, PredictConfig, run
+from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from tests.conftest import random_photo
+from tests.detector_fixtures import make_checkpoint
+
+W, H = 300, 240  # under the 4-patch grid: the five-crop rule, so each image is 5 patches
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "gate.pt", mode="global_local", fusion="gate")
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint: Path):
+    return load_detector(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return random_photo(W, H, seed=3)
+
+
+def save(img: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kw)
+    return path
+
+
+def test_load_detector_is_exported_lazily(checkpoint):
+    det = semspai.load_detector(checkpoint)
+    assert det.semantic_mode == "global_local" and det.threshold == 0.5 and det.clip_spec.model == "tiny-random"
+
+
+@pytest.mark.parametrize(
+    "name,fmt,make",
+    [
+        ("rgb.png", "PNG", lambda a: Image.fromarray(a)),
+        ("rgb.jpg", "JPEG", lambda a: Image.fromarray(a)),
+        ("rgb.webp", "WEBP", lambda a: Image.fromarray(a)),
+        ("rgb.tif", "TIFF", lambda a: Image.fromarray(a)),
+        ("grey.png", "PNG", lambda a: Image.fromarray(a).convert("L")),
+        ("palette.png", "PNG", lambda a: Image.fromarray(a).convert("P")),
+        ("rgba.png", "PNG", lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 128, np.uint8)]))),
+        ("cmyk.jpg", "JPEG", lambda a: Image.fromarray(a).convert("CMYK")),
+        ("cmyk.tif", "TIFF", lambda a: Image.fromarray(a).convert("CMYK")),
+        ("grey16.png", "PNG", lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257)),
+    ],
+)
+def test_every_format_and_mode_is_scored(detector, rgb, tmp_path, name, fmt, make):
+    img = make(rgb)
+    path = save(img, tmp_path / name, fmt)
+    (pred,) = detector.predict(path)
+    assert pred.error == "" and pred.path == str(path)
+    assert 0.0 < pred.score < 1.0 and pred.label in ("fake", "real") and pred.n_patches == 5
+    # the same pixels given as a PIL image score the same (one decode path for files and objects)
+    (from_pil,) = detector.predict(Image.open(path))
+    assert from_pil.score == pytest.approx(pred.score, abs=1e-6)
+
+
+def test_file_array_and_pil_give_the_same_score(detector, rgb, tmp_path):
+    path = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
+    a, b, c = detector.predict([path, rgb, Image.fromarray(rgb)])
+    assert a.score == b.score == c.score
+    assert (b.path, c.path) == ("<array 1>", "<image 2>")
+
+
+def test_exif_rotation_is_applied(detector, rgb, tmp_path):
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
+    path = save(img, tmp_path / "rotated.jpg", "JPEG", exif=exif, quality=95)
+    upright = np.asarray(Image.open(path).transpose(Image.Transpose.ROTATE_270))  # what a viewer shows
+    (from_file,), (from_array,) = detector.predict(path), detector.predict(upright)
+    assert from_file.score == pytest.approx(from_array.score, abs=1e-6)
+
+
+def test_bad_files_get_error_rows_and_the_rest_continue(detector, rgb, tmp_path):
+    good = save(Image.fromarray(rgb), tmp_path / "good.png", "PNG")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(buf.getvalue()[:400])
+    preds = detector.predict([empty, good, text, truncated, tmp_path / "missing.png"])
+    assert [bool(p.error) for p in preds] == [True, False, True, True, True]
+    assert "empty" in preds[0].error and "unreadable file" in preds[4].error
+    assert all(p.score is None and p.label == "" and p.n_patches == 0 for p in preds if p.error)
+    assert preds[1].score == detector.predict(good)[0].score  # an error in its batch changes nothing
+
+
+def test_chunked_equals_unchunked(detector):
+    img = random_photo(1000, 700, seed=5)  # 4 x 3 = 12 patches
+    scores = {}
+    for chunk in (1, 5, 64):
+        detector.chunk_size = chunk
+        (pred,) = detector.predict(img)
+        scores[chunk] = pred.score
+    detector.chunk_size = 4
+    assert pred.n_patches == 12
+    assert max(scores.values()) - min(scores.values()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_4k_image_chunked_equals_unchunked(detector):
+    img = random_photo(3840, 2160, seed=9)
+    detector.chunk_size = 8
+    (chunked,) = detector.predict(img)
+    detector.chunk_size = 10_000
+    (whole,) = detector.predict(img)
+    detector.chunk_size = 4
+    assert chunked.n_patches == 17 * 9
+    assert abs(chunked.score - whole.score) <= 1e-5
+
+
+def test_run_dir_resolves_to_best(checkpoint, tmp_path, rgb):
+    ckdir = tmp_path / "run" / "checkpoints"
+    save_checkpoint(ckdir / "best.pt", load_checkpoint(checkpoint))
+    other = make_checkpoint(tmp_path / "other.pt", seed=7)
+    save_checkpoint(ckdir / "last.pt", load_checkpoint(other))
+    by_run = load_detector(tmp_path / "run").predict(rgb)[0].score
+    assert by_run == load_detector(checkpoint).predict(rgb)[0].score
+    assert by_run != load_detector(other).predict(rgb)[0].score
+    with pytest.raises(CheckpointError, match="no checkpoints/best.pt"):
+        load_detector(tmp_path)
+
+
+def test_missing_clip_weights_name_the_fix_and_clip_overrides(checkpoint, tmp_path, rgb):
+    state = load_checkpoint(checkpoint)
+    state["clip_spec"] = state["clip_spec"] | {"arg": "tiny-random:/gone/tiny.safetensors"}
+    moved = tmp_path / "moved.pt"
+    save_checkpoint(moved, state)
+    with pytest.raises(ClipLoadError, match="--clip tiny-random:/path/to/seed:0"):
+        load_detector(moved)
+    det = load_detector(moved, clip="tiny-random")  # same weights found elsewhere: accepted
+    assert det.predict(rgb)[0].score == load_detector(checkpoint).predict(rgb)[0].score
+    state["clip_spec"] = state["clip_spec"] | {"arg": "tiny-random", "sha256": "0" * 64}
+    save_checkpoint(moved, state)
+    with pytest.raises(ClipLoadError, match="not the CLIP encoder"):
+        load_detector(moved)
+
+
+def test_directories_are_walked_recursively(tmp_path, rgb):
+    save(Image.fromarray(rgb), tmp_path / "a" / "b" / "deep.webp", "WEBP")
+    save(Image.fromarray(rgb), tmp_path / "a" / "top.JPG", "JPEG")
+    (tmp_path / "a" / "notes.txt").write_text("skip me")
+    assert [p.name for p in find_images([tmp_path / "a"])] == ["deep.webp", "top.JPG"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        find_images([tmp_path / "nope"])
+
+
+def _folder(tmp_path: Path, rgb: np.ndarray) -> Path:
+    folder = tmp_path / "imgs"
+    for i, fmt in enumerate(("PNG", "JPEG", "TIFF")):
+        save(Image.fromarray(np.roll(rgb, 17 * i, axis=1)), folder / f"{i}.{fmt.lower()}", fmt)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return folder
+
+
+def test_cli_csv_matches_python_api(checkpoint, detector, tmp_path, rgb):
+    folder = _folder(tmp_path, rgb)
+    out = tmp_path / "scores.csv"
+    res = CliRunner().invoke(cli, ["predict", str(folder), "--checkpoint", str(checkpoint), "--out", str(out),
+                                   "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert tuple(rows[0]) == CSV_HEADER
+    assert out.read_text().splitlines()[0] == "path,score,label,n_patches,error"
+    api = {p.path: p for p in detector.predict(find_images([folder]))}
+    assert len(rows) == 4
+    for row in rows:
+        p = api[row["path"]]
+        if p.error:
+            assert row["score"] == "" and row["error"] == p.error
+        else:
+            assert float(row["score"]) == pytest.approx(p.score, abs=1e-6)
+            assert (row["label"], int(row["n_patches"]), row["error"]) == (p.label, p.n_patches, "")
+    assert "1 file(s) could not be read" in res.output
+
+
+def test_json_output_and_heatmaps(checkpoint, tmp_path, rgb):
+    folder = _folder(tmp_path, rgb)
+    result = run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(tmp_path / "o.json"),
+                               heatmaps=str(tmp_path / "maps"), device="cpu"))  # fmt: skip
+    rows = json.loads((tmp_path / "o.json").read_text())
+    assert [set(r) for r in rows] == [set(CSV_HEADER)] * 4 and result.n_failed == 1
+    assert len(result.heatmaps) == 3 and all(p.exists() and p.stat().st_size > 10_000 for p in result.heatmaps)
+
+
+def test_cli_fails_only_when_every_file_fails(checkpoint, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    res = CliRunner().invoke(cli, ["predict", str(bad), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert res.exit_code == 1 and "no image could be scored" in res.output
+    assert "path,score,label,n_patches,error" in res.output  # the error rows are still written
+
+
+def test_precision_resolves_to_fp32_on_cpu(detector):
+    assert detector.precision == "fp32" and detector.device == torch.device("cpu")
