@@ -28,6 +28,10 @@ def _register() -> None:
 
     cli.add_command(shard.command)
     cli.add_command(demo.command)
+    from semspai.stages import extract, store_tools
+
+    cli.add_command(extract.command)
+    cli.add_command(store_tools.group)
     from semspai.stages import train
 
     cli.add_command(train.command)

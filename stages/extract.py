@@ -1,0 +1,253 @@
+"""`semspai extract-clip`: shards -> the Zarr feature store (global, local, caption and prompt vectors); resumable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from semspai import __version__
+from semspai.pipeline.clip import ClipLoadError
+from semspai.pipeline.config import load_config, prompts_path
+from semspai.pipeline.extraction import (
+    ClipFactory,
+    Embedder,
+    ExtractOptions,
+    InlineDistributor,
+    ShardJob,
+    ShardSummary,
+    decoder_record,
+    describe,
+    extract_shard,
+    make_distributor,
+    prompt_bank,
+    warm_up,
+)
+from semspai.pipeline.grid import DEFAULT_RULE
+from semspai.pipeline.progress import progress
+from semspai.stages.common import register_user_error, user_errors
+from semspai.store.features import (
+    FeatureStoreError,
+    FeatureStoreWriter,
+    StoreHeader,
+    check_shard_unchanged,
+    read_store_attrs,
+)
+from semspai.store.images import ImageDecodeError
+from semspai.store.shards import ShardError, ShardSample, file_sha256, iter_shard, resolve_shards, shard_name
+
+log = logging.getLogger(__name__)
+register_user_error(FeatureStoreError, ClipLoadError)
+# failures of a shard task that mean bad input (reported in one line), not a bug (re-raised as is)
+INPUT_ERRORS = (ShardError, FeatureStoreError, ImageDecodeError, ClipLoadError)
+
+
+@dataclass
+class ExtractConfig:
+    shards: str  # SPEC: brace pattern, glob or shard folder
+    store: str  # local path or fsspec URL that Zarr accepts
+    clip: str = "ViT-B-32:openai"  # MODEL[:WEIGHTS], tiny-random, or timm/MODEL:FILE
+    workers: int | None = None  # Dask worker processes; None = one per core (one per GPU on CUDA); 0 = no Dask
+    scheduler: str | None = None  # tcp://HOST:PORT of an existing cluster (then `workers` is ignored)
+    decode_workers: int = 2  # decode threads inside each task
+    batch_size: int = 256  # crops per encoder call; part of what makes two runs bit-identical
+    device: str = "auto"  # auto = cuda when available
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    gpu_decode: bool = False  # decode JPEGs with nvjpeg on the device (recorded: another decoder identity)
+    prompts: str = ""  # class-name file for the prompt bank; empty = the shipped ImageNet class names
+    torch_threads: int = 1  # per worker; fixed so the bits do not depend on the worker count
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    shards_total: int
+    shards_already_done: list[str]
+    extracted: list[ShardSummary] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_images(self) -> int:
+        return sum(s.n_images for s in self.extracted)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(s.n_skipped for s in self.extracted)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def default_workers(device: str) -> int:
+    return max(1, torch.cuda.device_count()) if device.startswith("cuda") else os.cpu_count() or 1
+
+
+def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> None:
+    bugs = [exc for _, exc in failures if not isinstance(exc, INPUT_ERRORS)]
+    if bugs:
+        raise bugs[0]
+    name, first = failures[0]
+    if len(failures) == 1:
+        raise first
+    names = ", ".join(n for n, _ in failures)
+    raise ShardError(f"{len(failures)} of {total} shards failed ({names}); first: {first}")
+
+
+def run(
+    cfg: ExtractConfig,
+    embedder_factory: Callable[[], Embedder] | None = None,
+    distributor_factory: Callable[[int, str | None], InlineDistributor] | None = None,
+    read: Callable[[str | Path], Iterable[ShardSample]] = iter_shard,
+) -> ExtractResult:
+    """Extract every shard of `cfg.shards` not yet done in `cfg.store`; done shards are checked and kept."""
+    start = time.perf_counter()
+    paths = resolve_shards(cfg.shards)
+    names = [shard_name(p) for p in paths]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ShardError(f"{cfg.shards}: two tars are named {dup}.tar; a store keys its shards by name")
+    device = resolve_device(cfg.device)
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    factory = embedder_factory or ClipFactory(cfg.clip, device, cfg.precision)
+    prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
+    existing = read_store_attrs(cfg.store)
+    dist = (distributor_factory or make_distributor)(workers, cfg.scheduler)
+    try:
+        # every worker builds its embedder before any shard is handed out, so no worker idles while another
+        # one is still loading; prompt vectors only for a new store
+        dist.on_every_worker(warm_up, factory)
+        info = dist.call(describe, factory, [] if existing else prompts, cfg.batch_size, cfg.torch_threads)
+        header = StoreHeader(
+            clip=info.spec,
+            clip_identity=info.identity,
+            has_text=info.has_text,
+            embed_dim=info.embed_dim,
+            decoder=decoder_record(cfg.gpu_decode),
+            patch_rule={"id": DEFAULT_RULE.id, **DEFAULT_RULE.to_dict()},
+            prompts=prompts,
+            preprocessing={
+                "global": "the encoder's own eval transform of the whole decoded image",
+                "local": f"grid patches ({DEFAULT_RULE.id}), resized to the encoder's input size when not "
+                f"{DEFAULT_RULE.size}, normalised with its mean and std",
+                "batch_size": cfg.batch_size,
+                "precision": cfg.precision,
+                "device": device,
+            },
+            semspai_version=__version__,
+        )
+        writer = FeatureStoreWriter.create_or_check(cfg.store, header, info.text)
+        done = writer.done_shards()
+        for path, name in zip(paths, names, strict=True):
+            if name in done:
+                check_shard_unchanged(cfg.store, name, done[name], file_sha256(path), path)
+        writer.record_shards({n: str(p) for p, n in zip(paths, names, strict=True)})
+        opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, cfg.gpu_decode, device)
+        jobs = [
+            ShardJob(str(p), cfg.store, factory, opts, cfg.torch_threads, read=read)
+            for p, n in zip(paths, names, strict=True)
+            if n not in done
+        ]
+        result = ExtractResult(cfg.store, len(paths), sorted(set(names) & set(done)))
+        if result.shards_already_done:
+            log.info("%d of %d shards already done in %s; extracting %d", len(done), len(paths), cfg.store, len(jobs))
+        failures: list[tuple[str, BaseException]] = []
+        for job, summary, exc in progress(dist.map_unordered(extract_shard, jobs), len(jobs), "extract-clip", "shard"):
+            if exc is not None:
+                log.error("shard %s failed: %s", job.name, exc)
+                failures.append((job.name, exc))
+                continue
+            result.extracted.append(summary)
+            result.seconds = time.perf_counter() - start
+            log.info(
+                "%d/%d shards, %d images, %.1f images/s",
+                len(result.extracted),
+                len(jobs),
+                result.n_images,
+                result.images_per_s,
+            )
+    finally:
+        dist.close()
+    result.seconds = time.perf_counter() - start
+    if failures:
+        _raise_failures(failures, len(jobs))
+    return result
+
+
+@click.command("extract-clip")
+@click.option("--shards", required=True, help="Shard SPEC: brace pattern, glob, or shard folder.")
+@click.option("--store", required=True, help="Feature store path or fsspec URL (created, or extended when it exists).")
+@click.option(
+    "--clip",
+    default=ExtractConfig.clip,
+    show_default=True,
+    help="MODEL[:WEIGHTS]: hub tag, local .safetensors, MODEL:random, tiny-random, or timm/MODEL:FILE.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Dask worker processes (one task per shard); default one per core (per GPU); 0 = no Dask.",
+)
+@click.option("--scheduler", default=None, help="Attach to an existing Dask cluster (tcp://HOST:PORT).")
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(min=1),
+    default=ExtractConfig.decode_workers,
+    show_default=True,
+    help="Image-decoding threads inside each task.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=ExtractConfig.batch_size,
+    show_default=True,
+    help="Crops per encoder call (global + grid patches of many images of one shard).",
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+)
+@click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the device (nvjpeg); recorded in the store.")
+@click.option("--prompts", default="", help="Class-name file for the prompt bank (default: ImageNet class names).")
+@user_errors
+def command(
+    shards: str,
+    store: str,
+    clip: str,
+    workers: int | None,
+    scheduler: str | None,
+    decode_workers: int,
+    batch_size: int,
+    device: str,
+    precision: str,
+    gpu_decode: bool,
+    prompts: str,
+) -> None:
+    """Fill the feature store with CLIP vectors of every image and grid patch; reruns skip done shards."""
+    result = run(
+        ExtractConfig(
+            shards, store, clip, workers, scheduler, decode_workers, batch_size, device, precision, gpu_decode, prompts
+        )
+    )
+    click.echo(
+        f"{store}: {len(result.extracted)} shards extracted ({result.n_images} images, {result.n_skipped} unreadable "
+        f"skipped, {result.images_per_s:.1f} images/s), {len(result.shards_already_done)} already done, "
+        f"{result.shards_total} in the spec"
+    )

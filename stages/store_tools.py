@@ -1,0 +1,118 @@
+"""`semspai store info|verify|export-h5`: inspect a feature store, check it against its shards, export to HDF5."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+from semspai.pipeline.grid import PatchRule, grid_boxes
+from semspai.stages.common import register_user_error, user_errors
+from semspai.store.features import FeatureStore, FeatureStoreError, export_h5, verify_store
+from semspai.store.shards import resolve_shards
+
+register_user_error(FeatureStoreError)
+SKIPPED_SHOWN = 10  # `info` lists this many unreadable images; --json lists them all
+
+
+def summarize(store: FeatureStore) -> dict:
+    """What `info` reports, as JSON-safe data."""
+    clip = store.clip_spec
+    labels = Counter({0: "real", 1: "fake"}.get(int(v), str(v)) for v in store.meta["label"])
+    return {
+        "images": store.n_images,
+        "schema_version": store.attrs["schema_version"],
+        "semspai_version": store.attrs.get("semspai_version", ""),
+        "clip": clip,
+        "meaningless": bool(clip.get("meaningless")),
+        "has_text": store.has_text,
+        "n_prompts": len(store.prompts()),
+        "embed_dim": store.embed_dim,
+        "decoder": store.attrs["decoder"],
+        "patch_rule": store.attrs["patch_rule"]["id"],
+        "by_split": dict(sorted(Counter(store.meta["split"].tolist()).items())),
+        "by_label": dict(sorted(labels.items())),
+        "by_generator": dict(sorted(Counter(store.meta["generator"].tolist()).items())),
+        "done_shards": store.done_shards,
+        "missing_shards": sorted(set(store.recorded_shards) - set(store.done_shards)),
+        "unfinished_shards": store.unfinished_shards,
+        "skipped": store.skipped,
+    }
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+def format_info(s: dict) -> list[str]:
+    clip = s["clip"]
+    lines = [
+        f"images: {s['images']}",
+        f"schema: {s['schema_version']} (semspai {s['semspai_version']})",
+        f"clip: {clip['arg']} ({clip['kind']} {clip['model']}, weights {clip['weights_id']}, sha256 "
+        f"{clip['sha256'][:16]}…, quick_gelu {clip['quick_gelu']}, {s['embed_dim']}-d, {clip['image_size']} px)",
+    ]
+    if s["meaningless"]:
+        lines.append("!!! RANDOM WEIGHTS: these vectors carry NO MEANING (tests, demo, benchmarks only) !!!")
+    if s["has_text"]:
+        lines.append(f"text tower: yes ({s['n_prompts']} prompt vectors, caption vectors where captions exist)")
+    else:
+        lines.append("text tower: NONE: no caption or prompt vectors (semantic-consistency loss and CLIP score off)")
+    gpu = s["decoder"].get("gpu")
+    lines += [
+        f"decoder: {s['decoder']['cpu']}" + (f" + GPU {gpu}" if gpu else ""),
+        f"patch rule: {s['patch_rule']}",
+        f"by split: {_counts(s['by_split'])}",
+        f"by label: {_counts(s['by_label'])}",
+        f"by generator: {_counts(s['by_generator'])}",
+        f"shards: {len(s['done_shards'])} done, {len(s['missing_shards'])} missing"
+        + (f" ({', '.join(s['missing_shards'])})" if s["missing_shards"] else ""),
+        f"skipped images (unreadable): {len(s['skipped'])}",
+    ]
+    lines += [f"  {k['shard']}/{k['key']}: {k['reason']}" for k in s["skipped"][:SKIPPED_SHOWN]]
+    if len(s["skipped"]) > SKIPPED_SHOWN:
+        lines.append(f"  … and {len(s['skipped']) - SKIPPED_SHOWN} more (--json lists all)")
+    return lines
+
+
+@click.group("store")
+def group() -> None:
+    """Inspect, verify and export a feature store."""
+
+
+@group.command("info")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (first key: images).")
+@user_errors
+def info(path: str, as_json: bool) -> None:
+    """Counts, CLIP spec, shards and skipped images of the store at PATH (first line: `images: N`)."""
+    summary = summarize(FeatureStore.open(path))
+    click.echo(json.dumps(summary, indent=1, ensure_ascii=False) if as_json else "\n".join(format_info(summary)))
+
+
+@group.command("verify")
+@click.argument("path")
+@click.option("--shards", required=True, help="Shard SPEC the store was made from.")
+@user_errors
+def verify(path: str, shards: str) -> None:
+    """Check every sample of SPEC is in the store exactly once, the tars are unchanged, vectors are sane."""
+    store = FeatureStore.open(path)
+    rule = PatchRule(**{k: v for k, v in store.attrs["patch_rule"].items() if k != "id"})
+    problems = verify_store(store, resolve_shards(shards), lambda h, w: grid_boxes(h, w, rule))
+    for p in problems:
+        click.echo(f"problem: {p}", err=True)
+    if problems:
+        raise FeatureStoreError(f"{path}: {len(problems)} problem(s); first: {problems[0]}")
+    click.echo(
+        f"{path}: ok ({store.n_images} images, {len(store.skipped)} unreadable skipped, {len(store.done_shards)} shards)"
+    )
+
+
+@group.command("export-h5")
+@click.argument("path")
+@click.argument("out")
+@user_errors
+def export(path: str, out: str) -> None:
+    """Write the store's done shards (concatenated) to the HDF5 file OUT."""
+    store = FeatureStore.open(path)
+    click.echo(f"{export_h5(store, out)}: {store.n_images} images")

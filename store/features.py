@@ -1,0 +1,577 @@
+"""The Zarr v3 feature store: cached CLIP vectors per image and per grid patch, one group per shard.
+
+Layout (DESIGN.md, "Feature store (Zarr v3) — invariants"):
+
+    ROOT/                      attrs: schema, clip spec, preprocessing, patch rule, prompt bank, recorded shards
+    ROOT/text                  (K, D) float16 prompt vectors (absent without a text tower)
+    ROOT/shards/<shard-name>/  one group per shard tar, written by exactly one task, `done` attr written last
+        global        (n, D) float16, L2-normalised
+        local         (rows, D) float16, one row per grid patch, image i's rows at local_offsets[i]:[i+1]
+        local_offsets (n + 1,) int64
+        boxes         (rows, 4) int32, x0, y0, x1, y1 in the padded image
+        caption       (n, D) float16 + caption_mask (n,) bool (absent without a text tower)
+        key, generator, split (n,) str; label (n,) int8; width, height (n,) int32
+
+A reader sees the concatenation of the done shard groups in shard-name order. Zarr 3.1 has no locks, so
+every array here has exactly one writer: the task that owns its shard, or the driver for the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from semspai.store.shards import file_sha256, iter_shard, shard_name
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SHARDS_GROUP = "shards"
+TEXT_ARRAY = "text"
+# Rows per chunk are chosen so a chunk holds about this many bytes: big enough for object stores,
+# small enough that a reader of one image does not pull a whole shard.
+CHUNK_BYTES = 1 << 21
+# float16 storage of unit vectors: |norm - 1| stays well below this (verified by `store verify`).
+NORM_TOLERANCE = 1e-2
+STR_ARRAYS = ("key", "generator", "split")
+
+
+class FeatureStoreError(ValueError):
+    """The store is missing, mismatched (another CLIP, decoder, patch rule), stale or inconsistent."""
+
+
+@dataclass
+class StoreHeader:
+    """Everything that decides what the vectors mean; fixed into the root attrs when the store is made."""
+
+    clip: dict  # ClipSpec.to_dict(): model, weights id, sha256, quick_gelu, meaningless, ...
+    clip_identity: dict  # ClipSpec.identity(): what must match for vectors to be comparable
+    has_text: bool  # False for timm encoders: no caption or prompt vectors
+    embed_dim: int
+    decoder: dict  # {"cpu": DECODER_ID, "gpu": GPU decoder id or None}
+    patch_rule: dict  # PatchRule.to_dict() plus its "id"
+    prompts: list[str]  # the prompt bank, fixed into the store
+    preprocessing: dict = field(default_factory=dict)  # how global and local crops are made (for humans)
+    semspai_version: str = ""
+
+    def identity(self) -> dict:
+        """The parts a second run must share with the store to add shards to it."""
+        return {
+            "clip": self.clip_identity,
+            "decoder": self.decoder,
+            "patch_rule": self.patch_rule.get("id"),
+            "prompts_sha256": prompts_digest(self.prompts),
+        }
+
+    def to_attrs(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "semspai_version": self.semspai_version,
+            "clip": self.clip,
+            "clip_identity": self.clip_identity,
+            "has_text": self.has_text,
+            "embed_dim": self.embed_dim,
+            "decoder": self.decoder,
+            "patch_rule": self.patch_rule,
+            "prompts": self.prompts,
+            "prompts_sha256": prompts_digest(self.prompts),
+            "preprocessing": self.preprocessing,
+            "shards": {},
+        }
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _attrs_identity(attrs: dict) -> dict:
+    return {
+        "clip": attrs.get("clip_identity"),
+        "decoder": attrs.get("decoder"),
+        "patch_rule": (attrs.get("patch_rule") or {}).get("id"),
+        "prompts_sha256": attrs.get("prompts_sha256"),
+    }
+
+
+def _differences(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """`key: store has A, asked for B` for every leaf that differs (nested dicts flattened)."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: store has {a!r}, asked for {b!r}")
+    return out
+
+
+def check_identity(path: str, have: dict, want: dict) -> None:
+    diffs = _differences(have, want)
+    if diffs:
+        raise FeatureStoreError(
+            f"feature store {path} was made with another setup ({'; '.join(diffs)}); "
+            "extract into a new --store, or ask for the store's own setup"
+        )
+
+
+def limit_zarr_concurrency(n: int) -> None:
+    """Cap Zarr's own async and thread concurrency (many Dask threads x Zarr's defaults oversubscribe)."""
+    zarr.config.set({"async.concurrency": n, "threading.max_workers": n})
+
+
+def _open_root(path: str, mode: str) -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise FeatureStoreError(f"no feature store at {path}; run `semspai extract-clip --store {path}` first") from exc
+
+
+def read_store_attrs(path: str) -> dict | None:
+    """The root attrs of a finished store at `path`, or None when there is none (or its creation died)."""
+    try:
+        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return attrs if "schema_version" in attrs else None
+
+
+def _chunk_rows(row_bytes: int, n: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // max(1, row_bytes)))
+
+
+@dataclass
+class ShardFeatures:
+    """One shard's extracted rows, ready to write (n images kept, `skipped` unreadable ones)."""
+
+    name: str
+    sha256: str  # of the tar the rows came from
+    n_samples: int  # samples in the tar, kept + skipped
+    keys: list[str]
+    label: np.ndarray  # (n,) int8
+    generator: list[str]
+    split: list[str]
+    width: np.ndarray  # (n,) int32, decoded size after EXIF orientation
+    height: np.ndarray  # (n,) int32
+    global_: np.ndarray  # (n, D) float16
+    local: np.ndarray  # (rows, D) float16
+    local_offsets: np.ndarray  # (n + 1,) int64
+    boxes: np.ndarray  # (rows, 4) int32
+    caption: np.ndarray | None  # (n, D) float16, zero rows where the sample has no caption
+    caption_mask: np.ndarray | None  # (n,) bool
+    skipped: list[dict]  # {"key", "reason"} for unreadable images
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {
+            "global": self.global_,
+            "local": self.local,
+            "local_offsets": self.local_offsets,
+            "boxes": self.boxes,
+            "key": np.asarray(self.keys, dtype=str),
+            "label": self.label,
+            "generator": np.asarray(self.generator, dtype=str),
+            "split": np.asarray(self.split, dtype=str),
+            "width": self.width,
+            "height": self.height,
+        }
+        if self.caption is not None:
+            out["caption"], out["caption_mask"] = self.caption, self.caption_mask
+        return out
+
+
+def _put(group: zarr.Group, name: str, arr: np.ndarray) -> None:
+    """Create one array holding `arr`, chunked along rows only."""
+    if arr.dtype.kind == "U":
+        # dtype=str is Zarr's spec'd variable-length "string"; numpy's fixed "<U" is not (unstable warning)
+        a = group.create_array(name, shape=arr.shape, dtype=str, chunks=(_chunk_rows(64, len(arr)),))
+        if len(arr):
+            a[:] = arr
+        return
+    row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    chunks = (_chunk_rows(row_bytes, arr.shape[0]), *arr.shape[1:])
+    a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks)
+    if arr.size:
+        a[...] = arr
+
+
+class FeatureStoreWriter:
+    """Creates or extends a store. The driver writes the root; each shard task writes its own group."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+
+    @classmethod
+    def create_or_check(cls, path: str, header: StoreHeader, text: np.ndarray | None) -> FeatureStoreWriter:
+        """Make the store with `header` (and the (K, D) prompt vectors), or check an existing one matches."""
+        path = str(path)
+        attrs = read_store_attrs(path)
+        if attrs is not None:
+            if attrs["schema_version"] != SCHEMA_VERSION:
+                raise FeatureStoreError(
+                    f"feature store {path} has schema version {attrs['schema_version']}, this semspai writes "
+                    f"{SCHEMA_VERSION}; extract into a new --store"
+                )
+            check_identity(path, _attrs_identity(attrs), header.identity())
+            return cls(path)
+        root = zarr.open_group(path, mode="a")
+        root.require_group(SHARDS_GROUP)
+        if TEXT_ARRAY in root:  # left by a creation that died before its attrs
+            del root[TEXT_ARRAY]
+        if header.has_text:
+            if text is None:
+                raise ValueError("a store with a text tower needs its prompt vectors")
+            _put(root, TEXT_ARRAY, text.astype(np.float16))
+        # attrs last: a store without them is an unfinished creation that the next run redoes
+        root.attrs.update(header.to_attrs())
+        return cls(path)
+
+    def record_shards(self, shards: dict[str, str]) -> None:
+        """Record shard name -> tar path of every shard asked for (driver only), so `info` can list missing ones."""
+        root = zarr.open_group(self.path, mode="r+")
+        recorded = dict(root.attrs.get("shards", {}))
+        recorded.update(shards)
+        root.attrs["shards"] = dict(sorted(recorded.items()))
+
+    def done_shards(self) -> dict[str, str]:
+        """Done shard name -> the sha256 of the tar it was extracted from."""
+        return {name: attrs["sha256"] for name, attrs in _shard_attrs(self.path).items() if attrs.get("done")}
+
+    def write_rows(self, features: ShardFeatures) -> None:
+        """Write a shard's arrays into its group (replacing an unfinished one); not visible until `mark_done`."""
+        shards = zarr.open_group(self.path, mode="r+")[SHARDS_GROUP]
+        if features.name in shards:
+            if shards[features.name].attrs.get("done"):
+                raise FeatureStoreError(f"shard {features.name} is already done in {self.path}; it is never rewritten")
+            log.info("shard %s: replacing an unfinished group left by an interrupted run", features.name)
+            del shards[features.name]
+        group = shards.create_group(features.name)
+        group.attrs.update({"done": False, "shard": features.name, "sha256": features.sha256})
+        for name, arr in features.arrays().items():
+            _put(group, name, arr)
+
+    def mark_done(self, features: ShardFeatures) -> None:
+        """The done marker, written last: from here on readers see the shard."""
+        group = zarr.open_group(self.path, mode="r+")[SHARDS_GROUP][features.name]
+        group.attrs.update(
+            {
+                "done": True,
+                "shard": features.name,
+                "sha256": features.sha256,
+                "n_samples": features.n_samples,
+                "n_images": len(features.keys),
+                "skipped": features.skipped,
+                "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+            }
+        )
+
+
+def _shard_attrs(path: str) -> dict[str, dict]:
+    """Shard group name -> its attrs, for every group under shards/ (done or not), sorted by name."""
+    root = _open_root(path, "r")
+    if SHARDS_GROUP not in root:
+        return {}
+    shards = root[SHARDS_GROUP]
+    out = {}
+    for name in sorted(shards.group_keys()):
+        try:
+            out[name] = shards[name].attrs.asdict()
+        except (ValueError, OSError, json.JSONDecodeError) as exc:
+            # a run killed while writing the group's metadata: unfinished, like any group without `done`
+            log.warning("shard group %s in %s is unreadable (%s); treating it as not done", name, path, exc)
+            out[name] = {}
+    return out
+
+
+class FeatureStore:
+    """Read-only view of a store: the done shards, concatenated in shard-name order.
+
+    Global vectors and metadata are loaded at open (about 1 KiB per image at D=512). Local rows are read
+    per shard on first use and kept in memory: about P x D x 2 bytes per image (10 KiB for 5 patches at
+    D=512; 16 GiB for 1.6M images), which suits training on one machine; beyond that, read per shard.
+    """
+
+    def __init__(self, path: str, attrs: dict, shard_attrs: dict[str, dict]) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.clip_spec: dict = attrs["clip"]
+        self.has_text: bool = bool(attrs["has_text"])
+        self.embed_dim: int = int(attrs["embed_dim"])
+        self.done_shards: list[str] = [n for n, a in shard_attrs.items() if a.get("done")]
+        self.recorded_shards: dict[str, str] = dict(attrs.get("shards", {}))
+        self.unfinished_shards: list[str] = [n for n, a in shard_attrs.items() if not a.get("done")]
+        self.shard_info: dict[str, dict] = {n: shard_attrs[n] for n in self.done_shards}
+        self.skipped: list[dict] = [
+            {"shard": n, **s} for n in self.done_shards for s in shard_attrs[n].get("skipped", [])
+        ]
+        counts = [int(shard_attrs[n]["n_images"]) for n in self.done_shards]
+        # image i of the store lives in shard s where starts[s] <= i < starts[s + 1]
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.n_images = int(self._starts[-1])
+        self.meta: dict[str, np.ndarray] = self._load_meta(counts)
+        self.keys: list[str] = self.meta.pop("key").tolist()
+        self._index: dict[str, int] | None = None
+        self._global: np.ndarray | None = None
+        self._local: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._caption: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        expect_clip: dict | None = None,
+        expect_decoder: dict | None = None,
+        expect_patch_rule: str | None = None,
+    ) -> FeatureStore:
+        """Open a store for reading; each `expect_*` given must equal the store's (else FeatureStoreError)."""
+        path = str(path)
+        root = _open_root(path, "r")
+        attrs = root.attrs.asdict()
+        if "schema_version" not in attrs:
+            raise FeatureStoreError(
+                f"{path} is not a finished feature store (no schema attributes); rerun extract-clip"
+            )
+        if attrs["schema_version"] != SCHEMA_VERSION:
+            raise FeatureStoreError(
+                f"feature store {path} has schema version {attrs['schema_version']}; this semspai reads {SCHEMA_VERSION}"
+            )
+        have, want = _attrs_identity(attrs), {}
+        for key, value in (("clip", expect_clip), ("decoder", expect_decoder), ("patch_rule", expect_patch_rule)):
+            if value is not None:
+                want[key] = value
+        check_identity(path, {k: have[k] for k in want}, want)
+        return cls(path, attrs, _shard_attrs(path))
+
+    def _group(self, s: int) -> zarr.Group:
+        return zarr.open_group(self.path, mode="r")[SHARDS_GROUP][self.done_shards[s]]
+
+    def _load_meta(self, counts: list[int]) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("key", "label", "generator", "split", "width", "height")}
+        for s in range(len(self.done_shards)):
+            g = self._group(s)
+            for k in parts:
+                a = g[k][...]
+                # Zarr returns numpy's StringDType, which does not cast to "<U" directly
+                parts[k].append(np.array(a.tolist(), dtype=str) if k in STR_ARRAYS else a)
+        meta = {k: np.concatenate(v) if v else np.zeros(0, dtype=str) for k, v in parts.items()}
+        meta["shard"] = np.repeat(np.asarray(self.done_shards, dtype=str), counts)
+        meta["label"] = meta["label"].astype(np.int8)
+        for k in ("width", "height"):
+            meta[k] = meta[k].astype(np.int32)
+        return meta
+
+    def index_of(self, key: str) -> int:
+        if self._index is None:
+            index = {k: i for i, k in enumerate(self.keys)}
+            if len(index) != len(self.keys):
+                dup = next(k for k in self.keys if self.keys.count(k) > 1)
+                raise FeatureStoreError(f"feature store {self.path}: key {dup} appears in more than one row")
+            self._index = index
+        try:
+            return self._index[key]
+        except KeyError:
+            raise FeatureStoreError(
+                f"sample {key} is not in feature store {self.path}; extract its shard (semspai extract-clip)"
+            ) from None
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.n_images:
+            raise IndexError(f"image {i} out of range for a store of {self.n_images} images")
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return s, i - int(self._starts[s])
+
+    def _concat(self, name: str) -> np.ndarray:
+        parts = [self._group(s)[name][...] for s in range(len(self.done_shards))]
+        return np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float16)
+
+    def global_vectors(self) -> np.ndarray:
+        """(N, D) float16, L2-normalised, in reader order; loaded once."""
+        if self._global is None:
+            self._global = self._concat("global")
+        return self._global
+
+    def _shard_local(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if s not in self._local:
+            g = self._group(s)
+            # (rows, D) float16, (rows, 4) int32, (n + 1,) int64
+            self._local[s] = (g["local"][...], g["boxes"][...], g["local_offsets"][...])
+        return self._local[s]
+
+    def preload_local(self) -> None:
+        """Read every shard's local rows now (training touches them all anyway)."""
+        for s in range(len(self.done_shards)):
+            self._shard_local(s)
+
+    def local_vectors(self, i: int) -> np.ndarray:
+        """(P_i, D) float16: image i's patch vectors in grid-box order."""
+        s, j = self._locate(i)
+        local, _, offsets = self._shard_local(s)
+        return local[offsets[j] : offsets[j + 1]]
+
+    def boxes(self, i: int) -> np.ndarray:
+        """(P_i, 4) int32 patch boxes x0, y0, x1, y1 of image i, matching `local_vectors(i)` row by row."""
+        s, j = self._locate(i)
+        _, boxes, offsets = self._shard_local(s)
+        return boxes[offsets[j] : offsets[j + 1]]
+
+    def caption_vector(self, i: int) -> np.ndarray | None:
+        """(D,) float16 for an image with a caption; None without a caption or a text tower."""
+        if not self.has_text:
+            return None
+        if self._caption is None:
+            mask = [self._group(s)["caption_mask"][...] for s in range(len(self.done_shards))]
+            self._caption = (self._concat("caption"), np.concatenate(mask) if mask else np.zeros(0, bool))
+        vectors, mask = self._caption
+        self._locate(i)
+        return vectors[i] if mask[i] else None
+
+    def prompt_vectors(self) -> np.ndarray | None:
+        """(K, D) float16 vectors of the prompt bank; None without a text tower."""
+        if not self.has_text:
+            return None
+        return zarr.open_group(self.path, mode="r")[TEXT_ARRAY][...]
+
+    def prompts(self) -> list[str]:
+        return list(self.attrs.get("prompts", []))
+
+    def check_shards(self, paths: Iterable[str | Path]) -> None:
+        """Raise if a tar among `paths` that the store holds changed since it was extracted."""
+        for path in paths:
+            name = shard_name(path)
+            if name in self.shard_info:
+                check_shard_unchanged(self.path, name, self.shard_info[name]["sha256"], file_sha256(path), path)
+
+
+def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, path: str | Path) -> None:
+    if stored_sha != tar_sha:
+        raise FeatureStoreError(
+            f"shard {name} ({path}) changed since it was extracted into {store} "
+            f"(sha256 {stored_sha[:12]}… then, {tar_sha[:12]}… now); extract into a new --store"
+        )
+
+
+def _norm_problems(what: str, vectors: np.ndarray) -> list[str]:
+    """`vectors` (R, D): every row finite and of unit norm (within float16 rounding)."""
+    if not len(vectors):
+        return []
+    v = vectors.astype(np.float32)
+    if not np.isfinite(v).all():
+        return [f"{what}: {int((~np.isfinite(v).all(axis=1)).sum())} rows hold NaN or inf"]
+    bad = np.abs(np.linalg.norm(v, axis=1) - 1) > NORM_TOLERANCE
+    return [f"{what}: {int(bad.sum())} rows are not unit vectors (|norm - 1| > {NORM_TOLERANCE})"] if bad.any() else []
+
+
+def verify_store(
+    store: FeatureStore, shard_paths: list[Path], expected_boxes: Callable[[int, int], np.ndarray] | None = None
+) -> list[str]:
+    """Problems found checking `store` against the tars it was made from (empty: consistent).
+
+    Every sample of every tar is a row or a listed unreadable image, exactly once; the tar is the one
+    extracted (sha256); shapes, offsets and norms are sane; with `expected_boxes(height, width)`, each
+    image's boxes are exactly the patch rule's.
+    """
+    problems: list[str] = []
+    shard_col = store.meta["shard"]
+    seen: dict[str, str] = {}
+    for key, shard in zip(store.keys, shard_col, strict=True):
+        if key in seen:
+            problems.append(f"key {key} is stored twice (shards {seen[key]} and {shard})")
+        seen[key] = shard
+    for path in shard_paths:
+        name = shard_name(path)
+        if name not in store.shard_info:
+            problems.append(f"shard {name} ({path}) is not done in the store; run semspai extract-clip on it")
+            continue
+        try:
+            check_shard_unchanged(store.path, name, store.shard_info[name]["sha256"], file_sha256(path), path)
+            tar_keys = [s.key for s in iter_shard(path)]
+        except (FeatureStoreError, ValueError) as exc:
+            problems.append(str(exc))
+            continue
+        have = [k for k, s in zip(store.keys, shard_col, strict=True) if s == name]
+        have += [s["key"] for s in store.skipped if s["shard"] == name]
+        missing, extra = sorted(set(tar_keys) - set(have)), sorted(set(have) - set(tar_keys))
+        if missing:
+            problems.append(f"shard {name}: {len(missing)} samples missing from the store, e.g. {missing[0]}")
+        if extra:
+            problems.append(f"shard {name}: {len(extra)} stored keys are not in the tar, e.g. {extra[0]}")
+        if len(have) != len(set(have)) or len(tar_keys) != len(set(tar_keys)):
+            problems.append(f"shard {name}: a key appears more than once (rows + skipped vs tar)")
+    d = store.embed_dim
+    g = store.global_vectors()
+    if g.shape != (store.n_images, d):
+        problems.append(f"global: shape {g.shape}, expected {(store.n_images, d)}")
+    problems += _norm_problems("global", g)
+    for s, name in enumerate(store.done_shards):
+        local, boxes, offsets = store._shard_local(s)
+        n = int(store._starts[s + 1] - store._starts[s])
+        if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(local) or (np.diff(offsets) < 1).any():
+            problems.append(f"shard {name}: local_offsets are not 0 .. {len(local)} rising by >= 1 per image")
+            continue
+        if local.shape[1:] != (d,) or boxes.shape != (len(local), 4):
+            problems.append(f"shard {name}: local {local.shape} / boxes {boxes.shape} do not fit D={d}")
+            continue
+        problems += _norm_problems(f"shard {name}: local", local)
+        if expected_boxes is not None:
+            start = int(store._starts[s])
+            for j in range(n):
+                h, w = int(store.meta["height"][start + j]), int(store.meta["width"][start + j])
+                if not np.array_equal(boxes[offsets[j] : offsets[j + 1]], expected_boxes(h, w)):
+                    problems.append(f"shard {name}: image {store.keys[start + j]} boxes differ from the patch rule")
+                    break
+    if store.has_text:
+        for i in range(store.n_images):
+            c = store.caption_vector(i)
+            if c is not None:
+                problems += _norm_problems(f"caption of {store.keys[i]}", c[None])
+        problems += _norm_problems("text (prompt vectors)", store.prompt_vectors())
+    return problems
+
+
+def export_h5(store: FeatureStore, out: str | Path) -> Path:
+    """Write the reader's view (done shards, concatenated) to one HDF5 file; renamed into place when complete."""
+    import h5py
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    store.preload_local()
+    parts = [store._shard_local(s) for s in range(len(store.done_shards))]
+    local = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, store.embed_dim), np.float16)
+    boxes = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 4), np.int32)
+    # per-shard offsets shifted by the rows of the shards before: one (N + 1,) index into `local`
+    row_base = np.cumsum([0] + [len(p[0]) for p in parts])
+    offsets = [np.zeros(1, np.int64)] + [p[2][1:] + row_base[s] for s, p in enumerate(parts)]
+    str_type = h5py.string_dtype()
+    with h5py.File(tmp, "w") as f:
+        f.attrs["semspai_store"] = json.dumps(store.attrs, ensure_ascii=False)
+        f.create_dataset("global", data=store.global_vectors())
+        f.create_dataset("local", data=local)
+        f.create_dataset("local_offsets", data=np.concatenate(offsets))
+        f.create_dataset("boxes", data=boxes)
+        f.create_dataset("key", data=np.asarray(store.keys, dtype=object), dtype=str_type)
+        for k, v in store.meta.items():
+            f.create_dataset(
+                k, data=v.astype(object) if v.dtype.kind == "U" else v, dtype=str_type if v.dtype.kind == "U" else None
+            )
+        if store.has_text:
+            cap = [store.caption_vector(i) for i in range(store.n_images)]
+            f.create_dataset("caption_mask", data=np.array([c is not None for c in cap], dtype=bool))
+            zero = np.zeros(store.embed_dim, np.float16)
+            f.create_dataset(
+                "caption",
+                data=np.stack([zero if c is None else c for c in cap])
+                if cap
+                else np.zeros((0, store.embed_dim), np.float16),
+            )
+            f.create_dataset("text", data=store.prompt_vectors())
+        f.create_dataset(
+            "skipped", data=np.asarray([json.dumps(s) for s in store.skipped], dtype=object), dtype=str_type
+        )
+    os.replace(tmp, out)
+    return out

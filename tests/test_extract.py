@@ -1,0 +1,422 @@
+"""`semspai extract-clip`: vectors against open_clip itself, the grid, resume after SIGKILL, workers, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+from store_data import CORRUPT_KEY, encode, make_shards, photo
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from semspai.pipeline.clip import load_embedder
+from semspai.pipeline.config import load_config, prompts_path
+from semspai.pipeline.extraction import (
+    FAULT_ENV,
+    ClipFactory,
+    CpuCrops,
+    CropBatcher,
+    DeviceCrops,
+    ExtractOptions,
+    extract_features,
+    prompt_bank,
+)
+from semspai.pipeline.grid import grid_boxes, pad_image
+from semspai.stages.cli import cli
+from semspai.stages.extract import ExtractConfig, run
+from semspai.store.features import FeatureStore, FeatureStoreError
+from semspai.store.images import decode_image
+from semspai.store.shards import ShardError, ShardSample, iter_shard
+
+TINY = ClipFactory("tiny-random", "cpu", "fp32")
+BATCH = 7  # not a multiple of any image's crop count, so batches cut through images
+# Stored vectors are float16 (spacing 2^-11 ~ 4.9e-4 near 0.5 and below); the encoder runs in fp32 with
+# other batch compositions here, which moves results by ~1e-6. So |store - open_clip| <= 1e-3.
+ATOL = 1e-3
+# GPU (nvjpeg) decode vs the CPU decode function, in grey levels: nvjpeg's IDCT and chroma upsampling
+# differ from libjpeg-turbo's by a level or two on most pixels, more only at a few sharp edges.
+DECODE_MEAN_TOL, DECODE_P999_TOL = 1.0, 8.0
+# Vectors of the device-crop path (torch bicubic resize) vs the CPU path (PIL's): cosine similarity.
+DEVICE_COSINE_MIN = 0.99
+
+
+PROMPTS = Path(__file__).with_name("store_prompts.txt")  # a 3-class bank: the 1000 ImageNet ones cost time
+
+
+def cfg(shards: Path | str, store: Path | str, **over) -> ExtractConfig:
+    base = dict(
+        clip="tiny-random",
+        workers=0,
+        batch_size=BATCH,
+        device="cpu",
+        precision="fp32",
+        decode_workers=2,
+        prompts=str(PROMPTS),
+    )
+    return ExtractConfig(str(shards), str(store), **{**base, **over})
+
+
+def arrays(store: Path | str) -> dict[str, tuple[str, bytes]]:
+    """Every array of the store as (dtype, raw bytes): what "bit for bit equal" compares."""
+    root = zarr.open_group(str(store), mode="r")
+    out = {"text": (str(root["text"].dtype), root["text"][...].tobytes())}
+    for name in sorted(root["shards"].group_keys()):
+        for aname, arr in sorted(root["shards"][name].arrays()):
+            v = arr[...]
+            out[f"{name}/{aname}"] = (str(v.dtype), repr(v.tolist()).encode() if v.dtype.kind == "T" else v.tobytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    make_shards(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted in-process extraction of all shards."""
+    store = tmp_path_factory.mktemp("ref") / "features.zarr"
+    result = run(cfg(shards, store), embedder_factory=TINY)
+    assert len(result.extracted) == 3 and result.n_skipped == 1
+    return store
+
+
+def test_vectors_equal_open_clip_on_the_same_pixels(shards: Path, reference: Path) -> None:
+    fs = FeatureStore.open(str(reference), expect_clip=TINY().spec.identity())
+    # open_clip's own model and eval transform, with the seeded weights of the project's tiny-random
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-random")
+    model.load_state_dict(load_embedder("tiny-random").model.state_dict())
+    model.eval()
+    checked = 0
+    for path in sorted(shards.glob("*.tar")):
+        for sample in iter_shard(path):
+            if sample.key == CORRUPT_KEY:
+                continue
+            i = fs.index_of(sample.key)
+            pil = Image.open(io.BytesIO(sample.image)).convert("RGB")
+            rgb = np.asarray(pil)
+            assert (fs.meta["height"][i], fs.meta["width"][i]) == rgb.shape[:2]
+            boxes = fs.boxes(i)
+            assert np.array_equal(boxes, grid_boxes(*rgb.shape[:2]))
+            padded = pad_image(rgb)
+            crops = [pil] + [Image.fromarray(padded[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
+            with torch.no_grad():
+                want = torch.nn.functional.normalize(model.encode_image(torch.stack([preprocess(c) for c in crops])))
+            got = np.concatenate([fs.global_vectors()[i : i + 1], fs.local_vectors(i)]).astype(np.float32)
+            np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+            checked += 1
+    assert checked == fs.n_images == 12
+
+
+def test_layout_offsets_captions_and_skipped(reference: Path) -> None:
+    fs = FeatureStore.open(str(reference))
+    assert fs.done_shards == ["train-000000", "train-000001", "train-000002"]
+    assert fs.keys[:4] == ["s0n0", "s0n1", "s0n2", "s0n3"]
+    square = fs.local_vectors(0)  # 224 x 224: the five-crop of one image gives five equal rows
+    assert square.shape == (5, fs.embed_dim) and (square == square[0]).all()
+    assert fs.boxes(2).shape == (4, 4)  # 480 x 460: a 2 x 2 grid
+    assert [fs.caption_vector(i) is not None for i in range(4)] == [True, False, True, False]
+    assert fs.prompt_vectors().shape == (3, fs.embed_dim)
+    assert fs.prompts() == ["a photo of a cat.", "a photo of a dog.", "a photo of a tench."]
+    assert (
+        fs.skipped
+        == [
+            {"shard": "train-000001", "key": CORRUPT_KEY, "reason": fs.skipped[0]["reason"]},
+        ]
+        and "not a readable image" in fs.skipped[0]["reason"]
+    )
+    info = CliRunner().invoke(cli, ["store", "info", str(reference)]).output.splitlines()
+    assert info[0] == "images: 12" and "skipped images (unreadable): 1" in info
+
+
+def test_verify_passes_on_an_extracted_store(shards: Path, reference: Path) -> None:
+    result = CliRunner().invoke(cli, ["store", "verify", str(reference), "--shards", str(shards)])
+    assert result.exit_code == 0, result.output
+    assert "ok (12 images, 1 unreadable skipped, 3 shards)" in result.output
+
+
+def test_kill_after_rows_then_resume_is_bitwise_equal(shards: Path, reference: Path, tmp_path: Path) -> None:
+    store = tmp_path / "killed.zarr"
+    exe = Path(sys.executable).with_name("semspai")
+    args = [
+        str(exe),
+        "extract-clip",
+        "--shards",
+        str(shards),
+        "--store",
+        str(store),
+        "--clip",
+        "tiny-random",
+        "--workers",
+        "0",
+        "--batch-size",
+        str(BATCH),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--prompts",
+        str(PROMPTS),
+    ]
+    env = {**os.environ, FAULT_ENV: "train-000001"}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: only what this test started
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, out.decode()[-2000:]
+    partial = zarr.open_group(str(store), mode="r")["shards"]
+    assert partial["train-000001"].attrs["done"] is False  # rows written, marker not
+    assert FeatureStore.open(str(store)).done_shards == ["train-000000"]
+
+    result = run(cfg(shards, store), embedder_factory=TINY)
+    assert result.shards_already_done == ["train-000000"]
+    assert sorted(s.name for s in result.extracted) == ["train-000001", "train-000002"]
+    assert arrays(store) == arrays(reference)
+
+
+def _dask_matches_reference(shards: Path, reference: Path, store: Path, workers: int) -> set[int]:
+    run(cfg(shards, store, workers=workers), embedder_factory=TINY)
+    assert arrays(store) == arrays(reference)
+    fs = FeatureStore.open(str(store))
+    return {fs.shard_info[n]["writer"]["pid"] for n in fs.done_shards}
+
+
+def test_two_dask_workers_give_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
+    pids = _dask_matches_reference(shards, reference, tmp_path / "two.zarr", workers=2)
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes wrote
+
+
+@pytest.mark.slow
+def test_one_dask_worker_gives_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
+    pids = _dask_matches_reference(shards, reference, tmp_path / "one.zarr", workers=1)
+    assert len(pids) == 1 and os.getpid() not in pids
+
+
+def test_rerun_adds_new_shards_only(shards: Path, reference: Path, tmp_path: Path) -> None:
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in ("train-000000.tar", "train-000001.tar"):
+        shutil.copy(shards / name, part / name)
+    store = tmp_path / "grow.zarr"
+    assert len(run(cfg(part, store), embedder_factory=TINY).extracted) == 2
+    assert FeatureStore.open(str(store)).n_images == 8
+    shutil.copy(shards / "train-000002.tar", part / "train-000002.tar")
+    result = run(cfg(part, store), embedder_factory=TINY)
+    assert result.shards_already_done == ["train-000000", "train-000001"]
+    assert [s.name for s in result.extracted] == ["train-000002"]
+    assert arrays(store) == arrays(reference)
+
+
+def one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_other_weights_are_refused(shards: Path, reference: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone().contiguous() for k, v in TINY().model.state_dict().items()}
+    sd["logit_scale"] += 1
+    weights = tmp_path / "tiny-other.safetensors"
+    save_file(sd, str(weights))
+    line = one_line_error(
+        [
+            "extract-clip",
+            "--shards",
+            str(shards),
+            "--store",
+            str(reference),
+            "--clip",
+            f"tiny-random:{weights}",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--prompts",
+            str(PROMPTS),
+        ]
+    )
+    assert f"feature store {reference} was made with another setup" in line
+    assert "clip.sha256: store has '" in line and "asked for '" in line
+
+
+def test_gpu_decoder_on_a_cpu_store_is_refused(shards: Path, reference: Path) -> None:
+    with pytest.raises(FeatureStoreError, match="decoder.gpu: store has None, asked for 'torchvision"):
+        run(cfg(shards, reference, gpu_decode=True), embedder_factory=TINY)
+
+
+def test_changed_shard_is_refused(reference: Path, tmp_path: Path) -> None:
+    make_shards(tmp_path / "changed", n_shards=1, per_shard=3)
+    line = one_line_error(
+        [
+            "extract-clip",
+            "--shards",
+            str(tmp_path / "changed"),
+            "--store",
+            str(reference),
+            "--clip",
+            "tiny-random",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--prompts",
+            str(PROMPTS),
+        ]
+    )
+    assert "shard train-000000 (" in line and "changed since it was extracted" in line
+
+
+def test_truncated_tar_fails_naming_it_and_keeps_the_others(shards: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    tar = bad / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    store = tmp_path / "t.zarr"
+    line = one_line_error(
+        [
+            "extract-clip",
+            "--shards",
+            str(bad),
+            "--store",
+            str(store),
+            "--clip",
+            "tiny-random",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--batch-size",
+            str(BATCH),
+            "--prompts",
+            str(PROMPTS),
+        ]
+    )
+    assert f"shard {tar}: truncated or corrupt tar" in line and "rerun `semspai shard`" in line
+    assert FeatureStore.open(str(store)).done_shards == ["train-000000", "train-000002"]
+
+
+def test_batches_are_full_and_keep_order() -> None:
+    seen: list[int] = []
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(x))
+        return x[:, 0, 0, :2].float()  # (B, 2): the crop's id, passed through
+
+    batcher = CropBatcher(embed, batch_size=4)
+    ids = 0
+    for n in (6, 1, 5, 3):  # crops per image
+        crops = torch.zeros(n, 3, 1, 2)
+        crops[:, 0, 0, 0] = torch.arange(ids, ids + n)
+        batcher.add(crops)
+        ids += n
+    out = batcher.finish(dim=2)
+    assert seen == [4, 4, 4, 3]
+    assert out[:, 0].tolist() == list(range(15))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for nvjpeg")
+        ),
+    ],
+)
+def test_gpu_decode_agrees_with_the_decode_function(device: str) -> None:
+    for seed, (w, h) in enumerate(((224, 224), (700, 250), (513, 389))):
+        data = encode(photo(w, h, seed), "JPEG")
+        want = decode_image(data).astype(np.float32)  # (H, W, 3)
+        got = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+        diff = np.abs(got.permute(1, 2, 0).cpu().numpy().astype(np.float32) - want)
+        assert diff.mean() <= DECODE_MEAN_TOL and np.quantile(diff, 0.999) <= DECODE_P999_TOL
+
+
+def test_device_crops_match_cpu_crops(shards: Path) -> None:
+    embedder = TINY()
+    samples = list(iter_shard(shards / "train-000000.tar"))
+    opts = ExtractOptions(batch_size=BATCH, decode_workers=1)
+    cpu = extract_features(samples, embedder, "s", "x", opts)
+    dev = extract_features(samples, embedder, "s", "x", ExtractOptions(BATCH, 1, gpu_decode=True, device="cpu"))
+    assert np.array_equal(cpu.boxes, dev.boxes) and np.array_equal(cpu.local_offsets, dev.local_offsets)
+    for a, b in ((cpu.global_, dev.global_), (cpu.local, dev.local)):
+        cos = (a.astype(np.float32) * b.astype(np.float32)).sum(axis=1)
+        assert cos.min() >= DEVICE_COSINE_MIN
+    # patches need no resize at 224: identical pixels, identical crops, for the JPEGs decoded on the device
+    jpeg = next(s for s in samples if s.ext == "jpg")
+    assert torch.equal(CpuCrops(embedder)(jpeg).crops[1:], DeviceCrops(embedder, "cpu")(jpeg).crops[1:])
+
+
+def test_injected_reader_and_unreadable_image(tmp_path: Path) -> None:
+    def reader(path: str | Path) -> list[ShardSample]:
+        good = encode(photo(256, 256, 1), "PNG")
+        return [ShardSample("a", good, "png", {"label": 0}), ShardSample("b", b"", "png", {"label": 1})]
+
+    (tmp_path / "train-000000.tar").write_bytes(b"stand-in")
+    result = run(cfg(tmp_path / "train-000000.tar", tmp_path / "s.zarr"), embedder_factory=TINY, read=reader)
+    assert result.n_images == 1 and result.n_skipped == 1
+    fs = FeatureStore.open(str(tmp_path / "s.zarr"))
+    assert fs.keys == ["a"] and fs.skipped[0]["key"] == "b" and "empty file" in fs.skipped[0]["reason"]
+
+
+def test_default_prompt_bank_is_imagenet() -> None:
+    bank = prompt_bank(prompts_path(load_config()))
+    assert len(bank) == 1000 and bank[0] == "a photo of a tench."
+
+
+def test_help() -> None:
+    result = CliRunner().invoke(cli, ["extract-clip", "--help"])
+    assert result.exit_code == 0
+    for opt in (
+        "--shards",
+        "--store",
+        "--clip",
+        "--workers",
+        "--scheduler",
+        "--decode-workers",
+        "--batch-size",
+        "--device",
+        "--precision",
+        "--gpu-decode",
+    ):
+        assert opt in result.output
+
+
+def test_missing_shards_is_one_line_error(tmp_path: Path) -> None:
+    line = one_line_error(
+        [
+            "extract-clip",
+            "--shards",
+            str(tmp_path / "none-{000000..000001}.tar"),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--clip",
+            "tiny-random",
+            "--workers",
+            "0",
+        ]
+    )
+    assert "do not exist" in line
+    with pytest.raises(ShardError):
+        run(cfg(tmp_path / "nothing", tmp_path / "s.zarr"))

@@ -1,0 +1,288 @@
+"""The feature store: layout, reader view, identity checks, done markers, verify, info and HDF5 export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from store_data import CORRUPT_KEY, make_shards
+
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
+from semspai.stages.cli import cli
+from semspai.store.features import (
+    FeatureStore,
+    FeatureStoreError,
+    FeatureStoreWriter,
+    ShardFeatures,
+    StoreHeader,
+    verify_store,
+)
+from semspai.store.shards import file_sha256, iter_shard, shard_name
+
+D = 8
+
+
+def header(**over) -> StoreHeader:
+    base = dict(
+        clip={
+            "arg": "tiny-random",
+            "kind": "tiny-random",
+            "model": "tiny-random",
+            "weights_id": "seed:0",
+            "sha256": "ab" * 32,
+            "quick_gelu": False,
+            "image_size": 224,
+            "meaningless": True,
+        },
+        clip_identity={"model": "tiny-random", "sha256": "ab" * 32, "quick_gelu": False},
+        has_text=True,
+        embed_dim=D,
+        decoder={"cpu": "pil-exif-rgb8-v1", "gpu": None},
+        patch_rule={"id": DEFAULT_RULE.id, **DEFAULT_RULE.to_dict()},
+        prompts=["a photo of a cat.", "a photo of a dog."],
+    )
+    return StoreHeader(**{**base, **over})
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.standard_normal((n, D))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+
+
+def features_for(path: Path, has_text: bool = True) -> ShardFeatures:
+    """Rows for every sample of a tar (random unit vectors, boxes by the real patch rule)."""
+    samples = list(iter_shard(path))
+    rng = np.random.default_rng(len(samples))
+    good = [s for s in samples if "width" in s.meta]
+    boxes = [grid_boxes(s.meta["height"], s.meta["width"]) for s in good]
+    counts = np.array([len(b) for b in boxes])
+    n = len(good)
+    captions = np.array([bool(s.meta.get("caption")) for s in good])
+    return ShardFeatures(
+        name=shard_name(path),
+        sha256=file_sha256(path),
+        n_samples=len(samples),
+        keys=[s.key for s in good],
+        label=np.array([s.meta["label"] for s in good], np.int8),
+        generator=[s.meta["generator"] for s in good],
+        split=[s.meta["split"] for s in good],
+        width=np.array([s.meta["width"] for s in good], np.int32),
+        height=np.array([s.meta["height"] for s in good], np.int32),
+        global_=unit(rng, n),
+        local=unit(rng, int(counts.sum())),
+        local_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        boxes=np.concatenate(boxes).astype(np.int32),
+        caption=np.where(captions[:, None], unit(rng, n), 0).astype(np.float16) if has_text else None,
+        caption_mask=captions if has_text else None,
+        skipped=[{"key": s.key, "reason": "not a readable image"} for s in samples if "width" not in s.meta],
+    )
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[Path]:
+    return make_shards(tmp_path / "shards")
+
+
+def write(store: str, paths: list[Path], done: bool = True, **over) -> tuple[FeatureStoreWriter, list[ShardFeatures]]:
+    h = header(**over)
+    text = unit(np.random.default_rng(0), len(h.prompts)) if h.has_text else None
+    writer = FeatureStoreWriter.create_or_check(store, h, text)
+    writer.record_shards({shard_name(p): str(p) for p in paths})
+    feats = [features_for(p, h.has_text) for p in paths]
+    for f in feats:
+        writer.write_rows(f)
+        if done:
+            writer.mark_done(f)
+    return writer, feats
+
+
+def test_reader_sees_done_shards_in_name_order(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, feats = write(store, shards[::-1], done=False)  # written in reverse order
+    for f in feats[:2]:  # train-000002 and train-000001 done; train-000000 left unfinished
+        writer.mark_done(f)
+    fs = FeatureStore.open(store)
+    assert fs.done_shards == ["train-000001", "train-000002"]
+    assert fs.unfinished_shards == ["train-000000"]
+    by_name = {f.name: f for f in feats}
+    want = [by_name["train-000001"], by_name["train-000002"]]
+    assert fs.keys == want[0].keys + want[1].keys
+    assert fs.n_images == len(fs.keys)
+    assert np.array_equal(fs.global_vectors(), np.concatenate([f.global_ for f in want]))
+    assert fs.global_vectors().dtype == np.float16
+    i = fs.index_of(want[1].keys[2])
+    f, j = want[1], 2
+    assert np.array_equal(fs.local_vectors(i), f.local[f.local_offsets[j] : f.local_offsets[j + 1]])
+    assert np.array_equal(fs.boxes(i), grid_boxes(int(f.height[j]), int(f.width[j])))
+    assert fs.meta["label"].dtype == np.int8 and fs.meta["width"].dtype == np.int32
+    assert fs.meta["shard"].tolist() == ["train-000001"] * len(want[0].keys) + ["train-000002"] * len(want[1].keys)
+    assert fs.meta["generator"].tolist() == want[0].generator + want[1].generator
+    assert fs.skipped == [{"shard": "train-000001", "key": CORRUPT_KEY, "reason": "not a readable image"}]
+    for k in range(fs.n_images):
+        cap = fs.caption_vector(k)
+        s, j = (0, k) if k < len(want[0].keys) else (1, k - len(want[0].keys))
+        if want[s].caption_mask[j]:
+            assert np.array_equal(cap, want[s].caption[j])
+        else:
+            assert cap is None
+    assert fs.prompts() == header().prompts and fs.prompt_vectors().shape == (2, D)
+    with pytest.raises(FeatureStoreError, match="sample nope is not in feature store"):
+        fs.index_of("nope")
+
+
+def test_file_url_reads_the_same(tmp_path: Path, shards: list[Path]) -> None:
+    store = tmp_path / "f.zarr"
+    write(str(store), shards)
+    a, b = FeatureStore.open(str(store)), FeatureStore.open(store.as_uri())
+    assert a.keys == b.keys
+    assert np.array_equal(a.global_vectors(), b.global_vectors())
+    assert np.array_equal(a.local_vectors(3), b.local_vectors(3))
+
+
+@pytest.mark.parametrize(
+    ("over", "side"),
+    [
+        ({"clip_identity": {"model": "ViT-B-32", "sha256": "cd" * 32, "quick_gelu": False}}, "clip.model"),
+        ({"decoder": {"cpu": "pil-exif-rgb8-v1", "gpu": "torchvision-nvjpeg"}}, "decoder.gpu"),
+        ({"patch_rule": {"id": "grid256-stride256"}}, "patch_rule"),
+        ({"prompts": ["a photo of a bird."]}, "prompts_sha256"),
+    ],
+)
+def test_another_setup_is_refused_naming_both_sides(tmp_path: Path, shards: list[Path], over: dict, side: str) -> None:
+    store = str(tmp_path / "f.zarr")
+    write(store, shards[:1])
+    with pytest.raises(FeatureStoreError, match=f"{side}: store has .*, asked for ") as info:
+        FeatureStoreWriter.create_or_check(store, header(**over), None)
+    assert "\n" not in str(info.value)
+
+
+def test_reader_checks_the_expected_clip_and_rule(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    write(store, shards[:1])
+    FeatureStore.open(store, expect_clip=header().clip_identity, expect_patch_rule=DEFAULT_RULE.id)
+    other = {**header().clip_identity, "sha256": "ef" * 32}
+    with pytest.raises(FeatureStoreError, match=r"clip\.sha256: store has 'abab.*', asked for 'efef"):
+        FeatureStore.open(store, expect_clip=other)
+    with pytest.raises(FeatureStoreError, match="patch_rule: store has"):
+        FeatureStore.open(store, expect_patch_rule="grid112")
+
+
+def test_unfinished_group_is_replaced_and_done_group_never_rewritten(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, (f,) = write(store, shards[:1], done=False)
+    assert FeatureStore.open(store).n_images == 0
+    writer.write_rows(f)  # a rerun after a crash between rows and marker
+    writer.mark_done(f)
+    assert FeatureStore.open(store).keys == f.keys
+    assert writer.done_shards() == {f.name: f.sha256}
+    with pytest.raises(FeatureStoreError, match="already done"):
+        writer.write_rows(f)
+
+
+def test_changed_shard_is_named(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    write(store, shards)
+    fs = FeatureStore.open(store)
+    fs.check_shards(shards)
+    make_shards(tmp_path / "other", per_shard=5)  # same names, other content
+    with pytest.raises(FeatureStoreError, match=r"shard train-000000 .* changed since it was extracted"):
+        fs.check_shards([tmp_path / "other" / "train-000000.tar"])
+
+
+def test_store_without_text_tower(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    write(store, shards[:1], has_text=False, prompts=[])
+    fs = FeatureStore.open(store)
+    assert not fs.has_text and fs.prompt_vectors() is None and fs.caption_vector(0) is None
+    assert "text" not in zarr.open_group(store, mode="r")
+    out = CliRunner().invoke(cli, ["store", "info", store])
+    assert "text tower: NONE" in out.output
+
+
+def test_verify_finds_missing_samples_and_bad_vectors(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, feats = write(store, shards[:2], done=False)
+    writer.mark_done(feats[0])
+    f = feats[1]
+    f.keys = f.keys[:-1] + ["s1n9"]  # one sample lost, one foreign key
+    f.global_[0] = np.nan
+    writer.write_rows(f)
+    writer.mark_done(f)
+    fs = FeatureStore.open(store)
+    assert verify_store(fs, shards[:1], grid_boxes) == ["global: 1 rows hold NaN or inf"]
+    problems = verify_store(fs, shards, grid_boxes)
+    text = "\n".join(problems)
+    assert "shard train-000001: 1 samples missing from the store, e.g. s1n3" in text
+    assert "shard train-000001: 1 stored keys are not in the tar, e.g. s1n9" in text
+    assert "global: 1 rows hold NaN or inf" in text
+    assert "shard train-000002 (" in text and "is not done in the store" in text
+    result = CliRunner().invoke(cli, ["store", "verify", store, "--shards", str(shards[0].parent)])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "problem(s); first:" in result.output
+
+
+def test_verify_checks_boxes_against_the_rule(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, (f,) = write(store, shards[:1], done=False)
+    f.boxes = f.boxes + 1
+    writer.write_rows(f)
+    writer.mark_done(f)
+    problems = verify_store(FeatureStore.open(store), shards[:1], grid_boxes)
+    assert problems == ["shard train-000000: image s0n0 boxes differ from the patch rule"]
+
+
+def test_info_and_export_h5(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, feats = write(store, shards[:2])
+    writer.record_shards({"train-000009": "elsewhere/train-000009.tar"})
+    runner = CliRunner()
+    out = runner.invoke(cli, ["store", "info", store])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    n = sum(len(f.keys) for f in feats)
+    assert lines[0] == f"images: {n}"
+    assert any("RANDOM WEIGHTS" in line for line in lines)
+    assert "shards: 2 done, 1 missing (train-000009)" in lines
+    assert "skipped images (unreadable): 1" in lines
+    assert f"  train-000001/{CORRUPT_KEY}: not a readable image" in lines
+    js = json.loads(runner.invoke(cli, ["store", "info", store, "--json"]).output)
+    assert js["images"] == n and sum(js["by_label"].values()) == n and js["meaningless"] is True
+    assert (
+        runner.invoke(
+            cli, ["store", "verify", store, "--shards", str(shards[0].parent / "train-00000[01].tar")]
+        ).exit_code
+        == 0
+    )
+
+    h5 = tmp_path / "f.h5"
+    assert runner.invoke(cli, ["store", "export-h5", store, str(h5)]).exit_code == 0
+    fs = FeatureStore.open(store)
+    with h5py.File(h5, "r") as f:
+        assert np.array_equal(f["global"][...], fs.global_vectors())
+        assert [k.decode() for k in f["key"][...]] == fs.keys
+        offsets = f["local_offsets"][...]
+        for i in (0, fs.n_images - 1):
+            assert np.array_equal(f["local"][offsets[i] : offsets[i + 1]], fs.local_vectors(i))
+            assert np.array_equal(f["boxes"][offsets[i] : offsets[i + 1]], fs.boxes(i))
+        assert json.loads(f.attrs["semspai_store"])["clip"]["model"] == "tiny-random"
+        assert f["text"].shape == (2, D)
+
+
+def test_missing_store_is_one_line_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["store", "info", str(tmp_path / "none.zarr")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no feature store at ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["store", "--help"], ["store", "info", "--help"], ["store", "verify", "--help"], ["store", "export-h5", "--help"]],
+)
+def test_help(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and "Usage:" in result.output
