@@ -1,0 +1,183 @@
+"""`semspai eval`: metrics.json schema, per-generator pairing, perturbations, store vs on-the-fly, report files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from semspai.pipeline.config import ConfigError
+from semspai.pipeline.data import DataError
+from semspai.pipeline.inference import load_detector
+from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
+from semspai.stages.cli import cli
+from semspai.stages.evaluate import CheckpointEval, EvalConfig, pick_examples, run
+from semspai.stages.extract import ExtractConfig
+from semspai.stages.extract import run as extract
+from semspai.store.features import FeatureStoreError
+from semspai.store.images import decode_image
+from semspai.store.shards import iter_shard, resolve_shards
+from tests.conftest import random_photo
+from tests.detector_fixtures import make_checkpoint
+
+M_KEYS = {"auc", "ap", "acc_at_0_5", "acc_at_threshold", "tpr_at_1_fpr", "tpr_at_5_fpr", "n_real", "n_fake",
+          "threshold", "auc_ci"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ck")
+    return {"global_local": make_checkpoint(root / "gl.pt", "global_local", "gate"),
+            "none": make_checkpoint(root / "none.pt", "none")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_shards: Path, checkpoints, tmp_path_factory: pytest.TempPathFactory):
+    """One eval with two checkpoints and two perturbations, shared by the report tests."""
+    cfg = EvalConfig(checkpoints=[str(checkpoints["global_local"]), str(checkpoints["none"])], shards=str(tiny_shards),
+                     out=str(tmp_path_factory.mktemp("eval")), perturb=["jpeg:60", "noise:0.05"], device="cpu",
+                     bootstrap=200)  # fmt: skip
+    return run(cfg)
+
+
+def test_metrics_json_has_designs_schema(evaluated):
+    m = json.loads((evaluated.out / "metrics.json").read_text())
+    assert set(m) == {"overall", "per_generator", "perturbations"}
+    assert set(m["overall"]) == M_KEYS
+    # tiny_shards' test split: every 4th file -> gan_a/003, gan_b/003, real/003, real/007
+    assert (m["overall"]["n_real"], m["overall"]["n_fake"]) == (2, 2)
+    assert set(m["per_generator"]) == {"gan_a", "gan_b"}
+    for gm in m["per_generator"].values():  # each generator's fakes against ALL reals
+        assert set(gm) == M_KEYS and (gm["n_real"], gm["n_fake"]) == (2, 1)
+    assert set(m["perturbations"]) == {"jpeg:60", "noise:0.05"}
+    for pm in m["perturbations"].values():
+        assert set(pm) == {"overall", "per_generator"} and set(pm["overall"]) == M_KEYS
+    assert m["overall"]["threshold"] == 0.5
+    assert evaluated.headline["n_real"] == 2 and 0.0 <= evaluated.headline["auc"] <= 1.0
+
+
+def test_eval_scores_equal_predict_scores(evaluated, checkpoints, tiny_shards):
+    """Without a store, eval scores through the same code path as predict."""
+    rows = {r["key"]: r for r in csv.DictReader((evaluated.out / "predictions.csv").open())}
+    images = {s.key: decode_image(s.image) for p in resolve_shards(tiny_shards) for s in iter_shard(p) if s.key in rows}
+    keys = sorted(images)
+    preds = load_detector(checkpoints["global_local"]).predict([images[k] for k in keys])
+    for key, pred in zip(keys, preds, strict=True):
+        assert float(rows[key]["score"]) == pytest.approx(pred.score, abs=1e-6)
+    # perturbed scores differ from clean ones: the perturbation reached the model
+    assert any(abs(float(r["noise:0.05"]) - float(r["score"])) > 1e-6 for r in rows.values())
+
+
+def test_report_files_exist_and_html_references_only_existing_files(evaluated):
+    out = evaluated.out
+    page = evaluated.report_html.read_text()
+    refs = re.findall(r'src="([^"]+)"', page)
+    assert refs and all((out / r).is_file() for r in refs)
+    for name in ("roc.png", "pr.png", "scores.png", "robustness.png", "roc_ablation.png"):
+        assert f"plots/{name}" in refs
+    assert sum(r.startswith("heatmaps/") for r in refs) >= 6  # confident fakes and reals at least
+    md = evaluated.report_md.read_text()
+    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / ref).is_file()
+    for section in ("Per generator", "Robustness", "CLIP score", "Ablation", "Where the detector looked"):
+        assert f"## {section}" in md
+    assert "computed on the fly" in md
+    assert not re.search(r"https?://", page)  # self-contained: nothing fetched from elsewhere
+
+
+def test_resolved_config_and_ablation_written(evaluated):
+    cfg = yaml.safe_load((evaluated.out / "config.yaml").read_text())
+    assert cfg["MODEL"]["SEMANTIC"]["MODE"] == "global_local"
+    info = json.loads((evaluated.out / "eval.json").read_text())
+    assert [c["mode"] for c in info["checkpoints"]] == ["global_local", "none"]
+    assert info["clip_score"]["real"]["n"] == 2  # tiny_shards gives every image a caption
+
+
+def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, evaluated, tmp_path):
+    store = str(tmp_path / "features.zarr")
+    extract(ExtractConfig(shards=str(tiny_shards), store=store, clip="tiny-random", workers=0, device="cpu"))
+    res = run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
+                         out=str(tmp_path / "out"), device="cpu", bootstrap=50, n_heatmaps=1))  # fmt: skip
+    cached = {r.keys[i]: r.scores[i] for r in res.runs[:1] for i in range(len(r.keys))}
+    fly = evaluated.runs[0]
+    for key, score in zip(fly.keys, fly.scores, strict=True):
+        assert cached[key] == pytest.approx(score, abs=1e-4)
+    assert "read from the feature store" in res.report_md.read_text()
+
+
+def test_store_of_another_clip_is_refused(tiny_shards, checkpoints, tmp_path):
+    store = str(tmp_path / "other.zarr")
+    extract(ExtractConfig(shards=str(tiny_shards), store=store, clip="timm/resnet10t:random", workers=0, device="cpu"))
+    with pytest.raises(FeatureStoreError, match="another setup"):
+        run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
+                       out=str(tmp_path / "out"), device="cpu"))  # fmt: skip
+
+
+def test_empty_split_is_an_error_naming_it(tiny_shards, checkpoints, tmp_path):
+    with pytest.raises(DataError, match="split 'val' is empty"):
+        run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards / "test-*.tar"), split="val",
+                       out=str(tmp_path), device="cpu"))  # fmt: skip
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_only_data_and_chunk_overrides_are_accepted(tiny_shards, checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="eval takes only"):
+        run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(tmp_path),
+                       overrides=["MODEL.HIDDEN_DIM=64"], device="cpu"))  # fmt: skip
+    res = run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(tmp_path),
+                         overrides=["DATA.GENERATORS=gan_a", "MODEL.SPECTRAL.CHUNK_SIZE=2"], device="cpu",
+                         bootstrap=50, n_heatmaps=1))  # fmt: skip
+    assert set(res.metrics["per_generator"]) == {"gan_a"} and res.metrics["overall"]["n_fake"] == 1
+    assert res.runs[0].config.MODEL.SPECTRAL.CHUNK_SIZE == 2
+
+
+@pytest.mark.parametrize("text", ["jpeg:50", "resize:0.5", "blur:1.0", "noise:0.02"])
+def test_each_perturbation_really_changes_the_input(text):
+    rgb = random_photo(240, 200, seed=1)
+    (p,) = parse_perturbations([text])
+    out = p.apply(rgb, "k1")
+    assert out.dtype == np.uint8 and out.ndim == 3
+    if p.kind == "resize":
+        assert out.shape == (100, 120, 3)
+    else:
+        assert out.shape == rgb.shape and np.abs(out.astype(int) - rgb).mean() > 0.3
+    np.testing.assert_array_equal(out, p.apply(rgb, "k1"))  # deterministic
+
+
+def test_noise_is_seeded_by_key_and_parsing_checks_ranges():
+    rgb = random_photo(64, 64, seed=2)
+    p = Perturbation("noise", 0.05)
+    assert not np.array_equal(p.apply(rgb, "a"), p.apply(rgb, "b"))
+    assert [q.name for q in parse_perturbations(["jpeg:50,75", "jpeg:75", "blur:1.0"])] == ["jpeg:50", "jpeg:75",
+                                                                                             "blur:1"]  # fmt: skip
+    for bad in ("jpeg:0", "jpeg:70.5", "resize:-1", "blur", "sharpen:2", "noise:x"):
+        with pytest.raises(PerturbError, match="--perturb"):
+            parse_perturbations([bad])
+
+
+def test_pick_examples_by_hand():
+    run_ = CheckpointEval(label="x", checkpoint="", mode="none", fusion="", config=None, threshold=0.5, clip=None,
+                          keys=list("abcdef"), paths=[""] * 6, labels=np.array([0, 0, 0, 1, 1, 1]),
+                          generators=[""] * 6, scores=np.array([0.1, 0.7, 0.3, 0.9, 0.2, 0.6]), perturbed={},
+                          metrics={})  # fmt: skip
+    picks = pick_examples(run_, 2)
+    # wrong at 0.5: real b (0.7, 0.2 past the threshold) and fake e (0.2, 0.3 past it) -> e first
+    assert picks == {"most confident fakes": [3, 5], "most confident reals": [0, 2], "worst errors": [4, 1]}
+
+
+def test_cli_eval(tiny_shards, checkpoints, tmp_path):
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
+                                   "--out", str(tmp_path / "o"), "--perturb", "blur:1.5", "--device", "cpu",
+                                   "--heatmaps", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "none: AUC" in res.output and "report.html" in res.output
+    assert (tmp_path / "o" / "metrics.json").exists()
+    bad = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
+                                   "--out", str(tmp_path / "p"), "--perturb", "sharpen:2"])  # fmt: skip
+    assert bad.exit_code == 1 and "Error: --perturb 'sharpen:2'" in bad.output
