@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from semspai.pipeline.metrics import binary_metrics, clip_scores, evaluate_scores, rank_auc, tpr_at_fpr
 from sklearn.metrics import roc_auc_score
+
+from semspai.pipeline.metrics import binary_metrics, clip_scores, evaluate_scores, rank_auc, tpr_at_fpr
 
 
 def test_perfect_separation():
