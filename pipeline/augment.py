@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 from PIL import Image, ImageFilter
+
 from semspai.pipeline.config import AugConfig
 from semspai.store.images import decode_image
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
 from semspai.pipeline.augment import augment_patches, choose_cells
 from semspai.pipeline.config import AugConfig
 from semspai.pipeline.grid import crop_patches
 from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.images import ImageDecodeError, decode_image
 from semspai.store.shards import ShardSample, iter_shard, shard_name, shard_sidecars
-from torch.utils.data import IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +282,20 @@ class ShardStream(IterableDataset):
             yield self.make(path, raw)
 
     def make(self, path: Path, raw: ShardSample) -> Sample:
-        """Decode, cut on the grid, choose cells, augment, and attach the store rows of exactly those cells."""
+        return self.cut(path, raw, self.decode(path, raw))
+
+    def decode(self, path: Path, raw: ShardSample) -> np.ndarray:
         try:
-            rgb = decode_image(raw.image)
+            return decode_image(raw.image)
         except ImageDecodeError as exc:
             raise DataError(
                 f"shard {shard_name(path)}: sample {raw.key} cannot be decoded ({exc}); "
                 "rerun `semspai shard` for its source"
             ) from exc
+
+    def cut(self, path: Path, raw: ShardSample, rgb: np.ndarray) -> Sample:
+        """Cut the decoded (H, W, 3) image on the grid, choose cells, augment, and attach the store rows of
+        exactly those cells."""
         patches, boxes = crop_patches(rgb)  # (P, S, S, 3), (P, 4)
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(raw.key)])
         cells = choose_cells(len(patches), self.view.max_patches, rng)

@@ -17,20 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
-from semspai.pipeline.data import ShardStream, SplitPlan, StoreJoin, TrainBatch, View, collate, plan_split
-from semspai.pipeline.detector import DetectorBatch, create_detector, trainable_parameters, trainable_state_dict
-from semspai.pipeline.losses import DetectionLoss, LossParts
-from semspai.pipeline.progress import progress
-from semspai.store.checkpoints import load_checkpoint, save_checkpoint
-from semspai.store.features import FeatureStore
-from semspai.store.manifest import StageManifest, fingerprint_paths, write_manifest
-from semspai.store.shards import file_sha256, resolve_shards
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import DataLoader
 
 from semspai import __version__
+from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
+from semspai.pipeline.data import ShardStream, SplitPlan, StoreJoin, TrainBatch, View, collate, plan_split
+from semspai.pipeline.detector import DetectorBatch, create_detector, trainable_parameters, trainable_state_dict
+from semspai.pipeline.losses import DetectionLoss, LossParts
+from semspai.pipeline.progress import progress
+from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from semspai.store.features import FeatureStore
+from semspai.store.manifest import StageManifest, fingerprint_paths, write_manifest
+from semspai.store.shards import file_sha256, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,12 @@ class Trainer:
                 f"--resume: the config differs from the one {self.out} was trained with "
                 f"({self.out / CONFIG_NAME}); resume without --config/--set"
             )
-        self.module.detector.load_state_dict(state["model"], strict=False)
+        frozen = {n for n, p in self.module.detector.named_parameters() if not p.requires_grad}
+        missing, unexpected = self.module.detector.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - frozen:  # only a frozen encoder's weights are left out of checkpoints
+            raise CheckpointError(
+                f"{last} does not fit the run's model ({sorted(unexpected or set(missing) - frozen)[0]})"
+            )
         self.module.loss.load_state_dict(state["loss_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -333,16 +338,7 @@ class Trainer:
         for _, batch in progress(
             zip(range(self.steps_per_epoch), batches, strict=False), total=self.steps_per_epoch, desc=desc, unit="step"
         ):
-            labels = batch.labels.to(self.device)
-            text = None if batch.text_vec is None else batch.text_vec.to(self.device)
-            with autocast(self.precision, self.device):
-                parts, _ = self.ddp(self._detector_batch(batch), labels, text)
-            self.optimizer.zero_grad(set_to_none=True)
-            parts.total.backward()
-            if self.cfg.TRAIN.CLIP_GRAD > 0:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.TRAIN.CLIP_GRAD)
-            self.optimizer.step()
-            self.scheduler.step()
+            parts = self.step(batch)
             total += parts.total.detach().double().cpu()
             n += 1
             if tb is not None:
@@ -353,6 +349,20 @@ class Trainer:
             dist.all_reduce(total)
             total /= self.world
         return float(total) / n
+
+    def step(self, batch: TrainBatch) -> LossParts:
+        """One optimiser step on one batch (the loss of that batch before the step)."""
+        labels = batch.labels.to(self.device)
+        text = None if batch.text_vec is None else batch.text_vec.to(self.device)
+        with autocast(self.precision, self.device):
+            parts, _ = self.ddp(self._detector_batch(batch), labels, text)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        if self.cfg.TRAIN.CLIP_GRAD > 0:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.TRAIN.CLIP_GRAD)
+        self.optimizer.step()
+        self.scheduler.step()
+        return parts
 
     def _log_step(self, tb, parts: LossParts) -> None:
         step = self.scheduler.last_epoch

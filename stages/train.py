@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import torch
 import torch.distributed as dist
+
 from semspai.pipeline.clip import resolve_precision
 from semspai.pipeline.config import load_config
 from semspai.pipeline.data import DataError

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from semspai.pipeline.clip import load_embedder
 from semspai.pipeline.config import AugConfig
 from semspai.pipeline.data import DataError, ShardStream, StoreJoin, View, collate, plan_split

@@ -13,6 +13,7 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import DataError
 from semspai.pipeline.engine import Trainer, lr_at, youden_threshold

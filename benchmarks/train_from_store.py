@@ -1,0 +1,140 @@
+"""Training steps/s reading CLIP vectors from the store vs computing them every step (DESIGN.md target: >= 3x).
+
+Both variants run the same default-config training step (global_local fusion, same packing, batch and
+precision) on the same shards; the online one first computes each image's global vector and each chosen
+cell's local vector with a ViT-B-16 CLIP (random weights, inference mode), as a trainer without the store
+would. Usage: python benchmarks/train_from_store.py [--images 48] [--batch-size 16] [--steps 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
+from semspai.pipeline.config import load_config
+from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate
+from semspai.pipeline.engine import Trainer, batched
+from semspai.stages.extract import ExtractConfig
+from semspai.stages.extract import run as extract
+from semspai.stages.shard import ShardConfig
+from semspai.stages.shard import run as shard
+
+CLIP = "ViT-B-16:random"
+SIDE = 512  # DESIGN.md's extraction target image: 512-px JPEG, 4 grid patches
+
+
+def make_manifest(root: Path, n_train: int, n_val: int = 4, seed: int = 0) -> Path:
+    """Smooth random 512-px JPEGs, alternately real and fake, listed in a manifest with explicit splits
+    (content is irrelevant to speed; val exists only because training needs one)."""
+    rng = np.random.default_rng(seed)
+    rows = ["path,label,generator,split"]
+    for i in range(n_train + n_val):
+        small = rng.integers(0, 255, (SIDE // 16, SIDE // 16, 3), dtype=np.uint8)
+        path = root / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(small).resize((SIDE, SIDE), Image.BICUBIC).save(path, "JPEG", quality=90)
+        label = "fake" if i % 2 else "real"
+        rows.append(f"{path.name},{label},{'gen' if i % 2 else 'cam'},{'train' if i < n_train else 'val'}")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+@dataclass
+class OnlineSample(Sample):
+    global_pixels: torch.Tensor | None = None  # (3, S, S) the CLIP global view, preprocessed in the data worker
+
+
+class OnlineStream(ShardStream):
+    """The store-free trainer's stream: no store rows; each sample carries its preprocessed global view."""
+
+    def __init__(self, base: ShardStream, embedder: ClipEmbedder) -> None:
+        super().__init__(base.plan, None, base.view, base.seed, base.rank, base.world)
+        self.embedder = embedder
+
+    def make(self, path, raw) -> OnlineSample:
+        rgb = self.decode(path, raw)
+        sample = self.cut(path, raw, rgb)
+        return OnlineSample(**vars(sample), global_pixels=self.embedder.preprocess_global(rgb))
+
+
+def clip_vectors(embedder: ClipEmbedder, batch: TrainBatch, global_pixels: torch.Tensor) -> None:
+    """Fill the batch's global (B, D) and local (N, D) vectors as the store would hold them."""
+    crops = batch.patches.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, 224, 224, 3)
+    batch.global_vec = embedder.get_image_embedding(global_pixels).half().float().cpu()
+    batch.local_vec = embedder.get_image_embedding(embedder.preprocess_patches(crops)).half().float().cpu()
+
+
+def timed_steps(trainer: Trainer, stream: ShardStream, steps: int, embedder: ClipEmbedder | None) -> float:
+    """Steps/s over `steps` training steps after one warm-up step, data loading included."""
+    stream.set_epoch(1)
+    trainer.module.train()
+    batches = batched(iter(stream), trainer.cfg.TRAIN.BATCH_SIZE)
+    start = 0.0
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()
+        samples = next(batches)
+        batch = collate(samples)
+        if embedder is not None:  # the embedder applies the same precision itself
+            clip_vectors(embedder, batch, torch.stack([s.global_pixels for s in samples]))
+        trainer.step(batch)
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16, help="TRAIN.BATCH_SIZE of both variants")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", default=None, help="folder for shards and store (default: a temporary one)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    need = args.batch_size * (args.steps + 1)
+    if args.images < need:
+        parser.error(f"--images must be at least batch-size x (steps + 1) = {need}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        shards, store = work / "shards", work / "store.zarr"
+        if not (store / "zarr.json").exists():
+            manifest = make_manifest(work / "data", args.images)
+            shard(ShardConfig(sources=[], manifests=[str(manifest)], out=str(shards), shard_size=64))
+            t0 = time.perf_counter()
+            extract(
+                ExtractConfig(
+                    shards=str(shards),
+                    store=str(store),
+                    clip=CLIP,
+                    workers=0,
+                    device=args.device,
+                    torch_threads=torch.get_num_threads(),
+                )
+            )
+            print(f"store: {args.images + 4} images extracted with {CLIP} in {time.perf_counter() - t0:.0f} s")
+        cfg = load_config(None, [f"TRAIN.BATCH_SIZE={args.batch_size}"])
+        precision = resolve_precision(cfg.TRAIN.PRECISION, device)
+        trainer = Trainer(cfg, str(shards), work / "run", str(store), device, precision)
+        from_store = timed_steps(trainer, trainer.train_stream, args.steps, None)
+        embedder = load_embedder(CLIP, device, precision)
+        online = timed_steps(trainer, OnlineStream(trainer.train_stream, embedder), args.steps, embedder)
+    print(f"device {device}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
+          f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "
+          f"mode {cfg.MODEL.SEMANTIC.MODE}")  # fmt: skip
+    print("| variant | steps/s |\n|---|---|")
+    print(f"| from store | {from_store:.3f} |\n| online CLIP ({CLIP}) | {online:.3f} |")
+    print(f"ratio store/online: {from_store / online:.2f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
