@@ -70,7 +70,8 @@ class ExtractResult:
     shards_total: int
     shards_already_done: list[str]
     extracted: list[ShardSummary] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, model loading and cluster start included
+    shard_seconds: float = 0.0  # from the first shard handed out to the last one done
 
     @property
     def n_images(self) -> int:
@@ -82,7 +83,8 @@ class ExtractResult:
 
     @property
     def images_per_s(self) -> float:
-        return self.n_images / self.seconds if self.seconds > 0 else 0.0
+        """Extraction throughput: images over shard_seconds (loading the model and cluster excluded)."""
+        return self.n_images / self.shard_seconds if self.shard_seconds > 0 else 0.0
 
 
 def resolve_device(device: str) -> str:
@@ -99,7 +101,7 @@ def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> No
     bugs = [exc for _, exc in failures if not isinstance(exc, INPUT_ERRORS)]
     if bugs:
         raise bugs[0]
-    name, first = failures[0]
+    first = failures[0][1]
     if len(failures) == 1:
         raise first
     names = ", ".join(n for n, _ in failures)
@@ -164,13 +166,14 @@ def run(
         if result.shards_already_done:
             log.info("%d of %d shards already done in %s; extracting %d", len(done), len(paths), cfg.store, len(jobs))
         failures: list[tuple[str, BaseException]] = []
+        shard_start = time.perf_counter()
         for job, summary, exc in progress(dist.map_unordered(extract_shard, jobs), len(jobs), "extract-clip", "shard"):
             if exc is not None:
                 log.error("shard %s failed: %s", job.name, exc)
                 failures.append((job.name, exc))
                 continue
             result.extracted.append(summary)
-            result.seconds = time.perf_counter() - start
+            result.shard_seconds = time.perf_counter() - shard_start
             log.info(
                 "%d/%d shards, %d images, %.1f images/s",
                 len(result.extracted),

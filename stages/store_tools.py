@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import click
+
 from semspai.pipeline.grid import PatchRule, grid_boxes
 from semspai.stages.common import register_user_error, user_errors
 from semspai.store.features import FeatureStore, FeatureStoreError, export_h5, verify_store

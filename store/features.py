@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+
 from semspai.store.shards import file_sha256, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,15 @@ def limit_zarr_concurrency(n: int) -> None:
     zarr.config.set({"async.concurrency": n, "threading.max_workers": n})
 
 
+def _zopen(path: str, mode: str) -> zarr.Group:
+    # fsspec's local filesystem makes no parent folders unless asked (Zarr's own LocalStore does)
+    options = {"auto_mkdir": True} if path.startswith("file://") else None
+    return zarr.open_group(path, mode=mode, storage_options=options)
+
+
 def _open_root(path: str, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(path, mode=mode)
+        return _zopen(path, mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise FeatureStoreError(f"no feature store at {path}; run `semspai extract-clip --store {path}` first") from exc
 
@@ -137,7 +144,7 @@ def _open_root(path: str, mode: str) -> zarr.Group:
 def read_store_attrs(path: str) -> dict | None:
     """The root attrs of a finished store at `path`, or None when there is none (or its creation died)."""
     try:
-        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+        attrs = _zopen(str(path), mode="r").attrs.asdict()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     return attrs if "schema_version" in attrs else None
@@ -220,7 +227,7 @@ class FeatureStoreWriter:
                 )
             check_identity(path, _attrs_identity(attrs), header.identity())
             return cls(path)
-        root = zarr.open_group(path, mode="a")
+        root = _zopen(path, mode="a")
         root.require_group(SHARDS_GROUP)
         if TEXT_ARRAY in root:  # left by a creation that died before its attrs
             del root[TEXT_ARRAY]
@@ -234,7 +241,7 @@ class FeatureStoreWriter:
 
     def record_shards(self, shards: dict[str, str]) -> None:
         """Record shard name -> tar path of every shard asked for (driver only), so `info` can list missing ones."""
-        root = zarr.open_group(self.path, mode="r+")
+        root = _zopen(self.path, mode="r+")
         recorded = dict(root.attrs.get("shards", {}))
         recorded.update(shards)
         root.attrs["shards"] = dict(sorted(recorded.items()))
@@ -245,7 +252,7 @@ class FeatureStoreWriter:
 
     def write_rows(self, features: ShardFeatures) -> None:
         """Write a shard's arrays into its group (replacing an unfinished one); not visible until `mark_done`."""
-        shards = zarr.open_group(self.path, mode="r+")[SHARDS_GROUP]
+        shards = _zopen(self.path, mode="r+")[SHARDS_GROUP]
         if features.name in shards:
             if shards[features.name].attrs.get("done"):
                 raise FeatureStoreError(f"shard {features.name} is already done in {self.path}; it is never rewritten")
@@ -258,7 +265,7 @@ class FeatureStoreWriter:
 
     def mark_done(self, features: ShardFeatures) -> None:
         """The done marker, written last: from here on readers see the shard."""
-        group = zarr.open_group(self.path, mode="r+")[SHARDS_GROUP][features.name]
+        group = _zopen(self.path, mode="r+")[SHARDS_GROUP][features.name]
         group.attrs.update(
             {
                 "done": True,
@@ -349,7 +356,7 @@ class FeatureStore:
         return cls(path, attrs, _shard_attrs(path))
 
     def _group(self, s: int) -> zarr.Group:
-        return zarr.open_group(self.path, mode="r")[SHARDS_GROUP][self.done_shards[s]]
+        return _zopen(self.path, mode="r")[SHARDS_GROUP][self.done_shards[s]]
 
     def _load_meta(self, counts: list[int]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("key", "label", "generator", "split", "width", "height")}
@@ -435,7 +442,7 @@ class FeatureStore:
         """(K, D) float16 vectors of the prompt bank; None without a text tower."""
         if not self.has_text:
             return None
-        return zarr.open_group(self.path, mode="r")[TEXT_ARRAY][...]
+        return _zopen(self.path, mode="r")[TEXT_ARRAY][...]
 
     def prompts(self) -> list[str]:
         return list(self.attrs.get("prompts", []))

@@ -224,6 +224,12 @@ def test_rerun_adds_new_shards_only(shards: Path, reference: Path, tmp_path: Pat
     assert arrays(store) == arrays(reference)
 
 
+def test_fsspec_url_store_gives_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
+    store = tmp_path / "url.zarr"
+    run(cfg(shards, store.as_uri()), embedder_factory=TINY)  # file://: Zarr's FsspecStore, as for s3:// or gs://
+    assert arrays(store) == arrays(reference)
+
+
 def one_line_error(args: list[str]) -> str:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output

@@ -1,0 +1,182 @@
+"""extract-clip throughput against the bare encoder (CPU) and in absolute images/s (one CUDA GPU).
+
+(a) CPU (DESIGN.md target: ratio >= 0.8): ViT-B-32 with random weights; end-to-end `semspai extract-clip`
+    images/s (in process, torch on every core, decode threads beside it) over the bare encoder's crops/s at
+    the same batch divided by crops per image. Runs alternate e2e and bare and report medians, because
+    other jobs on a shared machine move both.
+(b) GPU, only when CUDA is available (target >= 5,000 images/s): ViT-B-32, 512-px JPEGs made here, global +
+    4 local crops, nvjpeg decode (--gpu-decode), bf16; prints the card's name beside the figures.
+
+Usage: python benchmarks/extract.py [--images 64] [--batch-size 32] [--repeats 3] [--skip-gpu]
+       QUICK=1 python benchmarks/extract.py   # tiny dry run of both variants on the CPU (tiny-random)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from semspai.pipeline.extraction import ClipFactory
+from semspai.stages.extract import ExtractConfig, run
+from semspai.store.shards import ShardWriter
+
+QUICK = os.environ.get("QUICK") == "1"
+SIZE = 512  # px: a 2 x 2 grid, so global + 4 local = 5 crops per image
+CROPS_PER_IMAGE = 5
+
+
+def make_shards(out: Path, n_images: int, per_shard: int) -> Path:
+    """Photo-like 512-px JPEGs (upsampled noise plus grain, quality 90) in tars of `per_shard`."""
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(0, n_images, per_shard):
+        writer = ShardWriter(out / f"train-{s // per_shard:06d}.tar")
+        for i in range(s, min(n_images, s + per_shard)):
+            small = rng.integers(0, 255, (SIZE // 16, SIZE // 16, 3), dtype=np.uint8)
+            img = np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)).astype(np.int16)
+            img = np.clip(img + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=90)
+            writer.write(f"img{i:06d}", buf.getvalue(), "jpg", {"label": i % 2, "generator": "bench", "split": "train"})
+        writer.close()
+    return out
+
+
+def bare_encoder_images_per_s(factory: ClipFactory, batch_size: int, n_batches: int, threads: int) -> float:
+    """The encoder alone on ready (B, 3, S, S) batches, converted to images: crops/s / crops per image."""
+    torch.set_num_threads(threads)
+    embedder = factory()
+    s = embedder.spec.image_size
+    x = torch.randn(batch_size, 3, s, s, device=embedder.device)
+    embedder.get_image_embedding(x)  # warm-up
+    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        embedder.get_image_embedding(x)
+    sync()
+    return batch_size * n_batches / (time.perf_counter() - start) / CROPS_PER_IMAGE
+
+
+def end_to_end_images_per_s(shards: Path, root: Path, factory: ClipFactory, **cfg_kw) -> float:
+    store = root / f"store-{time.monotonic_ns()}.zarr"
+    prompts = root / "prompts.txt"
+    prompts.write_text("cat\ndog\n")  # the 1000-class bank would time the text tower, not extraction
+    cfg = ExtractConfig(
+        str(shards),
+        str(store),
+        clip=factory.clip,
+        device=factory.device,
+        precision=factory.precision,
+        prompts=str(prompts),
+        **cfg_kw,
+    )
+    result = run(cfg, embedder_factory=factory)
+    return result.images_per_s
+
+
+def cpu_variant(args: argparse.Namespace, root: Path) -> dict:
+    threads = os.cpu_count() or 1
+    factory = ClipFactory("tiny-random" if QUICK else "ViT-B-32:random", "cpu", "fp32")
+    shards = make_shards(root / "cpu-shards", args.images, args.images // 2)
+    e2e, bare = [], []
+    for _ in range(args.repeats):
+        # in process, torch on every core, decode threads beside it: the overhead a user pays over the encoder
+        e2e.append(
+            end_to_end_images_per_s(
+                shards,
+                root,
+                factory,
+                workers=0,
+                batch_size=args.batch_size,
+                decode_workers=args.decode_workers,
+                torch_threads=threads,
+            )
+        )
+        n_batches = max(1, args.images * CROPS_PER_IMAGE // args.batch_size)
+        bare.append(bare_encoder_images_per_s(factory, args.batch_size, n_batches, threads))
+    e, b = statistics.median(e2e), statistics.median(bare)
+    return {
+        "variant": "cpu",
+        "model": factory.clip,
+        "threads": threads,
+        "batch": args.batch_size,
+        "images": args.images,
+        "e2e_img_per_s": round(e, 2),
+        "bare_img_per_s": round(b, 2),
+        "ratio": round(e / b, 3),
+        "e2e_runs": [round(v, 2) for v in e2e],
+        "bare_runs": [round(v, 2) for v in bare],
+    }
+
+
+def gpu_variant(args: argparse.Namespace, root: Path) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only for the QUICK dry run
+    factory = ClipFactory("tiny-random" if QUICK else "ViT-B-32:random", device, "bf16" if device == "cuda" else "fp32")
+    n = 16 if QUICK else args.gpu_images
+    shards = make_shards(root / "gpu-shards", n, max(1, n // 4))
+    e2e = end_to_end_images_per_s(
+        shards,
+        root,
+        factory,
+        workers=0,
+        batch_size=args.gpu_batch_size,
+        decode_workers=args.gpu_decode_workers,
+        gpu_decode=True,
+        torch_threads=os.cpu_count() or 1,
+    )
+    bare = bare_encoder_images_per_s(factory, args.gpu_batch_size, 20, os.cpu_count() or 1)
+    card = torch.cuda.get_device_name() if device == "cuda" else "none (CPU dry run)"
+    return {
+        "variant": "gpu",
+        "card": card,
+        "model": factory.clip,
+        "images": n,
+        "batch": args.gpu_batch_size,
+        "e2e_img_per_s": round(e2e, 1),
+        "bare_img_per_s": round(bare, 1),
+        "target_img_per_s": 5000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8 if QUICK else 64)
+    parser.add_argument("--batch-size", type=int, default=8 if QUICK else 32)
+    parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1 if QUICK else 3)
+    parser.add_argument("--gpu-images", type=int, default=8192)
+    parser.add_argument("--gpu-batch-size", type=int, default=1280)  # 256 images x 5 crops
+    parser.add_argument("--gpu-decode-workers", type=int, default=8)
+    parser.add_argument("--skip-gpu", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(cpu_variant(args, Path(tmp)))
+        print(json.dumps(rows[-1]), flush=True)
+        if not args.skip_gpu and (torch.cuda.is_available() or QUICK):
+            rows.append(gpu_variant(args, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\nvariant  model            e2e img/s  bare img/s  ratio   card")
+    for r in rows:
+        ratio = f"{r['e2e_img_per_s'] / r['bare_img_per_s']:.3f}" if r["bare_img_per_s"] else "-"
+        print(
+            f"{r['variant']:<8} {r['model']:<16} {r['e2e_img_per_s']:>9} {r['bare_img_per_s']:>11}  {ratio:<7} "
+            f"{r.get('card', 'cpu')}"
+        )
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "extract_bench.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
