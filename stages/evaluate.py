@@ -105,16 +105,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """The checkpoint's resolved config with eval's allowed `--set` overrides applied."""
     data = cfg.to_dict()
     for text in overrides:
-        parsed, node, path = parse_override(text), data, []
-        while isinstance(parsed, dict) and len(parsed) == 1:
-            (k, parsed), path = next(iter(parsed.items())), [*path, next(iter(parsed))]
-        key = ".".join(path)
+        key = text.partition("=")[0].strip()
         if key not in EVAL_OVERRIDES:
             raise ConfigError(f"--set {key}: eval takes only {', '.join(EVAL_OVERRIDES)}; the model and its "
                               "training settings come from the checkpoint")  # fmt: skip
-        for k in path[:-1]:
-            node = node[k]
-        node[path[-1]] = parsed
+        node, value = data, parse_override(text)
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node, value = node[k], value[k]
+        node[leaf] = value[leaf]
     return config_from_dict(data)
 
 
