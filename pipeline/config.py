@@ -53,6 +53,7 @@ class ModelConfig:
     USE_SEMANTIC_CONTEXT: bool = True  # False means SEMANTIC.MODE must be none
     DROPOUT: float = 0.1
     HIDDEN_DIM: int = 256  # width of patch vectors after SRS projection and of the head
+    SCA_HEADS: int = 4  # heads of the spectral context attention (and cross_attn fusion); divides HIDDEN_DIM
     SEMANTIC: SemanticConfig = field(default_factory=SemanticConfig)
     CLIP: ClipConfig = field(default_factory=ClipConfig)
     SPECTRAL: SpectralConfig = field(default_factory=SpectralConfig)

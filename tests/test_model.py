@@ -1,0 +1,312 @@
+"""The detector model: shapes over the model registry, any resolution, chunking, fusion modes, gradients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from semspai.pipeline.config import ModelConfig
+from semspai.pipeline.detector import (
+    DetectorBatch,
+    SemSpaiDetector,
+    create_detector,
+    pack_images,
+    trainable_parameters,
+    trainable_state_dict,
+)
+from semspai.pipeline.grid import crop_patches
+from semspai.pipeline.spectral import (
+    EncoderConfigError,
+    FrequencyFilter,
+    list_encoders,
+    load_encoder_config,
+)
+
+CLIP_DIM = 16
+MICRO = "spectral-vit-micro"
+
+
+def model_cfg(
+    mode: str = "none", fusion: str = "film", encoder: str = MICRO, chunk: int = 64, weights: str = ""
+) -> ModelConfig:
+    cfg = ModelConfig(USE_SEMANTIC_CONTEXT=mode != "none", DROPOUT=0.0, HIDDEN_DIM=64)
+    cfg.SEMANTIC.MODE, cfg.SEMANTIC.FUSION, cfg.SEMANTIC.PROJ_DIM = mode, fusion, 32
+    cfg.SPECTRAL.ENCODER, cfg.SPECTRAL.CHUNK_SIZE, cfg.SPECTRAL.ENCODER_WEIGHTS = encoder, chunk, weights
+    return cfg
+
+
+def build(cfg: ModelConfig, seed: int = 0, clip_dim: int = CLIP_DIM) -> SemSpaiDetector:
+    torch.manual_seed(seed)
+    return create_detector(cfg, clip_dim)
+
+
+def unit(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=gen), dim=-1)
+
+
+def random_batch(counts: list[int], seed: int = 0) -> DetectorBatch:
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(counts)
+    return DetectorBatch(
+        patches=torch.rand(n, 3, 224, 224, generator=gen),
+        counts=torch.tensor(counts),
+        global_vec=unit((len(counts), CLIP_DIM), gen).half(),  # as stored: float16
+        local_vec=unit((n, CLIP_DIM), gen).half(),
+    )
+
+
+def write_frozen_weights(encoder: str, out: Path) -> str:
+    """The random-init weights of a frozen encoder's architecture, as a local file (no download)."""
+    enc = load_encoder_config(encoder)
+    torch.manual_seed(123)
+    backbone = timm.create_model(enc.timm_model, pretrained=False, num_classes=0, **enc.timm_kwargs)
+    path = out / f"{Path(encoder).stem}.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "encoder",
+    [pytest.param(e, marks=pytest.mark.slow) if load_encoder_config(e).frozen else e for e in list_encoders()],
+)
+def test_registry_shapes_no_nan_deterministic(encoder: str, tmp_path: Path) -> None:
+    weights = write_frozen_weights(encoder, tmp_path) if load_encoder_config(encoder).frozen else ""
+    cfg = model_cfg("global_local", "gate", encoder=encoder, weights=weights)
+    batch = random_batch([1, 2])
+    outs = []
+    for _ in range(2):
+        model = build(cfg).eval()
+        with torch.no_grad():
+            outs.append(model(batch, return_maps=True))
+    out = outs[0]
+    assert out.logits.shape == (2,) and out.embedding.shape == (2, 64)
+    assert [a.shape for a in out.attention] == [(1,), (2,)] and [g.shape for g in out.gates] == [(1,), (2,)]
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.embedding).all()
+    torch.testing.assert_close(outs[1].logits, out.logits, rtol=0, atol=0)
+
+
+def test_any_resolution_in_one_batch_seeded() -> None:
+    rng = np.random.default_rng(0)
+    sizes = [(80, 100), (224, 224), (375, 500), (1080, 1920)]  # (H, W) of 100x80, 224x224, 500x375, 1920x1080
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    patches, counts, boxes = pack_images(images)
+    assert counts.tolist() == [5, 5, 5, 4 * 8] and patches.shape == (47, 3, 224, 224)
+    assert [len(b) for b in boxes] == counts.tolist()
+    gen = torch.Generator().manual_seed(1)
+    batch = DetectorBatch(patches, counts, unit((4, CLIP_DIM), gen), unit((47, CLIP_DIM), gen))
+    cfg = model_cfg("global_local", "film", chunk=16)
+    with torch.no_grad():
+        a, b = (build(cfg).eval()(batch, return_maps=True) for _ in range(2))
+    assert a.logits.shape == (4,) and torch.isfinite(a.logits).all() and torch.isfinite(a.embedding).all()
+    assert [len(w) for w in a.attention] == [5, 5, 5, 32]
+    torch.testing.assert_close(torch.stack([w.sum() for w in a.attention]), torch.ones(4))
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+
+
+def test_pack_images_matches_grid() -> None:
+    image = np.random.default_rng(2).integers(0, 256, (500, 700, 3), dtype=np.uint8)
+    patches, counts, boxes = pack_images([image])
+    crops, grid = crop_patches(image)
+    np.testing.assert_array_equal(boxes[0], grid)
+    assert patches.dtype == torch.float32 and counts.tolist() == [len(grid)]
+    torch.testing.assert_close(patches, torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_pooling_invariant_to_patch_order() -> None:
+    batch = random_batch([3, 6])
+    perm = torch.tensor([2, 0, 1, 8, 3, 6, 4, 7, 5])  # shuffles within each image
+    shuffled = DetectorBatch(batch.patches[perm], batch.counts, batch.global_vec, batch.local_vec[perm])
+    model = build(model_cfg("global_local", "cross_attn")).eval()
+    with torch.no_grad():
+        a, b = model(batch, return_maps=True), model(shuffled, return_maps=True)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(a.attention)[perm], torch.cat(b.attention), rtol=0, atol=1e-6)
+
+
+def test_sample_output_independent_of_batch() -> None:
+    batch = random_batch([2, 3, 1])
+    model = build(model_cfg("global_local", "gate")).eval()
+    alone = DetectorBatch(batch.patches[2:5], batch.counts[1:2], batch.global_vec[1:2], batch.local_vec[2:5])
+    with torch.no_grad():
+        together, single = model(batch), model(alone)
+    torch.testing.assert_close(together.logits[1:2], single.logits, rtol=0, atol=1e-5)
+
+
+def test_chunked_equals_unchunked_and_bounds_encoder_batch() -> None:
+    batch = random_batch([7, 5])
+    model = build(model_cfg("global", "concat", chunk=1000)).eval()
+    seen: list[int] = []
+    model.spectral.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        whole = model(batch).logits
+        assert max(seen) == 12
+        seen.clear()
+        model.chunk_size = 3
+        chunked = model(batch).logits
+    assert max(seen) == 3 and len(seen) == 3 * 4  # three views per chunk, four chunks
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+def test_fft_filter_float32_under_bf16_autocast() -> None:
+    filt = FrequencyFilter(radius=16)
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, high = filt(x.bfloat16())
+        out = build(model_cfg("global", "film"))(random_batch([2, 1]))
+    assert low.dtype == high.dtype == torch.float32 and torch.isfinite(out.logits).all()
+    # reference: centred spectrum, circle of radius 16 around the DC bin (SPAI's construction)
+    spec = np.fft.fftshift(np.fft.fft2(x.bfloat16().float().numpy()), axes=(-2, -1))
+    yy, xx = np.mgrid[:224, :224] - 112
+    ref = np.fft.ifft2(np.fft.ifftshift(spec * ((yy**2 + xx**2) <= 16**2), axes=(-2, -1))).real
+    np.testing.assert_allclose(low.numpy(), ref, atol=1e-4)
+    torch.testing.assert_close(low + high, x.bfloat16().float())
+
+
+def test_only_detector_parameters_get_gradients() -> None:
+    model = build(model_cfg("global_local", "gate"))
+    batch = random_batch([2, 3])
+    assert not batch.global_vec.requires_grad and not batch.local_vec.requires_grad
+    F.binary_cross_entropy_with_logits(model(batch).logits, torch.tensor([0.0, 1.0])).backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".")[0] for n in names} == {"spectral", "fusion", "pool", "head"}
+    assert all(p.grad is not None for p in trainable_parameters(model))
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("spectral.encoder"))
+    assert batch.global_vec.grad is None and not batch.global_vec.requires_grad and batch.local_vec.grad is None
+    assert not any(type(m).__module__.startswith("open_clip") for m in model.modules())
+
+
+def test_mode_none_ignores_semantic_vectors() -> None:
+    model = build(model_cfg("none")).eval()
+    batch = random_batch([2, 2])
+    bare = DetectorBatch(batch.patches, batch.counts)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).logits, model(bare).logits, rtol=0, atol=0)
+    assert model.semantic_mode == "none" and model.fusion is None
+    assert create_detector(model_cfg("none"), clip_dim=0).semantic_mode == "none"
+
+
+def test_frozen_pretrained_timm_vit(tmp_path: Path) -> None:
+    spec = {
+        "timm_model": "vit_tiny_patch16_224",
+        "timm_kwargs": {"patch_size": 32, "embed_dim": 48, "depth": 3, "num_heads": 3},
+        "feature_indices": [0, 1, 2],
+        "frozen": True,
+        "srs_dim": 16,
+        "context_dim": 16,
+    }
+    encoder = tmp_path / "tiny-frozen.json"
+    encoder.write_text(json.dumps(spec))
+    with pytest.raises(EncoderConfigError, match="ENCODER_WEIGHTS"):
+        build(model_cfg(encoder=str(encoder)))
+    weights = write_frozen_weights(str(encoder), tmp_path)
+    model = build(model_cfg("global", "film", encoder=str(encoder), weights=weights)).train()
+    backbone = model.spectral.encoder.backbone
+    stored = load_file(weights)
+    assert all(torch.equal(stored[k], v) for k, v in backbone.state_dict().items())
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+    params = {id(p) for p in trainable_parameters(model)}
+    assert params and not params & {id(p) for p in backbone.parameters()}
+    model(random_batch([2])).logits.sum().backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert not any(k.startswith("spectral.encoder.backbone") for k in trainable_state_dict(model))
+
+
+def test_trainable_state_dict_round_trip(tmp_path: Path) -> None:
+    cfg = model_cfg("global_local", "film")
+    a, b = build(cfg, seed=0).eval(), build(cfg, seed=5).eval()
+    b.load_state_dict(trainable_state_dict(a))
+    batch = random_batch([2, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(a(batch).logits, b(batch).logits, rtol=0, atol=0)
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(EncoderConfigError, match="no model JSON 'nope'"):
+        build(model_cfg(encoder="nope"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"timm_model": "vit_tiny_patch16_224", "depht": 3}))
+    with pytest.raises(EncoderConfigError, match="unknown key 'depht'"):
+        build(model_cfg(encoder=str(bad)))
+    bn = tmp_path / "bn.json"
+    bn.write_text(json.dumps({"timm_model": "resnet10t", "feature_indices": [0, 1]}))
+    with pytest.raises(EncoderConfigError, match="BatchNorm"):
+        build(model_cfg(encoder=str(bn)))
+    with pytest.raises(ValueError, match="clip_dim"):
+        create_detector(model_cfg("global"), clip_dim=0)
+    with pytest.raises(ValueError, match="local_vec"):
+        batch = random_batch([1])
+        build(model_cfg("global_local"))(DetectorBatch(batch.patches, batch.counts, batch.global_vec))
+
+
+# --- synthetic tasks that only the right semantic mode can solve -------------------------------------------
+
+
+POOL = torch.rand(6, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # pixels shared by all images
+TASK_DIM = 64  # wide enough that random vectors barely project on the label direction, as with real CLIP widths
+
+
+def synthetic_task(kind: str, n_images: int, seed: int) -> tuple[torch.Tensor, DetectorBatch, torch.Tensor]:
+    """Pixels carry no label. `global`: the label shifts the global vector. `local`: in fake images one patch's
+    local vector is shifted, and all patches of an image have the same pixels. Returns pool indices (n, P),
+    a batch without pixels, labels (n,)."""
+    direction = unit((TASK_DIM,), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(seed)
+    per_image = 2 if kind == "global" else 3
+    labels = (torch.randperm(n_images, generator=gen) % 2).float()  # balanced: chance is exactly 0.5
+    pick = torch.randint(0, len(POOL), (n_images, per_image), generator=gen)
+    global_vec = torch.randn(n_images, TASK_DIM, generator=gen)
+    local_vec = torch.randn(n_images, per_image, TASK_DIM, generator=gen)
+    if kind == "global":
+        global_vec += 0.5 * TASK_DIM**0.5 * (2 * labels[:, None] - 1) * direction  # cosine ~ +-0.45
+    else:
+        pick[:] = pick[:, :1]  # the marked patch is indistinguishable from its neighbours by its pixels
+        marked = torch.randint(0, per_image, (n_images,), generator=gen)
+        local_vec[torch.arange(n_images), marked] += TASK_DIM**0.5 * labels[:, None] * direction  # cosine ~0.7
+    batch = DetectorBatch(
+        patches=torch.empty(0),
+        counts=torch.full((n_images,), per_image),
+        global_vec=F.normalize(global_vec, dim=-1).half(),
+        local_vec=F.normalize(local_vec, dim=-1).half(),  # (n, P, D) until `select` packs it
+    )
+    return pick, batch, labels
+
+
+def select(pick: torch.Tensor, batch: DetectorBatch, idx: torch.Tensor) -> DetectorBatch:
+    """The images `idx`, with their pixels gathered from the pool (only this batch is materialised)."""
+    return DetectorBatch(POOL[pick[idx].flatten()], batch.counts[idx], batch.global_vec[idx],
+                         batch.local_vec[idx].flatten(0, 1))  # fmt: skip
+
+
+def held_out_accuracy(mode: str, kind: str, steps: int = 40, lr: float = 1e-2) -> float:
+    model = build(model_cfg(mode, "film"), clip_dim=TASK_DIM)
+    train_pick, train, train_y = synthetic_task(kind, 512, seed=1)
+    test_pick, test, test_y = synthetic_task(kind, 96, seed=2)
+    opt = torch.optim.Adam(trainable_parameters(model), lr=lr)
+    order = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        idx = torch.randperm(len(train_y), generator=order)[:16]  # fresh images at nearly every step
+        loss = F.binary_cross_entropy_with_logits(model(select(train_pick, train, idx)).logits, train_y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(select(test_pick, test, idx)).logits for idx in torch.arange(96).split(32)])
+    return ((logits > 0).float() == test_y).float().mean().item()
+
+
+def test_global_vector_task_needs_global_mode() -> None:
+    assert held_out_accuracy("global", "global") >= 0.9
+    assert held_out_accuracy("none", "global") <= 0.65
+
+
+def test_local_vector_task_needs_global_local_mode() -> None:
+    assert held_out_accuracy("global_local", "local") >= 0.9
+    assert held_out_accuracy("global", "local") <= 0.65
