@@ -28,7 +28,10 @@ from semspai.stages.extract import run as extract
 from semspai.stages.shard import ShardConfig
 from semspai.stages.shard import run as shard
 
-CLIP = "ViT-B-16:random"
+CLIP = "ViT-B-16:random"  # what the online variant runs every step
+# what fills the store: the same 512-d width at a quarter of the cost; a step reads only the vectors' width,
+# never their values' origin, so the store variant's speed does not depend on which encoder made them
+STORE_CLIP = "ViT-B-32:random"
 SIDE = 512  # DESIGN.md's extraction target image: 512-px JPEG, 4 grid patches
 
 
@@ -115,13 +118,13 @@ def main() -> None:
                 ExtractConfig(
                     shards=str(shards),
                     store=str(store),
-                    clip=CLIP,
+                    clip=STORE_CLIP,
                     workers=0,
                     device=args.device,
                     torch_threads=torch.get_num_threads(),
                 )
             )
-            print(f"store: {args.images + 4} images extracted with {CLIP} in {time.perf_counter() - t0:.0f} s")
+            print(f"store: {args.images + 4} images extracted with {STORE_CLIP} in {time.perf_counter() - t0:.0f} s")
         cfg = load_config(None, [f"TRAIN.BATCH_SIZE={args.batch_size}"])
         precision = resolve_precision(cfg.TRAIN.PRECISION, device)
         trainer = Trainer(cfg, str(shards), work / "run", str(store), device, precision)
