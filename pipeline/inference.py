@@ -18,7 +18,7 @@ from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_det
 from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
-from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, _to_rgb, decode_image
+from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, pil_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ def to_rgb(image: ImageInput) -> np.ndarray:
             raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}") from exc
         return decode_image(data)
     if isinstance(image, Image.Image):
-        return _to_rgb(image)
+        return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise ImageDecodeError(f"array of shape {image.shape} {image.dtype}: expected (H, W[, 3|4]) uint8")
-        return _to_rgb(Image.fromarray(image))
+        return pil_to_rgb(Image.fromarray(image))
     raise ImageDecodeError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a uint8 array")
 
 

@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 
 import click
+import torch
 
 from semspai.pipeline.config import ConfigError
 from semspai.store.checkpoints import CheckpointError
@@ -54,3 +55,10 @@ def config_options(fn: Callable) -> Callable:
         "--config", "config_path", type=click.Path(dir_okay=False), default=None,
         help="YAML run config (unknown keys are errors).",
     )(fn)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> the first GPU when there is one, else the CPU; anything else as given. Decided once, here."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -24,8 +24,7 @@ from semspai.pipeline.metrics import BOOTSTRAP_ROUNDS, clip_scores, evaluate_sco
 from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
 from semspai.pipeline.progress import progress
 from semspai.stages import report
-from semspai.stages.common import register_user_error, user_errors
-from semspai.stages.extract import resolve_device
+from semspai.stages.common import register_user_error, resolve_device, user_errors
 from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.images import ImageDecodeError, decode_image
 from semspai.store.shards import (

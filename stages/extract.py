@@ -31,7 +31,7 @@ from semspai.pipeline.extraction import (
 )
 from semspai.pipeline.grid import DEFAULT_RULE
 from semspai.pipeline.progress import progress
-from semspai.stages.common import register_user_error, user_errors
+from semspai.stages.common import register_user_error, resolve_device, user_errors
 from semspai.store.features import (
     FeatureStoreError,
     FeatureStoreWriter,
@@ -85,12 +85,6 @@ class ExtractResult:
     def images_per_s(self) -> float:
         """Extraction throughput: images over shard_seconds (loading the model and cluster excluded)."""
         return self.n_images / self.shard_seconds if self.shard_seconds > 0 else 0.0
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def default_workers(device: str) -> int:

@@ -17,8 +17,7 @@ from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.inference import Prediction, find_images, load_detector
 from semspai.pipeline.progress import progress
 from semspai.stages import report
-from semspai.stages.common import register_user_error, user_errors
-from semspai.stages.extract import resolve_device
+from semspai.stages.common import register_user_error, resolve_device, user_errors
 
 register_user_error(ClipLoadError)
 

@@ -66,7 +66,7 @@ def probe_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Ima
     """Fully decode `data` (so truncation is caught) and report its size after orientation."""
     img = _open(data, max_pixels)
     fmt, mode = img.format or "", img.mode
-    rgb = _to_rgb(img)
+    rgb = pil_to_rgb(img)
     return ImageInfo(width=rgb.shape[1], height=rgb.shape[0], format=fmt, mode=mode)
 
 
@@ -76,10 +76,11 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     Greyscale, palette, CMYK, 16-bit and float images are converted to 8-bit RGB; an alpha channel is
     dropped (not composited), so the stored colour values, and the traces in them, stay as they are.
     """
-    return _to_rgb(_open(data, max_pixels))
+    return pil_to_rgb(_open(data, max_pixels))
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """An opened PIL image -> (H, W, 3) uint8 RGB, by the same rules as `decode_image`."""
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
