@@ -17,7 +17,8 @@ import click
 
 from semspai import __version__
 from semspai.pipeline.progress import progress
-from semspai.store.images import DEFAULT_MAX_PIXELS, DECODER_ID, ImageDecodeError, ImageTooLargeError, probe_image
+from semspai.stages.common import register_user_error, user_errors
+from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, probe_image
 from semspai.store.manifest import StageManifest, check_stage, fingerprint_paths, manifest_path, write_manifest
 from semspai.store.shards import INDEX_NAME, SHARD_SCHEMA_VERSION, SPLITS, ShardWriter, write_json_atomic
 from semspai.store.sources import (
@@ -29,7 +30,6 @@ from semspai.store.sources import (
     sample_key,
     scan_folder,
 )
-from semspai.stages.common import register_user_error, user_errors
 
 log = logging.getLogger(__name__)
 STAGE = "shard"
