@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -9,8 +10,33 @@ import click
 
 from semspai import __version__
 
+# command name -> "module:attribute"; imported only when that command runs (or `--help` lists them all),
+# so `semspai shard` does not pay for importing torch models and open_clip
+COMMANDS = {
+    "shard": "semspai.stages.shard:command",
+    "extract-clip": "semspai.stages.extract:command",
+    "store": "semspai.stages.store_tools:group",
+    "train": "semspai.stages.train:command",
+    "eval": "semspai.stages.evaluate:command",
+    "predict": "semspai.stages.predict:command",
+    "demo": "semspai.stages.demo:command",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semspai")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
@@ -20,28 +46,6 @@ def cli(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def _register() -> None:
-    # Each stage module defines one click command (or group); importing here keeps `--help` complete.
-    from semspai.stages import demo, shard
-
-    cli.add_command(shard.command)
-    cli.add_command(demo.command)
-    from semspai.stages import extract, store_tools
-
-    cli.add_command(extract.command)
-    cli.add_command(store_tools.group)
-    from semspai.stages import train
-
-    cli.add_command(train.command)
-    from semspai.stages import evaluate, predict
-
-    cli.add_command(evaluate.command)
-    cli.add_command(predict.command)
-
-
-_register()
 
 
 def main() -> None:

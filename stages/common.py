@@ -6,7 +6,6 @@ import functools
 from collections.abc import Callable
 
 import click
-import torch
 
 from semspai.pipeline.config import ConfigError
 from semspai.store.checkpoints import CheckpointError
@@ -60,5 +59,7 @@ def config_options(fn: Callable) -> Callable:
 def resolve_device(device: str) -> str:
     """`auto` -> the first GPU when there is one, else the CPU; anything else as given. Decided once, here."""
     if device == "auto":
+        import torch  # here, not at the top: `semspai shard` should not pay for importing torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_SCHEMA_VERSION = 1
 
@@ -18,6 +19,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Save `state` (tensors, numbers, strings, lists, dicts only — so `weights_only` can load it) atomically:
     a temporary file is written and fsynced, then renamed, so a killed run never leaves half a checkpoint."""
+    import torch  # lazily: CheckpointError is imported by every CLI stage, torch only by those that need it
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -43,6 +46,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint (file or run directory) with `weights_only=True`: no pickled code runs."""
+    import torch
+
     file = resolve_checkpoint(path)
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
