@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from semspai.store.sources import (
 
 log = logging.getLogger(__name__)
 STAGE = "shard"
+STAGING = ".staging"
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.partial)?$")
 register_user_error(SourceError)
 
@@ -173,12 +175,17 @@ def run(cfg: ShardConfig) -> ShardResult:
     manifest_path(out).unlink(missing_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # an index only ever describes complete tars
     _clear_old_shards(out)
+    # tars are written into a staging folder and moved out only when all are complete, so a crash never
+    # leaves a folder of plausible tars that a shard-folder SPEC would pick up
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
     for split in SPLITS:
         items = sorted(by_split[split], key=lambda kp: kp[0])
         for n, lo in enumerate(range(0, len(items), cfg.shard_size)):
             name = f"{split}-{n:06d}.tar"
-            writer = ShardWriter(out / name)
+            writer = ShardWriter(staging / name)
             try:
                 for key, p in items[lo : lo + cfg.shard_size]:
                     _write_sample(writer, key, p, split)
@@ -192,6 +199,9 @@ def run(cfg: ShardConfig) -> ShardResult:
             counts["generator"][p.record.generator] += 1
             counts["split_label"][f"{split}/{'fake' if p.record.label else 'real'}"] += 1
 
+    for entry in shards:
+        os.replace(staging / entry["name"], out / entry["name"])
+    staging.rmdir()
     index = {
         "schema_version": SHARD_SCHEMA_VERSION,
         "decoder": DECODER_ID,

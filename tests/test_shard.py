@@ -359,8 +359,7 @@ def assert_no_complete_looking_output(out: Path) -> None:
     assert not (out / INDEX_NAME).exists()
     assert not (out / MANIFEST_NAME).exists()
     assert not list(out.glob("*.partial"))
-    for tar in out.glob("*.tar"):  # whatever tar is left is a whole, readable one
-        assert sum(1 for _ in iter_shard(tar)) == 4
+    assert not list(out.glob("*.tar"))  # tars only leave the staging folder when all of them are complete
 
 
 def test_crash_mid_run_leaves_no_complete_looking_output(image_tree, tmp_path, monkeypatch):
