@@ -263,8 +263,7 @@ class Trainer:
         self.ddp = self.module
         if self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
-            # the timm backbones keep layers the SRS features bypass (e.g. fc_norm): they never get a gradient
-            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
 
     def _stream(self, plan: SplitPlan, join: StoreJoin | None, view: View) -> ShardStream:
         return ShardStream(plan, join, view, self.cfg.TRAIN.SEED, self.rank, self.world)

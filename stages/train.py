@@ -81,6 +81,7 @@ def command(store, shards, out, config_path, overrides, resume) -> None:
     """
     device = pick_device()
     init_distributed(device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         cfg = TrainStageConfig(
             shards=shards, out=out, store=store, config_path=config_path, overrides=list(overrides), resume=resume
@@ -89,6 +90,8 @@ def command(store, shards, out, config_path, overrides, resume) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if rank != 0:  # rank 0 reports for all
+        return
     if result.nothing_to_do:
         click.echo(f"{out}: all {len(result.history)} epochs are done; nothing to do")
         return
