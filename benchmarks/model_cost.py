@@ -19,7 +19,8 @@ TARGET_GMACS = 3.5  # DESIGN.md: default spectral encoder, all three views of on
 
 
 def count_macs(fn) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # grad mode stays on: FlopCounterMode's module tracker raises under torch.no_grad here (torch 2.14)
+    with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() // 2
 

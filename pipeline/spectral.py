@@ -13,6 +13,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,6 @@ class PatchEncoder(nn.Module):
         if not Path(path).is_file():
             raise EncoderConfigError(f"MODEL.SPECTRAL.ENCODER_WEIGHTS: {path} does not exist")
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
