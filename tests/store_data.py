@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from semspai.store.shards import ShardWriter
+from tests.conftest import encode, random_photo
 
 # (width, height): a 224 square (five equal crops), one under 224 (padded), a 2x2 grid, wide and tall images
 SIZES = ((224, 224), (300, 200), (480, 460), (700, 250), (240, 520))
 CORRUPT_KEY = "s1bad"
-
-
-def photo(width: int, height: int, seed: int) -> np.ndarray:
-    """(H, W, 3) uint8: smooth noise plus grain, so crops differ and JPEGs look photo-like."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 255, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).astype(np.int16)
-    return np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
-
-
-def encode(rgb: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
 
 
 def make_shards(out: Path, n_shards: int = 3, per_shard: int = 4, corrupt: bool = True) -> list[Path]:
@@ -47,7 +30,12 @@ def make_shards(out: Path, n_shards: int = 3, per_shard: int = 4, corrupt: bool 
                 "width": w,
                 "height": h,
             }
-            writer.write(f"s{s}n{i}", encode(photo(w, h, seed), fmt), ext, meta)
+            writer.write(
+                f"s{s}n{i}",
+                encode(random_photo(w, h, seed), fmt, **({"quality": 90} if ext == "jpg" else {})),
+                ext,
+                meta,
+            )
             seed += 1
         if corrupt and s == 1:
             writer.write(CORRUPT_KEY, b"\xff\xd8\xff\xe0 not really a jpeg", "jpg", {"label": 1, "generator": "x"})

@@ -17,7 +17,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 from PIL import Image
-from store_data import CORRUPT_KEY, encode, make_shards, photo
+from store_data import CORRUPT_KEY, make_shards
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from semspai.pipeline.clip import load_embedder
@@ -38,6 +38,8 @@ from semspai.stages.extract import ExtractConfig, run
 from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.images import decode_image
 from semspai.store.shards import ShardError, ShardSample, iter_shard
+from tests.conftest import encode
+from tests.conftest import random_photo as photo
 
 TINY = ClipFactory("tiny-random", "cpu", "fp32")
 BATCH = 7  # not a multiple of any image's crop count, so batches cut through images
