@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image, ImageFilter
 
 from semspai.pipeline.config import AugConfig
-from semspai.store.images import decode_image
+from semspai.pipeline.perturb import add_noise, gaussian_blur, jpeg_roundtrip
 
 
 def choose_cells(n_cells: int, max_patches: int, rng: np.random.Generator) -> np.ndarray:
@@ -20,12 +17,6 @@ def choose_cells(n_cells: int, max_patches: int, rng: np.random.Generator) -> np
     if max_patches <= 0 or n_cells <= max_patches:
         return np.arange(n_cells)
     return np.sort(rng.choice(n_cells, size=max_patches, replace=False))
-
-
-def _jpeg(patch: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(patch).save(buf, "JPEG", quality=quality)
-    return decode_image(buf.getvalue())  # the one decode function, as for every other pixel in the project
 
 
 def augment_patch(patch: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.ndarray:
@@ -41,14 +32,11 @@ def augment_patch(patch: np.ndarray, aug: AugConfig, rng: np.random.Generator) -
     if flip < aug.FLIP_PROB:
         patch = patch[:, ::-1]
     if blur < aug.BLUR_PROB:
-        # PIL's GaussianBlur radius is the standard deviation in pixels
-        patch = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).filter(ImageFilter.GaussianBlur(sigma)))
+        patch = gaussian_blur(patch, sigma)
     if jpeg < aug.JPEG_PROB:
-        patch = _jpeg(np.ascontiguousarray(patch), quality)
+        patch = jpeg_roundtrip(patch, quality)
     if noise < aug.NOISE_PROB:
-        # quantised back to 8 bits like any stored image, so patches travel as uint8 (4x less to move)
-        noisy = patch.astype(np.float32) + rng.normal(0.0, std * 255.0, patch.shape).astype(np.float32)
-        patch = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+        patch = add_noise(patch, std, rng)  # back to uint8, so patches travel 4x lighter
     return np.ascontiguousarray(patch)
 
 

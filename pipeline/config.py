@@ -126,8 +126,11 @@ class RunConfig:
             )
         if self.TRAIN.PRECISION not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"TRAIN.PRECISION: {self.TRAIN.PRECISION!r} is not one of auto, fp32, bf16")
-        for key, pair in (("AUG.JPEG_QUALITY", self.AUG.JPEG_QUALITY), ("AUG.BLUR_SIGMA", self.AUG.BLUR_SIGMA),
-                          ("AUG.NOISE_STD", self.AUG.NOISE_STD)):
+        for key, pair in (
+            ("AUG.JPEG_QUALITY", self.AUG.JPEG_QUALITY),
+            ("AUG.BLUR_SIGMA", self.AUG.BLUR_SIGMA),
+            ("AUG.NOISE_STD", self.AUG.NOISE_STD),
+        ):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise ConfigError(f"{key}: expected [low, high] with low <= high, got {pair}")
         return self
@@ -190,8 +193,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'the top level'}: "
-                          f"{', '.join(sorted(names))})")
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} (known under {prefix or 'the top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 

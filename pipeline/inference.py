@@ -238,8 +238,7 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
                               f"{bad[0]}); was it written by another semspai version?")  # fmt: skip
     embedder = None
     if model.semantic_mode != "none":
-        # `clip_spec` is what `semspai train` writes; `clip` is the name DESIGN's checkpoint contract uses
-        recorded = state.get("clip_spec") or state.get("clip")
+        recorded = state.get("clip_spec")
         embedder = _load_recorded_embedder(recorded, clip, file, device, precision)
     return Detector(model, config, embedder, float(state["threshold"]), device, precision, str(file))
 

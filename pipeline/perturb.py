@@ -19,6 +19,25 @@ KINDS = {  # kind -> (what the value means, valid range check)
 }
 
 
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """Re-encode as JPEG at `quality` and read back through the one decode function, as a real JPEG would be."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, "JPEG", quality=int(quality))
+    return decode_image(buf.getvalue())
+
+
+def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(rgb)).filter(ImageFilter.GaussianBlur(sigma))
+    )  # radius = sigma
+
+
+def add_noise(rgb: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise of `std` (on [0, 1] pixels), quantised back to 8 bits like any stored image."""
+    noisy = rgb.astype(np.float32) + rng.normal(0.0, std * 255.0, rgb.shape).astype(np.float32)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
 class PerturbError(ValueError):
     """A `--perturb` text cannot be parsed; the message names it and the accepted forms."""
 
@@ -35,20 +54,17 @@ class Perturbation:
     def apply(self, rgb: np.ndarray, key: str = "") -> np.ndarray:
         """(H, W, 3) uint8 -> perturbed (H', W', 3) uint8; noise is seeded by `key`, so every checkpoint of an
         ablation sees the same noisy pixels."""
-        img = Image.fromarray(rgb)
         if self.kind == "jpeg":
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=int(self.value))
-            return decode_image(buf.getvalue())  # the one decode function, as a real JPEG would be read
+            return jpeg_roundtrip(rgb, int(self.value))
         if self.kind == "resize":
+            img = Image.fromarray(rgb)
             w, h = img.size
             size = (max(1, round(w * self.value)), max(1, round(h * self.value)))
             return np.asarray(img.resize(size, Image.BICUBIC))
         if self.kind == "blur":
-            return np.asarray(img.filter(ImageFilter.GaussianBlur(radius=self.value)))  # PIL's radius is sigma
+            return gaussian_blur(rgb, self.value)
         seed = int.from_bytes(hashlib.sha256(f"{self.name}|{key}".encode()).digest()[:8], "little")
-        noise = np.random.default_rng(seed).normal(0.0, self.value * 255.0, rgb.shape)
-        return np.clip(np.rint(rgb + noise), 0, 255).astype(np.uint8)
+        return add_noise(rgb, self.value, np.random.default_rng(seed))
 
 
 def parse_perturbations(texts: list[str] | tuple[str, ...]) -> list[Perturbation]:

@@ -47,11 +47,17 @@ def user_errors(fn: Callable) -> Callable:
 def config_options(fn: Callable) -> Callable:
     """`--config FILE` and repeatable `--set KEY=VALUE`."""
     fn = click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="Override one config key, e.g. --set TRAIN.EPOCHS=5 (repeatable; values are YAML).",
     )(fn)
     return click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
         help="YAML run config (unknown keys are errors).",
     )(fn)
 

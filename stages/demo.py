@@ -38,8 +38,15 @@ def write_demo_images(cfg: DemoConfig) -> Path:
         rel = Path("fake" if img.label else "real") / img.generator / f"{i:04d}.png"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.rgb).save(root / rel)  # PNG for reals and fakes alike: only the trace differs
-        rows.append({"path": rel.as_posix(), "label": "fake" if img.label else "real", "generator": img.generator,
-                     "caption": img.caption, "group": img.group})
+        rows.append(
+            {
+                "path": rel.as_posix(),
+                "label": "fake" if img.label else "real",
+                "generator": img.generator,
+                "caption": img.caption,
+                "group": img.group,
+            }
+        )
     with open(manifest, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -57,35 +64,56 @@ def run(cfg: DemoConfig, echo=click.echo) -> evaluate.EvalResult:
 
     echo(f"[1/5] shard {manifest} -> {shards}")
     sharded = shard.run(shard.ShardConfig(sources=[], manifests=[str(manifest)], out=str(shards), shard_size=32))
-    echo("      up to date" if sharded.up_to_date else f"      {sharded.n_written} images in {len(sharded.shards)} tars")
+    echo(
+        "      up to date" if sharded.up_to_date else f"      {sharded.n_written} images in {len(sharded.shards)} tars"
+    )
 
     echo(f"[2/5] extract-clip --clip tiny-random -> {store}  (random weights: the semantic vectors mean nothing)")
-    extracted = extract.run(extract.ExtractConfig(shards=str(shards), store=str(store), clip="tiny-random",
-                                                  workers=1, batch_size=64))
+    extracted = extract.run(
+        extract.ExtractConfig(shards=str(shards), store=str(store), clip="tiny-random", workers=1, batch_size=64)
+    )
     echo(f"      {extracted.n_images} images extracted, {len(extracted.shards_already_done)} shard(s) already done")
 
     echo(f"[3/5] train --from-store {store} -> {run_dir}")
-    trained = train.run(train.TrainStageConfig(shards=str(shards), out=str(run_dir), store=str(store),
-                                               config_path=str(shipped_config("demo")),
-                                               resume=(run_dir / "checkpoints" / "last.pt").exists()))
+    trained = train.run(
+        train.TrainStageConfig(
+            shards=str(shards),
+            out=str(run_dir),
+            store=str(store),
+            config_path=str(shipped_config("demo")),
+            resume=(run_dir / "checkpoints" / "last.pt").exists(),
+        )
+    )
     if trained.history:
         last = trained.history[-1]
         echo(f"      epoch {last['epoch']}: val AUC {last['val_auc']:.3f}, val acc {last['val_acc']:.3f}")
 
     echo(f"[4/5] eval on the test split -> {out / 'eval'}")
-    result = evaluate.run(evaluate.EvalConfig(checkpoints=[str(run_dir)], shards=str(shards), store=str(store),
-                                              out=str(out / "eval"), perturb=["jpeg:75", "resize:0.5"]))
+    result = evaluate.run(
+        evaluate.EvalConfig(
+            checkpoints=[str(run_dir)],
+            shards=str(shards),
+            store=str(store),
+            out=str(out / "eval"),
+            perturb=["jpeg:75", "resize:0.5"],
+        )
+    )
 
     echo(f"[5/5] predict {manifest.parent / 'fake'} -> {out / 'predictions.csv'}")
-    predicted = predict.run(predict.PredictConfig(inputs=[str(manifest.parent / "fake")], checkpoint=str(run_dir),
-                                                  out=str(out / "predictions.csv")))
+    predicted = predict.run(
+        predict.PredictConfig(
+            inputs=[str(manifest.parent / "fake")], checkpoint=str(run_dir), out=str(out / "predictions.csv")
+        )
+    )
     flagged = sum(p.label == "fake" for p in predicted.predictions)
     echo(f"      {flagged}/{len(predicted.predictions)} demo fakes flagged (train and test images alike)")
 
     m = result.metrics["overall"]
     echo(f"\nreport: {result.report_html}  (and {result.report_md})")
-    echo(f"test split: AUC {m['auc']:.3f}, AP {m['ap']:.3f}, accuracy at the val threshold "
-         f"{m['acc_at_threshold']:.3f} ({m['n_real']} real, {m['n_fake']} fake)")
+    echo(
+        f"test split: AUC {m['auc']:.3f}, AP {m['ap']:.3f}, accuracy at the val threshold "
+        f"{m['acc_at_threshold']:.3f} ({m['n_real']} real, {m['n_fake']} fake)"
+    )
     for gen, gm in sorted(result.metrics["per_generator"].items()):
         echo(f"  {gen:>10}: AUC {gm['auc']:.3f} ({gm['n_fake']} fakes vs all reals)")
     return result

@@ -342,7 +342,9 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
                  *[m["per_generator"][g]["auc"] for g in gens]]]  # fmt: skip
         for name, pm in m["perturbations"].items():
             o = pm["overall"]
-            delta = None if o["auc"] is None or m["overall"]["auc"] is None else f"{o['auc'] - m['overall']['auc']:+.3f}"
+            delta = (
+                None if o["auc"] is None or m["overall"]["auc"] is None else f"{o['auc'] - m['overall']['auc']:+.3f}"
+            )
             rows.append([name, _auc_text(o), delta, o["ap"], o["acc_at_threshold"],
                          *[pm["per_generator"][g]["auc"] for g in gens]])  # fmt: skip
         doc.table(["perturbation", "AUC [95% CI]", "ΔAUC", "AP", "acc @threshold", *[f"AUC {g}" for g in gens]], rows)
@@ -370,7 +372,9 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
             o = r.metrics["overall"]
             row = [r.label, r.mode, _auc_text(o), o["ap"], o["acc_at_threshold"], o["tpr_at_5_fpr"]]
             if has_p:
-                aucs = [p["overall"]["auc"] for p in r.metrics["perturbations"].values() if p["overall"]["auc"] is not None]
+                aucs = [
+                    p["overall"]["auc"] for p in r.metrics["perturbations"].values() if p["overall"]["auc"] is not None
+                ]
                 row.append(float(np.mean(aucs)) if aucs else None)
             rows.append(row)
         doc.table(header, rows)
@@ -444,17 +448,36 @@ def run(cfg: EvalConfig) -> EvalResult:
 
 
 @click.command("eval")
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(),
-              help="Checkpoint file or run dir (= RUN/checkpoints/best.pt); repeat for an ablation table.")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="Checkpoint file or run dir (= RUN/checkpoints/best.pt); repeat for an ablation table.",
+)
 @click.option("--shards", required=True, help="Shard spec: folder, glob or brace pattern.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for metrics and report.")
-@click.option("--store", default=None, type=click.Path(), help="Feature store with the clean CLIP vectors "
-              "(else CLIP runs on the fly).")
+@click.option(
+    "--store",
+    default=None,
+    type=click.Path(),
+    help="Feature store with the clean CLIP vectors (else CLIP runs on the fly).",
+)
 @click.option("--split", default="test", show_default=True, type=click.Choice(SPLITS))
-@click.option("--perturb", multiple=True, metavar="KIND:V[,V...]",
-              help="jpeg:50,75,90 | resize:0.5,0.75 | blur:1.0 | noise:0.02 (repeatable).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help=f"Override {' or '.join(EVAL_OVERRIDES)} (e.g. DATA.GENERATORS=a,b).")
+@click.option(
+    "--perturb",
+    multiple=True,
+    metavar="KIND:V[,V...]",
+    help="jpeg:50,75,90 | resize:0.5,0.75 | blur:1.0 | noise:0.02 (repeatable).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help=f"Override {' or '.join(EVAL_OVERRIDES)} (e.g. DATA.GENERATORS=a,b).",
+)
 @click.option("--clip", default=None, help="Where the checkpoint's CLIP weights are now (MODEL:WEIGHTS).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--heatmaps", "n_heatmaps", default=3, show_default=True, help="Images per heatmap group.")

@@ -94,14 +94,26 @@ def run(cfg: PredictConfig) -> PredictResult:
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint file or run dir (its best.pt).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Results file: .json for JSON, else CSV (path,score,label,n_patches,error). Default: CSV on stdout.")
-@click.option("--heatmaps", default=None, type=click.Path(file_okay=False),
-              help="Folder for one heatmap PNG per image (attention per patch, fusion gates).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Results file: .json for JSON, else CSV (path,score,label,n_patches,error). Default: CSV on stdout.",
+)
+@click.option(
+    "--heatmaps",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder for one heatmap PNG per image (attention per patch, fusion gates).",
+)
 @click.option("--clip", default=None, help="Where the checkpoint's CLIP weights are now (MODEL:WEIGHTS).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
-              help="Patches per encoder step (bounds memory); default: the checkpoint's.")
+@click.option(
+    "--chunk-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Patches per encoder step (bounds memory); default: the checkpoint's.",
+)
 @user_errors
 def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size) -> None:
     """Score images (files, or directories walked recursively) of any size: score = P(fake).

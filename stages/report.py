@@ -146,8 +146,16 @@ def plot_heatmap(rgb: np.ndarray, maps: PatchMaps, title: str, path: Path) -> Pa
         for (x0, y0, x1, y1), v in zip(maps.boxes.tolist(), np.asarray(values).tolist(), strict=True):
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, ec="white", alpha=0.7))
             if label_patches:
-                ax.text((x0 + x1) / 2, (y0 + y1) / 2, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white", bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0})
+                ax.text(
+                    (x0 + x1) / 2,
+                    (y0 + y1) / 2,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.45, "lw": 0},
+                )
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     for ax in axes[0]:

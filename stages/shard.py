@@ -133,24 +133,38 @@ def run(cfg: ShardConfig) -> ShardResult:
         raise SourceError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     records = collect_records(cfg)
     out = Path(cfg.out)
-    input_files = [r.path for r in records if r.path.exists()] + [Path(m) for m in cfg.sources + cfg.manifests
-                                                                    if Path(m).is_file()]
-    wanted = StageManifest(stage=STAGE, schema_version=SHARD_SCHEMA_VERSION, config_digest=cfg.digest(),
-                           inputs={"sources": fingerprint_paths(input_files)}, semspai_version=__version__,
-                           config=asdict(cfg))
+    input_files = [r.path for r in records if r.path.exists()] + [
+        Path(m) for m in cfg.sources + cfg.manifests if Path(m).is_file()
+    ]
+    wanted = StageManifest(
+        stage=STAGE,
+        schema_version=SHARD_SCHEMA_VERSION,
+        config_digest=cfg.digest(),
+        inputs={"sources": fingerprint_paths(input_files)},
+        semspai_version=__version__,
+        config=asdict(cfg),
+    )
     hint = {"sources": f"`semspai shard ... --out {out} --force`"}
     if not check_stage(out, wanted, hint, cfg.force):
         return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
 
     unlabeled = [r for r in records if r.label is None]
     if unlabeled and not cfg.skip_unlabeled:
-        raise SourceError(f"{unlabeled[0].path}: no label can be derived (no real/fake folder, no manifest label); "
-                          f"{len(unlabeled)} such file(s) — fix the layout or pass --skip-unlabeled")
+        raise SourceError(
+            f"{unlabeled[0].path}: no label can be derived (no real/fake folder, no manifest label); "
+            f"{len(unlabeled)} such file(s) — fix the layout or pass --skip-unlabeled"
+        )
     records = [r for r in records if r.label is not None]
 
     with ThreadPoolExecutor(cfg.workers or os.cpu_count() or 1) as pool:
-        probed = list(progress(pool.map(lambda r: _probe(r, cfg.max_pixels), records),
-                               total=len(records), desc="decode check", unit="img"))
+        probed = list(
+            progress(
+                pool.map(lambda r: _probe(r, cfg.max_pixels), records),
+                total=len(records),
+                desc="decode check",
+                unit="img",
+            )
+        )
     skipped = [{"path": str(p.record.path), "reason": p.error} for p in probed if p.error]
     first_by_sha: dict[str, _Probed] = {}
     duplicates = []
@@ -216,8 +230,14 @@ def run(cfg: ShardConfig) -> ShardResult:
     write_json_atomic(out / INDEX_NAME, index)
     write_manifest(out, wanted)
     return ShardResult(
-        out=out, up_to_date=False, n_written=len(kept), n_skipped=len(skipped), n_duplicates=len(duplicates),
-        n_unlabeled_skipped=len(unlabeled), shards=[s["name"] for s in shards], counts=index["counts"],
+        out=out,
+        up_to_date=False,
+        n_written=len(kept),
+        n_skipped=len(skipped),
+        n_duplicates=len(duplicates),
+        n_unlabeled_skipped=len(unlabeled),
+        shards=[s["name"] for s in shards],
+        counts=index["counts"],
         seconds=time.perf_counter() - start,
     )
 
@@ -228,8 +248,15 @@ def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None
     if hashlib.sha256(data).hexdigest() != p.sha256:
         raise SourceError(f"{r.path} changed while sharding; rerun `semspai shard`")
     meta = {
-        "label": r.label, "generator": r.generator, "caption": r.caption, "split": split, "group": r.group or r.origin,
-        "width": p.width, "height": p.height, "path": r.origin, "sha256": p.sha256,
+        "label": r.label,
+        "generator": r.generator,
+        "caption": r.caption,
+        "split": split,
+        "group": r.group or r.origin,
+        "width": p.width,
+        "height": p.height,
+        "path": r.origin,
+        "sha256": p.sha256,
     }
     writer.write(key, data, r.path.suffix.lower().lstrip("."), meta)
 
@@ -237,13 +264,26 @@ def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None
 @click.command("shard")
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for tars + index.json.")
-@click.option("--manifest", "manifests", multiple=True, type=click.Path(dir_okay=False),
-              help="CSV: path,label[,generator][,caption][,split][,group] or SPAI's image,class,split (repeatable).")
+@click.option(
+    "--manifest",
+    "manifests",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="CSV: path,label[,generator][,caption][,split][,group] or SPAI's image,class,split (repeatable).",
+)
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per tar.")
-@click.option("--split", default="0.8,0.1,0.1", show_default=True,
-              help="train,val,test ratios for samples whose manifest gives no split (by group hash).")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Refuse images with more pixels (decompression-bomb guard).")
+@click.option(
+    "--split",
+    default="0.8,0.1,0.1",
+    show_default=True,
+    help="train,val,test ratios for samples whose manifest gives no split (by group hash).",
+)
+@click.option(
+    "--max-pixels",
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels (decompression-bomb guard).",
+)
 @click.option("--skip-unlabeled", is_flag=True, help="Skip and count files with no derivable label instead of failing.")
 @click.option("--workers", default=0, help="Decode threads (0 = one per core).")
 @click.option("--force", is_flag=True, help="Rebuild even if the output is up to date or stale.")
@@ -253,20 +293,32 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
 
     Original bytes are stored, never re-encoded; the same input gives byte-identical tars.
     """
-    cfg = ShardConfig(sources=list(sources), out=out, manifests=list(manifests), shard_size=shard_size, split=split,
-                      max_pixels=max_pixels, skip_unlabeled=skip_unlabeled, force=force, workers=workers)
+    cfg = ShardConfig(
+        sources=list(sources),
+        out=out,
+        manifests=list(manifests),
+        shard_size=shard_size,
+        split=split,
+        max_pixels=max_pixels,
+        skip_unlabeled=skip_unlabeled,
+        force=force,
+        workers=workers,
+    )
     result = run(cfg)
     if result.up_to_date:
         click.echo(f"{out}: up to date (same inputs and config); nothing to do. Pass --force to rebuild.")
         return
     rate = result.n_written / max(result.seconds, 1e-9)
-    click.echo(f"{result.n_written} images in {len(result.shards)} shards at {out} "
-               f"({result.seconds:.1f} s, {rate:.0f} img/s)")
+    click.echo(
+        f"{result.n_written} images in {len(result.shards)} shards at {out} ({result.seconds:.1f} s, {rate:.0f} img/s)"
+    )
     click.echo("splits: " + ", ".join(f"{k}={v}" for k, v in result.counts["split"].items()))
     click.echo("labels: " + ", ".join(f"{k}={v}" for k, v in result.counts["label"].items()))
     if result.n_skipped or result.n_duplicates or result.n_unlabeled_skipped:
-        click.echo(f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate, "
-                   f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json")
+        click.echo(
+            f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate, "
+            f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
+        )
     if not result.shards:
         raise click.ClickException("no image could be sharded")
 

@@ -37,7 +37,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         if not best.exists():
-            raise CheckpointError(f"run directory {path} has no checkpoints/best.pt (did `semspai train` finish an epoch?)")
+            raise CheckpointError(
+                f"run directory {path} has no checkpoints/best.pt (did `semspai train` finish an epoch?)"
+            )
         return best
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -80,7 +80,9 @@ def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, st
         raise StaleOutputError(f"{out} holds the output of `semspai {have.stage}`, not of `semspai {wanted.stage}`")
     reasons = []
     if have.schema_version != wanted.schema_version:
-        reasons.append(f"it was made by schema version {have.schema_version}, this semspai writes {wanted.schema_version}")
+        reasons.append(
+            f"it was made by schema version {have.schema_version}, this semspai writes {wanted.schema_version}"
+        )
     if have.config_digest != wanted.config_digest:
         reasons.append("it was made with another configuration")
     for name, fp in wanted.inputs.items():

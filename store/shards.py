@@ -129,7 +129,9 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise ShardError(f"shard {path} does not exist") from exc
-        raise ShardError(f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it") from exc
+        raise ShardError(
+            f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it"
+        ) from exc
 
 
 def shard_sidecars(path: str | Path) -> list[tuple[str, dict]]:
@@ -147,7 +149,9 @@ def shard_sidecars(path: str | Path) -> list[tuple[str, dict]]:
     except FileNotFoundError as exc:
         raise ShardError(f"shard {path} does not exist") from exc
     except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
-        raise ShardError(f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it") from exc
+        raise ShardError(
+            f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it"
+        ) from exc
     return out
 
 

@@ -61,7 +61,9 @@ def scan_folder(root: Path) -> list[SourceRecord]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
         rel = path.relative_to(root)
         label, generator = label_from_parts((root.name, *rel.parts))
-        records.append(SourceRecord(path=path, origin=f"{root.name}/{rel.as_posix()}", label=label, generator=generator))
+        records.append(
+            SourceRecord(path=path, origin=f"{root.name}/{rel.as_posix()}", label=label, generator=generator)
+        )
     return records
 
 
@@ -95,8 +97,10 @@ def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
         fields = [f.strip().lower() for f in reader.fieldnames or []]
         spai = "image" in fields and "class" in fields
         if not spai and not ("path" in fields and "label" in fields):
-            raise SourceError(f"{csv_path}: expected columns path,label[,generator][,caption][,split][,group] "
-                              f"or SPAI's image,class,split; found {','.join(fields) or 'none'}")
+            raise SourceError(
+                f"{csv_path}: expected columns path,label[,generator][,caption][,split][,group] "
+                f"or SPAI's image,class,split; found {','.join(fields) or 'none'}"
+            )
         records = []
         for raw_row in reader:
             row = {(k or "").strip().lower(): (v or "") for k, v in raw_row.items()}
@@ -108,11 +112,17 @@ def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
             path = (base / rel) if not Path(rel).is_absolute() else Path(rel)
             label = _parse_label(row["class" if spai else "label"], where)
             generator = row.get("generator", "").strip() or label_from_parts(Path(rel).parts)[1]
-            records.append(SourceRecord(
-                path=path, origin=f"{csv_path.stem}/{rel}", label=label, generator=generator,
-                caption=row.get("caption", "").strip(), split=_parse_split(row.get("split", ""), where),
-                group=row.get("group", "").strip(),
-            ))
+            records.append(
+                SourceRecord(
+                    path=path,
+                    origin=f"{csv_path.stem}/{rel}",
+                    label=label,
+                    generator=generator,
+                    caption=row.get("caption", "").strip(),
+                    split=_parse_split(row.get("split", ""), where),
+                    group=row.get("group", "").strip(),
+                )
+            )
     return records
 
 

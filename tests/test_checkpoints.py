@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from semspai.store.checkpoints import (
     CHECKPOINT_SCHEMA_VERSION,
     CheckpointError,

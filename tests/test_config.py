@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import yaml
+
 from semspai.pipeline.config import (
     SEMANTIC_MODES,
     ConfigError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes, pad_image, padded_size
 
 S = 224

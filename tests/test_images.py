@@ -9,8 +9,8 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from semspai.store.images import ImageDecodeError, ImageTooLargeError, decode_image, probe_image
 
+from semspai.store.images import ImageDecodeError, ImageTooLargeError, decode_image, probe_image
 from tests.conftest import encode, random_photo
 
 W, H = 40, 24  # non-square, so a wrong orientation or a transposed array shows

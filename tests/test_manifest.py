@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from semspai.store.manifest import (
     MANIFEST_NAME,
     StageManifest,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from semspai.stages.shard import ShardConfig, run
 from semspai.store.images import decode_image
 from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, read_manifest
@@ -27,7 +28,6 @@ from semspai.store.shards import (
     shard_split,
 )
 from semspai.store.sources import SourceError, sample_key
-
 from tests.conftest import TREE, encode, make_tree, random_photo, write_image
 
 CNN_RANKING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnndetection-ranking"
