@@ -150,29 +150,16 @@ def test_verify_passes_on_an_extracted_store(shards: Path, reference: Path) -> N
     assert "ok (12 images, 1 unreadable skipped, 3 shards)" in result.output
 
 
+def cli_args(shards: Path, store: Path, clip: str = "tiny-random", *extra: str) -> list[str]:
+    """`extract-clip` arguments for an in-process, CPU, fp32 run with the small prompt bank."""
+    return ["extract-clip", "--shards", str(shards), "--store", str(store), "--clip", clip, "--workers", "0",
+            "--device", "cpu", "--precision", "fp32", "--prompts", str(PROMPTS), *extra]  # fmt: skip
+
+
 def test_kill_after_rows_then_resume_is_bitwise_equal(shards: Path, reference: Path, tmp_path: Path) -> None:
     store = tmp_path / "killed.zarr"
     exe = Path(sys.executable).with_name("semspai")
-    args = [
-        str(exe),
-        "extract-clip",
-        "--shards",
-        str(shards),
-        "--store",
-        str(store),
-        "--clip",
-        "tiny-random",
-        "--workers",
-        "0",
-        "--batch-size",
-        str(BATCH),
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--prompts",
-        str(PROMPTS),
-    ]
+    args = [str(exe), *cli_args(shards, store, "tiny-random", "--batch-size", str(BATCH))]
     env = {**os.environ, FAULT_ENV: "train-000001"}
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -247,23 +234,7 @@ def test_other_weights_are_refused(shards: Path, reference: Path, tmp_path: Path
     sd["logit_scale"] += 1
     weights = tmp_path / "tiny-other.safetensors"
     save_file(sd, str(weights))
-    line = one_line_error(
-        [
-            "extract-clip",
-            "--shards",
-            str(shards),
-            "--store",
-            str(reference),
-            "--clip",
-            f"tiny-random:{weights}",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--prompts",
-            str(PROMPTS),
-        ]
-    )
+    line = one_line_error(cli_args(shards, reference, f"tiny-random:{weights}"))
     assert f"feature store {reference} was made with another setup" in line
     assert "clip.sha256: store has '" in line and "asked for '" in line
 
@@ -275,23 +246,7 @@ def test_gpu_decoder_on_a_cpu_store_is_refused(shards: Path, reference: Path) ->
 
 def test_changed_shard_is_refused(reference: Path, tmp_path: Path) -> None:
     make_shards(tmp_path / "changed", n_shards=1, per_shard=3)
-    line = one_line_error(
-        [
-            "extract-clip",
-            "--shards",
-            str(tmp_path / "changed"),
-            "--store",
-            str(reference),
-            "--clip",
-            "tiny-random",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--prompts",
-            str(PROMPTS),
-        ]
-    )
+    line = one_line_error(cli_args(tmp_path / "changed", reference))
     assert "shard train-000000 (" in line and "changed since it was extracted" in line
 
 
@@ -301,25 +256,7 @@ def test_truncated_tar_fails_naming_it_and_keeps_the_others(shards: Path, tmp_pa
     tar = bad / "train-000001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     store = tmp_path / "t.zarr"
-    line = one_line_error(
-        [
-            "extract-clip",
-            "--shards",
-            str(bad),
-            "--store",
-            str(store),
-            "--clip",
-            "tiny-random",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--batch-size",
-            str(BATCH),
-            "--prompts",
-            str(PROMPTS),
-        ]
-    )
+    line = one_line_error(cli_args(bad, store, "tiny-random", "--batch-size", str(BATCH)))
     assert f"shard {tar}: truncated or corrupt tar" in line and "rerun `semspai shard`" in line
     assert FeatureStore.open(str(store)).done_shards == ["train-000000", "train-000002"]
 
