@@ -22,7 +22,8 @@ from PIL import Image
 from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
 from semspai.pipeline.config import load_config
 from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate
-from semspai.pipeline.engine import Trainer, batched
+from semspai.pipeline.engine import Trainer
+from semspai.pipeline.iterate import batched
 from semspai.stages.extract import ExtractConfig
 from semspai.stages.extract import run as extract
 from semspai.stages.shard import ShardConfig

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from semspai import __version__
 from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
 from semspai.pipeline.data import ShardStream, SplitPlan, StoreJoin, TrainBatch, View, collate, plan_split
 from semspai.pipeline.detector import DetectorBatch, create_detector, trainable_parameters, trainable_state_dict
+from semspai.pipeline.iterate import batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -155,17 +156,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _world() -> tuple[int, int]:

@@ -12,9 +12,7 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +24,7 @@ from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
+from semspai.pipeline.iterate import batched, in_background, ordered_map
 from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
 from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from semspai.store.shards import ShardSample, file_sha256, iter_shard, shard_name
@@ -41,7 +40,8 @@ PROMPT_TEMPLATE = "a photo of a {}."
 GPU_DECODER_ID = "torchvision-decode_jpeg-rgb+torch-bicubic-aa-v1"
 JPEG_EXTS = ("jpg", "jpeg")
 EXIF_ORIENTATION = 0x0112
-PREFETCH_PER_WORKER = 4  # images in flight per decode thread: enough to hide jitter, bounded memory
+DEVICE_CHUNK = 128  # images per batched device decode
+DEVICE_AHEAD = 2  # chunks decoded ahead of the encoder
 
 
 class Embedder(Protocol):
@@ -90,7 +90,7 @@ def prompt_bank(path: str | Path) -> list[str]:
 
 
 def _to_f16(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float32).numpy().astype(np.float16)
+    return x.detach().to(torch.float16).cpu().numpy()
 
 
 def embed_texts(embedder: Embedder, texts: list[str], batch_size: int) -> np.ndarray:
@@ -155,11 +155,24 @@ class CpuCrops:
         return Prepared(sample.key, sample.meta, crops, boxes, rgb.shape[0], rgb.shape[1])
 
 
-class DeviceCrops(CpuCrops):
-    """JPEG decode with torchvision on `device` (nvjpeg on CUDA) and crops resized there.
+@dataclass
+class Probed:
+    """A sample checked in a reader thread: JPEG bytes for the device decoder, or host pixels, or an error."""
 
-    Matches CpuCrops within the tolerance tests/test_extract.py states, not bit for bit (another IDCT and
-    torch's bicubic instead of PIL's), which is why the store records GPU_DECODER_ID.
+    sample: ShardSample
+    data: torch.Tensor | None = None  # (n_bytes,) uint8: a JPEG the device decodes
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8 from the decode function (other formats, rotated JPEGs)
+    error: str = ""
+
+
+class DeviceCrops(CpuCrops):
+    """JPEG decode with torchvision on `device` (nvjpeg on CUDA, many images per call) and crops cut there.
+
+    Two steps: `probe` (reader threads: a header check, or the host decode for what the device cannot take)
+    and `prepare` (one thread: a batched decode of a chunk of JPEGs, then the global view and the grid
+    patches of each group of equal-sized images in a few batched kernels). Matches CpuCrops within the
+    tolerance tests/test_extract.py states, not bit for bit (another IDCT and torch's bicubic instead of
+    PIL's), which is why the store records GPU_DECODER_ID. No call here waits for the device.
     """
 
     def __init__(
@@ -173,73 +186,99 @@ class DeviceCrops(CpuCrops):
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
-    def _device_decode(self, sample: ShardSample) -> torch.Tensor | None:
-        """(3, H, W) uint8 on the device, or None when the CPU decoder must handle it."""
+    def probe(self, sample: ShardSample) -> Probed:
+        if sample.ext.lower() in JPEG_EXTS:
+            try:
+                with Image.open(io.BytesIO(sample.image)) as im:  # header only: size, mode and EXIF, no pixels
+                    w, h = im.size
+                    plain = im.mode in ("RGB", "L") and im.getexif().get(EXIF_ORIENTATION, 1) == 1
+                # no end-of-image marker: maybe truncated, and nvjpeg may not say so; the host decoder will
+                complete = sample.image.rstrip(b"\0").endswith(b"\xff\xd9")
+                if plain and complete and w * h <= self.max_pixels:
+                    return Probed(sample, data=torch.frombuffer(bytearray(sample.image), dtype=torch.uint8))
+            except (OSError, ValueError):
+                pass  # the decode function below gives the one, shared error message
+        try:
+            return Probed(sample, rgb=self.decode(sample))
+        except ImageDecodeError as exc:
+            return Probed(sample, error=str(exc))
+
+    def _decode_jpegs(self, probes: list[Probed]) -> list[torch.Tensor | None]:
+        """(3, H, W) uint8 device tensors, one call for the chunk; an image nvjpeg refuses gets None."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        if sample.ext.lower() not in JPEG_EXTS:
-            return None
+        if not probes:
+            return []
         try:
-            with Image.open(io.BytesIO(sample.image)) as im:  # header only: size and EXIF, no pixels
-                w, h = im.size
-                rotated = im.getexif().get(EXIF_ORIENTATION, 1) != 1
-            if rotated or w * h > self.max_pixels or im.mode == "CMYK":
-                return None
-            data = torch.frombuffer(bytearray(sample.image), dtype=torch.uint8)
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except (OSError, RuntimeError, ValueError):
-            return None  # let the CPU decoder give the one, shared error message
+            return list(decode_jpeg([p.data for p in probes], mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad image fails the whole call: find it alone
+            out: list[torch.Tensor | None] = []
+            for p in probes:
+                try:
+                    out.append(decode_jpeg(p.data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         mode = self.embedder.spec.interpolation
         x = F.interpolate(x, size=size, mode=mode, antialias=mode in ("bilinear", "bicubic"))
         return x.round().clamp_(0, 255)  # PIL resizes uint8 images: same rounding
 
-    def __call__(self, sample: ShardSample) -> Prepared:
-        img = self._device_decode(sample)
-        if img is None:
-            try:
-                rgb = self.decode(sample)
-            except ImageDecodeError as exc:
-                return Prepared(sample.key, sample.meta, error=str(exc))
-            img = torch.tensor(rgb).permute(2, 0, 1).to(self.device)  # decode_image may return a read-only view
-        _, h, w = img.shape
+    def _crops(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(G, 3, H, W) float 0..255 images of one size -> (G, 1 + P, 3, S, S) normalised crops, boxes (P, 4)."""
+        g, _, h, w = x.shape
         s = self.embedder.spec.image_size
-        x = img[None].float()  # (1, 3, H, W), 0..255
         # open_clip's eval transform: shortest side to S, then a centre crop of S x S
         scale = s / min(h, w)
         rh, rw = max(s, round(h * scale)), max(s, round(w * scale))
         glob = self._resize(x, (rh, rw)) if (rh, rw) != (h, w) else x
         top, left = (rh - s) // 2, (rw - s) // 2
         glob = glob[:, :, top : top + s, left : left + s]
+        boxes = grid_boxes(h, w, self.rule)
         if min(h, w) < self.rule.size:  # padding is rare: take the host grid so the rule stays in one place
-            patches_np, boxes = crop_patches(img.permute(1, 2, 0).cpu().numpy(), self.rule)
-            patches = torch.from_numpy(patches_np).to(self.device).permute(0, 3, 1, 2).float()
+            hwc = x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            patches = torch.from_numpy(np.stack([crop_patches(im, self.rule)[0] for im in hwc])).to(self.device)
+            patches = patches.permute(0, 1, 4, 2, 3).float()  # (G, P, 3, size, size)
         else:
-            boxes = grid_boxes(h, w, self.rule)
-            patches = torch.stack([x[0, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes.tolist()])
+            patches = torch.stack([x[:, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes.tolist()], dim=1)
+        n = patches.shape[1]
         if patches.shape[-1] != s:
-            patches = self._resize(patches, (s, s))
-        crops = (torch.cat([glob, patches]) / 255.0 - self.mean) / self.std  # (1 + P, 3, S, S)
-        return Prepared(sample.key, sample.meta, crops, boxes, h, w)
+            patches = self._resize(patches.flatten(0, 1), (s, s)).view(g, n, 3, s, s)
+        crops = torch.cat([glob[:, None], patches], dim=1)  # (G, 1 + P, 3, S, S)
+        crops = (crops.flatten(0, 1) / 255.0 - self.mean) / self.std
+        return crops.view(g, 1 + n, 3, s, s), boxes
 
+    def prepare(self, probes: list[Probed]) -> list[Prepared]:
+        """Crops for a chunk of probed samples, in their order."""
+        jpegs = [i for i, p in enumerate(probes) if p.data is not None]
+        images: list[torch.Tensor | None] = [None] * len(probes)
+        for i, img in zip(jpegs, self._decode_jpegs([probes[i] for i in jpegs]), strict=True):
+            images[i] = img
+        out: list[Prepared] = []
+        for i, p in enumerate(probes):
+            if images[i] is None and not p.error:
+                rgb = p.rgb
+                if rgb is None:
+                    try:
+                        rgb = self.decode(p.sample)
+                    except ImageDecodeError as exc:
+                        p.error = str(exc)
+                if rgb is not None:  # decode_image may return a read-only view: copy
+                    images[i] = torch.tensor(rgb).permute(2, 0, 1).to(self.device)
+            out.append(Prepared(p.sample.key, p.sample.meta, error=p.error))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            if img is not None:
+                groups.setdefault(tuple(img.shape[1:]), []).append(i)
+        for (h, w), idx in groups.items():
+            crops, boxes = self._crops(torch.stack([images[i] for i in idx]).float())
+            for j, i in enumerate(idx):
+                out[i].crops, out[i].boxes, out[i].height, out[i].width = crops[j], boxes, h, w
+        return out
 
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
-    """`map(fn, items)` on `workers` threads, in input order, with a bounded number of items in flight.
-
-    Threads, not processes: Dask workers are daemonic and cannot fork; PIL and torch release the GIL.
-    """
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    window: deque[Future] = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) >= workers * PREFETCH_PER_WORKER:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
+    def __call__(self, sample: ShardSample) -> Prepared:
+        return self.prepare([self.probe(sample)])[0]
 
 
 # --- mapper: full batches through the encoder -------------------------------------------------------------
@@ -256,7 +295,7 @@ class CropBatcher:
         self.embed, self.batch_size = embed, batch_size
         self.pending: list[torch.Tensor] = []
         self.n_pending = 0
-        self.out: list[np.ndarray] = []
+        self.out: list[torch.Tensor] = []
 
     def add(self, crops: torch.Tensor) -> None:
         self.pending.append(crops)
@@ -268,14 +307,15 @@ class CropBatcher:
             self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
 
     def _run(self, batch: torch.Tensor) -> None:
-        self.out.append(_to_f16(self.embed(batch)))  # (B, D)
+        # float16 where the encoder ran; no copy to the host (and no wait for the device) until finish
+        self.out.append(self.embed(batch).to(torch.float16))  # (B, D)
 
     def finish(self, dim: int) -> np.ndarray:
         """(total crops, D) float16 in the order they were added."""
         if self.pending:
             self._run(torch.cat(self.pending))
             self.pending, self.n_pending = [], 0
-        return np.concatenate(self.out) if self.out else np.zeros((0, dim), np.float16)
+        return torch.cat(self.out).cpu().numpy() if self.out else np.zeros((0, dim), np.float16)
 
 
 @dataclass(frozen=True)
@@ -290,20 +330,26 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: ExtractOptions) -> Iterator[Prepared]:
+    """The shard's samples decoded and cropped, in order: on the host in `decode_workers` threads, or (with
+    gpu_decode) probed in those threads and decoded a chunk at a time on the device by a producer thread
+    that keeps DEVICE_AHEAD chunks ready while the encoder runs."""
+    if not opts.gpu_decode:
+        return ordered_map(CpuCrops(embedder, opts.rule, opts.max_pixels), samples, opts.decode_workers)
+    crops = DeviceCrops(embedder, opts.device, opts.rule, opts.max_pixels)
+    chunks = batched(ordered_map(crops.probe, samples, opts.decode_workers), DEVICE_CHUNK)
+    return (prep for chunk in in_background(map(crops.prepare, chunks), DEVICE_AHEAD) for prep in chunk)
+
+
 def extract_features(
     samples: Iterable[ShardSample], embedder: Embedder, name: str, sha256: str, opts: ExtractOptions
 ) -> ShardFeatures:
     """A shard's samples -> its rows (global, local, boxes, captions, metadata); unreadable images skipped."""
-    prepare = (
-        DeviceCrops(embedder, opts.device, opts.rule, opts.max_pixels)
-        if opts.gpu_decode
-        else (CpuCrops(embedder, opts.rule, opts.max_pixels))
-    )
     batcher = CropBatcher(embedder.get_image_embedding, opts.batch_size)
     kept: list[Prepared] = []
     skipped: list[dict] = []
     n_samples = 0
-    for prep in ordered_map(prepare, samples, opts.decode_workers):
+    for prep in prepared_samples(samples, embedder, opts):
         n_samples += 1
         if prep.error:
             log.warning("shard %s: skipping unreadable image %s: %s", name, prep.key, prep.error)

@@ -53,6 +53,9 @@ DECODE_MEAN_TOL, DECODE_P999_TOL = 1.0, 8.0
 DEVICE_COSINE_MIN = 0.99
 
 
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for nvjpeg")
+)
 PROMPTS = Path(__file__).with_name("store_prompts.txt")  # a 3-class bank: the 1000 ImageNet ones cost time
 
 
@@ -284,9 +287,7 @@ def test_batches_are_full_and_keep_order() -> None:
     "device",
     [
         "cpu",
-        pytest.param(
-            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for nvjpeg")
-        ),
+        CUDA,
     ],
 )
 def test_gpu_decode_agrees_with_the_decode_function(device: str) -> None:
@@ -311,6 +312,56 @@ def test_device_crops_match_cpu_crops(shards: Path) -> None:
     # patches need no resize at 224: identical pixels, identical crops, for the JPEGs decoded on the device
     jpeg = next(s for s in samples if s.ext == "jpg")
     assert torch.equal(CpuCrops(embedder)(jpeg).crops[1:], DeviceCrops(embedder, "cpu")(jpeg).crops[1:])
+
+
+def _rotated_jpeg(rgb: np.ndarray) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_device_chunk_of_mixed_images_matches_cpu_crops(device: str) -> None:
+    """One batched device call over a chunk of every kind the device path meets, in order, against CpuCrops."""
+    embedder = TINY()
+    jpeg = encode(photo(500, 375, 1), "JPEG", quality=92)
+    kinds = {
+        "same-size-a": jpeg,  # two equal sizes: one group, one set of batched kernels
+        "same-size-b": encode(photo(500, 375, 2), "JPEG", quality=92),
+        "other-size": encode(photo(300, 700, 3), "JPEG", quality=92),
+        "small-padded": encode(photo(100, 80, 4), "JPEG", quality=92),  # below 224: the host grid pads
+        "png": encode(photo(256, 256, 5), "PNG"),
+        "exif-rotated": _rotated_jpeg(photo(320, 240, 6)),
+        "truncated": jpeg[: len(jpeg) // 2],
+        "grey": encode(photo(260, 250, 7)[..., 0], "JPEG"),
+    }
+    samples = [ShardSample(k, data, "png" if k == "png" else "jpg", {"label": 0}) for k, data in kinds.items()]
+    dev = DeviceCrops(embedder, device)
+    probes = [dev.probe(s) for s in samples]
+    on_device = {p.sample.key for p in probes if p.data is not None}
+    assert on_device == {"same-size-a", "same-size-b", "other-size", "small-padded", "grey"}
+    got = dev.prepare(probes)
+    assert [g.key for g in got] == list(kinds)
+    cpu = CpuCrops(embedder)
+    for sample, g in zip(samples, got, strict=True):
+        want = cpu(sample)
+        assert g.error == want.error, sample.key
+        if want.error:
+            assert "truncated" in sample.key and g.crops is None
+            continue
+        assert (g.height, g.width) == (want.height, want.width), sample.key  # after EXIF orientation
+        assert np.array_equal(g.boxes, want.boxes), sample.key
+        assert g.crops.shape == want.crops.shape, sample.key
+        levels = (g.crops.cpu() - want.crops).abs() * 255 * torch.tensor(embedder.spec.std).view(3, 1, 1)
+        if device == "cpu":  # libjpeg on both sides: grid patches (no resize) are the same pixels
+            assert torch.equal(g.crops[1:], want.crops[1:]), sample.key
+        else:  # nvjpeg's IDCT: within the decode tolerance
+            assert levels[1:].mean() <= DECODE_MEAN_TOL, sample.key
+        # the global view is resized by torch's bicubic instead of PIL's: close, not equal (about 7 grey
+        # levels at most on these noisy photos; DEVICE_COSINE_MIN bounds what that does to the vectors)
+        assert levels[0].mean() < 7, sample.key
 
 
 def test_injected_reader_and_unreadable_image(tmp_path: Path) -> None:

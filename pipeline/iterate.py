@@ -1,0 +1,91 @@
+"""Iterator helpers shared by extraction and training: fixed-size batches, threaded maps, a background producer."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+PREFETCH_PER_WORKER = 4  # items in flight per thread of ordered_map: enough to hide jitter, bounded memory
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` consecutive items; the last one may be shorter."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> Iterator[T]:
+    """`map(fn, items)` on `workers` threads, in input order, with a bounded number of items in flight.
+
+    Threads, not processes: Dask workers are daemonic and cannot fork; PIL and torch release the GIL.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    window: deque[Future] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= workers * PREFETCH_PER_WORKER:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate `items` in a producer thread, at most `depth` items ahead of the consumer.
+
+    An exception in the producer is raised in the consumer; a consumer that stops early stops the producer.
+    """
+    buf: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buf.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buf.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            buf.put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buf.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                buf.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.1)
