@@ -41,7 +41,7 @@ def make_shards(out: Path, n_images: int, per_shard: int, unique: int | None = N
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     blobs: list[bytes] = []
-    for i in range(min(n_images, unique or n_images)):
+    for _ in range(min(n_images, unique or n_images)):
         small = rng.integers(0, 255, (SIZE // 16, SIZE // 16, 3), dtype=np.uint8)
         img = np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)).astype(np.int16)
         img = np.clip(img + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)

@@ -4,6 +4,7 @@ Both variants run the same default-config training step (global_local fusion, sa
 precision) on the same shards; the online one first computes each image's global vector and each chosen
 cell's local vector with a ViT-B-16 CLIP (random weights, inference mode), as a trainer without the store
 would. Usage: python benchmarks/train_from_store.py [--images 48] [--batch-size 16] [--steps 2] [--device cpu]
+       [--num-workers 0]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
 from semspai.pipeline.config import load_config
@@ -79,10 +81,13 @@ def clip_vectors(embedder: ClipEmbedder, batch: TrainBatch, global_pixels: torch
 
 
 def timed_steps(trainer: Trainer, stream: ShardStream, steps: int, embedder: ClipEmbedder | None) -> float:
-    """Steps/s over `steps` training steps after one warm-up step, data loading included."""
+    """Steps/s over `steps` training steps after one warm-up step, data loading included (DATA.NUM_WORKERS
+    loader processes, as the trainer's own loader; batches formed here so samples keep their global view)."""
     stream.set_epoch(1)
     trainer.module.train()
-    batches = batched(iter(stream), trainer.cfg.TRAIN.BATCH_SIZE)
+    workers = trainer.cfg.DATA.NUM_WORKERS
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    batches = batched(iter(loader), trainer.cfg.TRAIN.BATCH_SIZE)
     start = 0.0
     for i in range(steps + 1):
         if i == 1:
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="TRAIN.BATCH_SIZE of both variants")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-workers", type=int, default=0, help="DATA.NUM_WORKERS: loader processes")
     parser.add_argument("--work", default=None, help="folder for shards and store (default: a temporary one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -126,15 +132,16 @@ def main() -> None:
                 )
             )
             print(f"store: {args.images + 4} images extracted with {STORE_CLIP} in {time.perf_counter() - t0:.0f} s")
-        cfg = load_config(None, [f"TRAIN.BATCH_SIZE={args.batch_size}"])
+        cfg = load_config(None, [f"TRAIN.BATCH_SIZE={args.batch_size}", f"DATA.NUM_WORKERS={args.num_workers}"])
         precision = resolve_precision(cfg.TRAIN.PRECISION, device)
         trainer = Trainer(cfg, str(shards), work / "run", str(store), device, precision)
         from_store = timed_steps(trainer, trainer.train_stream, args.steps, None)
         embedder = load_embedder(CLIP, device, precision)
         online = timed_steps(trainer, OnlineStream(trainer.train_stream, embedder), args.steps, embedder)
-    print(f"device {device}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
+    card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"device {device}{card}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
           f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "
-          f"mode {cfg.MODEL.SEMANTIC.MODE}")  # fmt: skip
+          f"mode {cfg.MODEL.SEMANTIC.MODE}, {args.num_workers} loader processes")  # fmt: skip
     print("| variant | steps/s |\n|---|---|")
     print(f"| from store | {from_store:.3f} |\n| online CLIP ({CLIP}) | {online:.3f} |")
     print(f"ratio store/online: {from_store / online:.2f}x (target >= 3x)")
