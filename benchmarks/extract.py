@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +127,7 @@ def cpu_variant(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-def gpu_variant(args: argparse.Namespace, root: Path) -> list[dict]:
+def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
     """Rows for each way of running on the GPU: in process or on Dask workers sharing the card, nvjpeg or the
     host decode function; and the bare encoder (autocast as extract-clip runs it, and with bf16 weights)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only for the QUICK dry run
@@ -135,12 +137,12 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> list[dict]:
     card = torch.cuda.get_device_name() if device == "cuda" else "none (CPU dry run)"
     bare = bare_encoder_images_per_s(factory, args.gpu_batch_size, 20, os.cpu_count() or 1)
     bf16 = bare_bf16_weights_images_per_s(factory, args.gpu_batch_size, 20) if device == "cuda" else 0.0
-    rows = [
-        {"variant": "gpu-bare", "how": "encoder alone, bf16 autocast", "img_per_s": round(bare, 1)},
-        {"variant": "gpu-bare", "how": "encoder alone, bf16 weights", "img_per_s": round(bf16, 1)},
-    ]
-    runs = [(w, True) for w in args.gpu_workers] + [(args.gpu_workers[0], False)]
-    for workers, nvjpeg in runs:
+    common = {"card": card, "model": factory.clip, "images": n, "batch": args.gpu_batch_size, "target_img_per_s": 5000}
+    yield {"variant": "gpu-bare", "how": "encoder alone, bf16 autocast", "img_per_s": round(bare, 1), **common}
+    yield {"variant": "gpu-bare", "how": "encoder alone, bf16 weights", "img_per_s": round(bf16, 1), **common}
+    # rows as they come: a run cut off by a time limit still leaves the figures measured so far
+    runs = [(args.gpu_workers[0], True), (args.gpu_workers[0], False)] + [(w, True) for w in args.gpu_workers[1:]]
+    for k, (workers, nvjpeg) in enumerate(runs):
         rates = [
             end_to_end_images_per_s(
                 shards,
@@ -152,13 +154,16 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> list[dict]:
                 gpu_decode=nvjpeg,
                 torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers)),
             )
-            for _ in range(1 if QUICK else 2)  # the first run also warms the allocator and the kernels
+            for _ in range(2 if k == 0 and not QUICK else 1)  # the first run also warms the allocator and kernels
         ]
         how = f"e2e, {'nvjpeg' if nvjpeg else 'host'} decode, {f'{workers} dask workers' if workers else 'in process'}"
-        rows.append({"variant": "gpu", "how": how, "img_per_s": round(rates[-1], 1), "runs": [round(r) for r in rates]})
-    for r in rows:
-        r.update(card=card, model=factory.clip, images=n, batch=args.gpu_batch_size, target_img_per_s=5000)
-    return rows
+        yield {
+            "variant": "gpu",
+            "how": how,
+            "img_per_s": round(rates[-1], 1),
+            "runs": [round(r) for r in rates],
+            **common,
+        }
 
 
 def bare_bf16_weights_images_per_s(factory: ClipFactory, batch_size: int, n_batches: int) -> float:
@@ -194,6 +199,8 @@ def main() -> None:
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("semspai.pipeline.extraction").setLevel(logging.INFO)  # a line per shard, with its seconds
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_cpu:

@@ -88,16 +88,27 @@ def timed_steps(trainer: Trainer, stream: ShardStream, steps: int, embedder: Cli
     workers = trainer.cfg.DATA.NUM_WORKERS
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     batches = batched(iter(loader), trainer.cfg.TRAIN.BATCH_SIZE)
-    start = 0.0
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}
     for i in range(steps + 1):
         if i == 1:
-            start = time.perf_counter()
+            sync()
+            start, waits = time.perf_counter(), dict.fromkeys(waits, 0.0)
+        t0 = time.perf_counter()
         samples = next(batches)
         batch = collate(samples)
+        t1 = time.perf_counter()
         if embedder is not None:  # the embedder applies the same precision itself
             clip_vectors(embedder, batch, torch.stack([s.global_pixels for s in samples]))
+        t2 = time.perf_counter()
         trainer.step(batch)
-    return steps / (time.perf_counter() - start)
+        sync()
+        t3 = time.perf_counter()
+        for k, dt in zip(waits, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            waits[k] += dt
+    total = time.perf_counter() - start
+    print("  seconds per step: " + ", ".join(f"{k} {v / steps:.3f}" for k, v in waits.items()), flush=True)
+    return steps / total
 
 
 def main() -> None:
