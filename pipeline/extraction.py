@@ -6,6 +6,7 @@ of them; `extract_shard` is the task a distributor (inline, or Dask) runs once p
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -432,8 +434,10 @@ def extract_shard(job: ShardJob) -> ShardSummary:
     start = time.perf_counter()
     torch.set_num_threads(job.torch_threads)
     limit_zarr_concurrency(job.zarr_concurrency)
-    sha = file_sha256(job.shard)
-    features = extract_features(job.read(job.shard), worker_embedder(job.embedder), job.name, sha, job.opts)
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
+        sha = pool.submit(file_sha256, job.shard)  # hashlib releases the GIL: hashing overlaps the extraction
+        features = extract_features(job.read(job.shard), worker_embedder(job.embedder), job.name, "", job.opts)
+        features = dataclasses.replace(features, sha256=sha.result())
     writer = FeatureStoreWriter(job.store)
     writer.write_rows(features)
     _fault_hook(job.name)

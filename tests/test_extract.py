@@ -46,9 +46,12 @@ BATCH = 7  # not a multiple of any image's crop count, so batches cut through im
 # Stored vectors are float16 (spacing 2^-11 ~ 4.9e-4 near 0.5 and below); the encoder runs in fp32 with
 # other batch compositions here, which moves results by ~1e-6. So |store - open_clip| <= 1e-3.
 ATOL = 1e-3
-# GPU (nvjpeg) decode vs the CPU decode function, in grey levels: nvjpeg's IDCT and chroma upsampling
-# differ from libjpeg-turbo's by a level or two on most pixels, more only at a few sharp edges.
-DECODE_MEAN_TOL, DECODE_P999_TOL = 1.0, 8.0
+# GPU (nvjpeg) decode vs the CPU decode function, |difference| in grey levels. nvjpeg replicates 4:2:0 chroma
+# where libjpeg-turbo interpolates it ("fancy upsampling"), so colour detail decides the difference. Measured
+# on an H100 (torchvision 0.26, CUDA 13) for these tests' random-colour photos: mean 2.92 (224 x 224) and
+# 2.98 (crops of 500 x 375). Simulating just the chroma rule on the same images gives means of 2.8-3.0 and
+# p99.9 of 14-16; on natural photos (scikit-image's) means of 0.3-0.6 and p99.9 of 5-11.
+DECODE_MEAN_TOL, DECODE_P999_TOL = 3.5, 24.0
 # Vectors of the device-crop path (torch bicubic resize) vs the CPU path (PIL's): cosine similarity.
 DEVICE_COSINE_MIN = 0.99
 
