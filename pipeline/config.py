@@ -68,6 +68,9 @@ class DataConfig:
     NUM_WORKERS: int = 0  # DataLoader workers for training
     SKIP_MISSING: bool = False  # skip (and count) samples absent from the store instead of failing
     SHUFFLE_BUFFER: int = 256  # raw samples mixed within a stream on top of the per-epoch shard order
+    # the store's local vectors are held in memory up to this size; a larger store is copied into the run
+    # dir (.store-cache/, removed when training ends) and memory-mapped from there
+    STORE_MEMORY_GB: float = 8.0
 
 
 @dataclass

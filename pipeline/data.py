@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,14 @@ class StoreJoin:
     prompt-bank vector that best matches its global image vector (zero-shot CLIP's pick for the image).
     """
 
-    def __init__(self, store: FeatureStore, need_global: bool, need_local: bool, need_text: bool) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        need_global: bool,
+        need_local: bool,
+        need_text: bool,
+        spill_dir: Path | None = None,  # memory-map the local rows from copies here (see local_spill_dir)
+    ) -> None:
         self.path = store.path
         self.embed_dim = store.embed_dim
         self.index = {k: i for i, k in enumerate(store.keys)}
@@ -58,7 +66,7 @@ class StoreJoin:
         self.need_global, self.need_local, self.need_text = need_global, need_local, need_text
         self.store = store if need_local else None
         if need_local:
-            store.preload_local()
+            store.preload_local(spill_dir)
         self.global_ = store.global_vectors() if need_global or need_text else None  # (N, D) float16
         self.text: np.ndarray | None = self._text_targets(store) if need_text else None  # (N, D) float16
 
@@ -110,6 +118,26 @@ class StoreJoin:
                 )
             local = self.store.local_vectors(row)[cells]
         return (self.global_[row] if self.need_global else None, local, self.text[row] if self.need_text else None)
+
+
+STORE_CACHE_DIR = ".store-cache"  # in a run's (or eval's) out dir: memory-mapped copies of a large store's rows
+
+
+def local_spill_dir(store: FeatureStore, memory_gb: float, where: Path) -> Path | None:
+    """None when the store's local rows fit in `memory_gb`; else `where`, emptied, to memory-map them from."""
+    nbytes = store.local_nbytes()
+    if nbytes <= memory_gb * 2**30:
+        return None
+    shutil.rmtree(where, ignore_errors=True)  # a killed run's copies: made again, they may be of another store
+    where.mkdir(parents=True)
+    log.info(
+        "store %s: %.1f GiB of local vectors > DATA.STORE_MEMORY_GB=%g: memory-mapped from copies in %s",
+        store.path,
+        nbytes / 2**30,
+        memory_gb,
+        where,
+    )
+    return where
 
 
 def plan_split(

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,17 @@ from torch.utils.data import DataLoader
 
 from semspai import __version__
 from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
-from semspai.pipeline.data import ShardStream, SplitPlan, StoreJoin, TrainBatch, View, collate, plan_split
+from semspai.pipeline.data import (
+    STORE_CACHE_DIR,
+    ShardStream,
+    SplitPlan,
+    StoreJoin,
+    TrainBatch,
+    View,
+    collate,
+    local_spill_dir,
+    plan_split,
+)
 from semspai.pipeline.detector import DetectorBatch, create_detector, trainable_parameters, trainable_state_dict
 from semspai.pipeline.iterate import batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
@@ -204,7 +215,11 @@ class Trainer:
         self.cfg = cfg
         self.clip_dim = self.store.embed_dim if self.store is not None else 0
         need = (sem.MODE != "none", sem.MODE == "global_local", weight > 0)
-        join = StoreJoin(self.store, *need) if self.store is not None and any(need) else None
+        self.spill_dir: Path | None = None
+        if self.store is not None and need[1]:
+            where = self.out / f"{STORE_CACHE_DIR}-rank{self.rank}" if self.world > 1 else self.out / STORE_CACHE_DIR
+            self.spill_dir = local_spill_dir(self.store, cfg.DATA.STORE_MEMORY_GB, where)
+        join = StoreJoin(self.store, *need, spill_dir=self.spill_dir) if self.store is not None and any(need) else None
         paths = resolve_shards(shards)
         if self.store is not None:
             self.store.check_shards(paths)
@@ -405,7 +420,18 @@ class Trainer:
         save_checkpoint(self.checkpoints / "last.pt", state)  # last: it is what --resume trusts
         write_metrics(self.out / METRICS_NAME, history)
 
+    def release_store_cache(self) -> None:
+        """Delete the memory-mapped copies of the store's local vectors, if this run made any."""
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
     def fit(self, resume: bool = False, on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
+        try:
+            return self._fit(resume, on_epoch_end)
+        finally:
+            self.release_store_cache()
+
+    def _fit(self, resume: bool, on_epoch_end: Callable[[dict], None] | None) -> TrainResult:
         first, history = self._start(resume)
         epochs = self.cfg.TRAIN.EPOCHS
         if first > epochs:

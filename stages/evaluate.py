@@ -17,7 +17,7 @@ import torch
 from semspai import __version__
 from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, parse_override, save_config
-from semspai.pipeline.data import DataError, SplitPlan, StoreJoin, plan_split
+from semspai.pipeline.data import STORE_CACHE_DIR, DataError, SplitPlan, StoreJoin, local_spill_dir, plan_split
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.pipeline.inference import Detector, PatchMaps, load_detector, patch_batches
 from semspai.pipeline.metrics import BOOTSTRAP_ROUNDS, clip_scores, evaluate_scores
@@ -42,7 +42,7 @@ register_user_error(DataError, FeatureStoreError, ClipLoadError, PerturbError)
 
 # Keys `--set` may change at eval: which generators to score, and memory per step. The model itself comes
 # from the checkpoint, so any other key would describe a model that was never trained.
-EVAL_OVERRIDES = ("DATA.GENERATORS", "MODEL.SPECTRAL.CHUNK_SIZE")
+EVAL_OVERRIDES = ("DATA.GENERATORS", "DATA.STORE_MEMORY_GB", "MODEL.SPECTRAL.CHUNK_SIZE")
 HEADLINE = ("auc", "auc_ci", "ap", "acc_at_threshold", "tpr_at_5_fpr", "n_real", "n_fake", "threshold")
 
 
@@ -177,9 +177,11 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     shards = split_shards(cfg.shards, cfg.split)
     if store is not None:
         store.check_shards(shards)
-    join = None
+    join = spill = None
     if store is not None and mode != "none":
-        join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False)
+        if mode == "global_local":
+            spill = local_spill_dir(store, run_cfg.DATA.STORE_MEMORY_GB, Path(cfg.out) / STORE_CACHE_DIR)
+        join = StoreJoin(store, True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
     plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
     clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
     clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
@@ -214,6 +216,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         if not clip_note:
             clip_rows.append(clip_score_vectors(store, det, samples, rgbs))
 
+    if spill is not None:
+        shutil.rmtree(spill, ignore_errors=True)
     y, clean = np.asarray(labels), np.asarray(scores)
     metrics = evaluate_scores(y, clean, gens, det.threshold, cfg.bootstrap, cfg.seed)
     metrics["perturbations"] = {

@@ -301,7 +301,7 @@ class FeatureStore:
 
     Global vectors and metadata are loaded at open (about 1 KiB per image at D=512). Local rows are read
     per shard on first use and kept in memory: about P x D x 2 bytes per image (10 KiB for 5 patches at
-    D=512; 16 GiB for 1.6M images), which suits training on one machine; beyond that, read per shard.
+    D=512; 16 GiB for 1.6M images); `preload_local(spill_dir)` memory-maps them from copies instead.
     """
 
     def __init__(self, path: str, attrs: dict, shard_attrs: dict[str, dict]) -> None:
@@ -410,10 +410,25 @@ class FeatureStore:
             self._local[s] = (g["local"][...], g["boxes"][...], g["local_offsets"][...])
         return self._local[s]
 
-    def preload_local(self) -> None:
-        """Read every shard's local rows now (training touches them all anyway)."""
-        for s in range(len(self.done_shards)):
-            self._shard_local(s)
+    def local_nbytes(self) -> int:
+        """Bytes of every shard's local rows once read (from the arrays' metadata; nothing is read)."""
+        return sum(int(self._group(s)["local"].nbytes) for s in range(len(self.done_shards)))
+
+    def preload_local(self, spill_dir: str | Path | None = None) -> None:
+        """Read every shard's local rows now (training touches them all anyway).
+
+        With `spill_dir`, each shard's rows are written there as .npy, one shard at a time, and memory-mapped
+        instead of held: for stores larger than memory, whose pages the OS then reads (ahead) on demand and
+        shares between DataLoader workers. Boxes and offsets (small) stay in memory either way.
+        """
+        for s, name in enumerate(self.done_shards):
+            if spill_dir is None:
+                self._shard_local(s)
+                continue
+            g = self._group(s)
+            path = Path(spill_dir) / f"{s:06d}-{name}.npy"
+            np.save(path, g["local"][...])
+            self._local[s] = (np.load(path, mmap_mode="r"), g["boxes"][...], g["local_offsets"][...])
 
     def local_vectors(self, i: int) -> np.ndarray:
         """(P_i, D) float16: image i's patch vectors in grid-box order."""

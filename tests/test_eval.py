@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from semspai.pipeline.config import ConfigError
-from semspai.pipeline.data import DataError
+from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.inference import load_detector
 from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
 from semspai.stages.cli import cli
@@ -109,6 +109,12 @@ def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, eva
     for key, score in zip(fly.keys, fly.scores, strict=True):
         assert cached[key] == pytest.approx(score, abs=1e-4)
     assert "read from the feature store" in res.report_md.read_text()
+    # a store over DATA.STORE_MEMORY_GB is memory-mapped from a copy: same scores, copy gone afterwards
+    mapped = run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
+                            out=str(tmp_path / "mapped"), device="cpu", bootstrap=50, n_heatmaps=1,
+                            overrides=["DATA.STORE_MEMORY_GB=0"]))  # fmt: skip
+    assert np.array_equal(mapped.runs[0].scores, res.runs[0].scores)
+    assert not (tmp_path / "mapped" / STORE_CACHE_DIR).exists()
 
 
 def test_store_of_another_clip_is_refused(tiny_shards, checkpoints, tmp_path):

@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
 
 from semspai.pipeline.config import ConfigError, load_config
-from semspai.pipeline.data import DataError
+from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.engine import Trainer, lr_at, youden_threshold
 from semspai.stages.cli import cli
 from semspai.stages.train import TrainStageConfig, run
@@ -122,6 +123,27 @@ def test_training_never_builds_clip(full_run, tiny_shards, train_store, tmp_path
     }
     assert owners and not any(o.startswith("open_clip") for o in owners)
     assert optimised == {id(p) for p in trainer.module.parameters() if p.requires_grad}
+
+
+def test_a_store_over_the_memory_limit_is_memory_mapped_with_the_same_result(
+    full_run, tiny_shards, train_store, tmp_path
+):
+    over = ("DATA.STORE_MEMORY_GB=0",)  # every store is "larger than memory"
+    trainer = Trainer(
+        load_config(None, [*MICRO, *over]), str(tiny_shards), tmp_path / "t", str(train_store), CPU, "fp32"
+    )
+    assert trainer.store._local and all(isinstance(rows, np.memmap) for rows, _, _ in trainer.store._local.values())
+    out = tmp_path / "mapped"
+    cached: list[list[str]] = []
+
+    def look(row: dict) -> None:  # while training: one .npy copy per store shard in the run dir
+        cached.append(sorted(p.suffix for p in (out / STORE_CACHE_DIR).iterdir()))
+
+    _train(tiny_shards, train_store, out, over, on_epoch_end=look)
+    n_shards = len(FeatureStore.open(str(train_store)).done_shards)
+    assert cached == [[".npy"] * n_shards] * 2
+    assert not (out / STORE_CACHE_DIR).exists()  # removed when training ends
+    assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
 
 
 def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
