@@ -56,7 +56,13 @@ def read_manifest(out: str | Path) -> StageManifest | None:
     path = manifest_path(out)
     if not path.exists():
         return None
-    return StageManifest(**json.loads(path.read_text()))
+    try:
+        return StageManifest(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # not JSON, or not a manifest's fields
+        raise StaleOutputError(
+            f"{path} is unreadable ({exc}), so whether {Path(out)} is up to date is unknown; "
+            "rerun the stage with --force to rebuild it"
+        ) from exc
 
 
 def write_manifest(out: str | Path, manifest: StageManifest) -> None:

@@ -193,6 +193,8 @@ def read_index(shard_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ShardError(f"{path} is missing: {shard_dir} was not made by `semspai shard` (or the run died)") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(f"{path} is corrupt ({exc}); rebuild the shards with `semspai shard ... --force`") from exc
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

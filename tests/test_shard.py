@@ -11,8 +11,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from semspai.stages.cli import cli
 from semspai.stages.shard import ShardConfig, run
 from semspai.store.images import decode_image
 from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, read_manifest
@@ -423,6 +425,22 @@ def test_changed_config_is_stale_until_forced(image_tree, tmp_path):
     assert not result.up_to_date
     assert all(s["count"] <= 5 for s in read_index(out)["shards"])
     assert shard(image_tree, out, shard_size=5).up_to_date
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"stage": "shard"}'])
+def test_corrupt_stage_manifest_or_index_is_a_clear_error(image_tree, tmp_path, content):
+    out = tmp_path / "out"
+    shard(image_tree, out)
+    before = tar_bytes(out)
+    (out / MANIFEST_NAME).write_text(content)
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(out)])
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    assert "unreadable" in res.output and "--force" in res.output
+    assert tar_bytes(out) == before  # the refusal changed nothing
+    assert shard(image_tree, out, force=True).n_written == 16
+    (out / INDEX_NAME).write_text(content[:5])
+    with pytest.raises(ShardError, match="corrupt.*--force"):
+        read_index(out)
 
 
 def test_touched_or_added_source_is_stale_naming_what_to_rerun(image_tree, tmp_path):
