@@ -45,7 +45,9 @@ class SpectralConfig:
     ENCODER: str = "spectral-vit-tiny"  # a model JSON in configs/models/ (registry = file stem)
     ENCODER_WEIGHTS: str = ""  # for frozen pretrained encoders (SPAI's setup): a local weights file
     MASK_RADIUS: int = 16  # FFT low/high-pass split on a 224 patch, as in SPAI
-    CHUNK_SIZE: int = 64  # patches encoded at once; bounds memory for any resolution
+    # patches encoded at once in eval and predict; bounds memory for any resolution (training a trainable
+    # encoder takes a batch's patches at once: autograd keeps all their activations either way)
+    CHUNK_SIZE: int = 64
 
 
 @dataclass

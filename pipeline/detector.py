@@ -82,7 +82,13 @@ class SemSpaiDetector(nn.Module):
         return "none" if self.fusion is None else self.fusion.mode
 
     def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """Patch vectors (N, H), at most `chunk_size` patches through the encoder at a time (bounded memory)."""
+        """Patch vectors (N, H), at most `chunk_size` patches through the encoder at a time (bounded memory).
+
+        Except when a trainable encoder runs under autograd (training): the backward pass keeps every chunk's
+        activations anyway, so chunks would bound nothing and only multiply the kernel launches of a step.
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.spectral.encoder.parameters()):
+            return self.spectral(patches)
         return torch.cat([self.spectral(chunk) for chunk in torch.split(patches, self.chunk_size)])
 
     def forward(self, batch: DetectorBatch, return_maps: bool = False) -> DetectorOutput:

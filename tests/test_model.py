@@ -152,6 +152,10 @@ def test_chunked_equals_unchunked_and_bounds_encoder_batch() -> None:
         chunked = model(batch).logits
     assert max(seen) == 3 and len(seen) == 3 * 4  # three views per chunk, four chunks
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    # training a trainable encoder: one pass over all patches (autograd would keep every chunk anyway)
+    seen.clear()
+    model.train()(batch).logits.sum().backward()
+    assert seen == [12, 12, 12]
 
 
 def test_fft_filter_float32_under_bf16_autocast() -> None:
