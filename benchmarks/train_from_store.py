@@ -74,10 +74,19 @@ class OnlineStream(ShardStream):
 
 
 def clip_vectors(embedder: ClipEmbedder, batch: TrainBatch, global_pixels: torch.Tensor) -> None:
-    """Fill the batch's global (B, D) and local (N, D) vectors as the store would hold them."""
-    crops = batch.patches.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, 224, 224, 3)
+    """Fill the batch's global (B, D) and local (N, D) vectors as the store would hold them.
+
+    The batch's patches are 224-px [0, 1] pixels already, ViT-B-16's input size: they are normalised on the
+    encoder's device, as a store-free trainer would do it (no trip through host preprocessing); the global
+    views come preprocessed from the loader processes.
+    """
+    spec = embedder.spec
+    assert spec.image_size == batch.patches.shape[-1], "the online variant feeds patches at the encoder's size"
+    mean = torch.tensor(spec.mean, device=embedder.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=embedder.device).view(1, 3, 1, 1)
+    local = (batch.patches.to(embedder.device, non_blocking=True) - mean) / std
     batch.global_vec = embedder.get_image_embedding(global_pixels).half().float().cpu()
-    batch.local_vec = embedder.get_image_embedding(embedder.preprocess_patches(crops)).half().float().cpu()
+    batch.local_vec = embedder.get_image_embedding(local).half().float().cpu()
 
 
 def timed_steps(trainer: Trainer, stream: ShardStream, steps: int, embedder: ClipEmbedder | None) -> float:

@@ -28,7 +28,7 @@ from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import batched, in_background, ordered_map
 from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
-from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, jpeg_frame
 from semspai.store.shards import ShardSample, file_sha256, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -189,21 +189,34 @@ class DeviceCrops(CpuCrops):
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
     def probe(self, sample: ShardSample) -> Probed:
-        if sample.ext.lower() in JPEG_EXTS:
-            try:
-                with Image.open(io.BytesIO(sample.image)) as im:  # header only: size, mode and EXIF, no pixels
-                    w, h = im.size
-                    plain = im.mode in ("RGB", "L") and im.getexif().get(EXIF_ORIENTATION, 1) == 1
-                # no end-of-image marker: maybe truncated, and nvjpeg may not say so; the host decoder will
-                complete = sample.image.rstrip(b"\0").endswith(b"\xff\xd9")
-                if plain and complete and w * h <= self.max_pixels:
-                    return Probed(sample, data=torch.frombuffer(bytearray(sample.image), dtype=torch.uint8))
-            except (OSError, ValueError):
-                pass  # the decode function below gives the one, shared error message
+        if sample.ext.lower() in JPEG_EXTS and self._device_can_take(sample.image):
+            # a view of the bytes read from the tar (writable, so no copy is needed); other buffers are copied
+            image = sample.image if isinstance(sample.image, bytearray) else bytearray(sample.image)
+            return Probed(sample, data=torch.frombuffer(image, dtype=torch.uint8))
         try:
             return Probed(sample, rgb=self.decode(sample))
         except ImageDecodeError as exc:
             return Probed(sample, error=str(exc))
+
+    def _device_can_take(self, data: bytes) -> bool:
+        """A grey or colour JPEG within the pixel limit, with an end marker and no EXIF rotation; anything else
+        (and anything unsure) goes to the decode function, which also gives the one, shared error message."""
+        frame = jpeg_frame(data)  # the markers alone: an order of magnitude cheaper than opening it with PIL
+        if frame is None or frame.components not in (1, 3) or frame.width * frame.height > self.max_pixels:
+            return False
+        # no end-of-image marker (trailing zero padding allowed): maybe truncated, and nvjpeg may not say so
+        end = len(data)
+        while end and data[end - 1] == 0:
+            end -= 1
+        if data[end - 2 : end] != b"\xff\xd9":
+            return False
+        if frame.has_exif:
+            try:
+                with Image.open(io.BytesIO(data)) as im:  # header only: the orientation tag
+                    return im.getexif().get(EXIF_ORIENTATION, 1) == 1
+            except (OSError, ValueError):
+                return False
+        return True
 
     def _decode_jpegs(self, probes: list[Probed]) -> list[torch.Tensor | None]:
         """(3, H, W) uint8 device tensors, one call for the chunk; an image nvjpeg refuses gets None."""

@@ -107,3 +107,52 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageDecodeError(f"decoded to an unusable array of shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    width: int  # as stored, before any EXIF orientation
+    height: int
+    components: int  # 1 grey, 3 YCbCr (or RGB), 4 CMYK/YCCK
+    has_exif: bool  # an APP1 Exif segment precedes the frame (it may hold an orientation)
+
+
+# start-of-frame markers: baseline, extended, progressive and lossless, Huffman or arithmetic (not DHT,
+# JPG or DAC, which share the range)
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """A JPEG's frame header read from its marker segments (no pixels, no PIL), or None when the bytes do
+    not reach a well-formed frame header. A fast check before handing bytes to another decoder; the decode
+    function stays the judge of what is readable."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n, exif = 2, len(data), False
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or a scan, before any frame header
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            return None
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            exif = True
+        if marker in _SOF_MARKERS:
+            if length < 8 or i + 10 > n:
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            if not width or not height:  # a height given later by a DNL marker: leave it to PIL
+                return None
+            return JpegFrame(width, height, data[i + 9], exif)
+        i += 2 + length
+    return None

@@ -26,7 +26,7 @@ class ShardError(ValueError):
 @dataclass
 class ShardSample:
     key: str  # dot-free, stable across runs
-    image: bytes  # the original file's bytes, never re-encoded
+    image: bytes | bytearray  # the original file's bytes, never re-encoded (writable when read from a tar)
     ext: str  # the image member's extension, e.g. "jpg"
     meta: dict  # the JSON sidecar: label, generator, caption, split, group, width, height, path, sha256
 
@@ -122,8 +122,7 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
                 if current is not None and key != current:
                     yield finish(current)
                 current = key
-                fh = tar.extractfile(member)
-                pending.setdefault(key, {})[ext] = fh.read() if fh else b""
+                pending.setdefault(key, {})[ext] = _read_member(tar, member)
             if current is not None:
                 yield finish(current)
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -132,6 +131,15 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
         raise ShardError(
             f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it"
         ) from exc
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytearray:
+    """A member's bytes in a writable buffer, read once: tensors can then view them without another copy."""
+    buf = bytearray(member.size)
+    fh = tar.extractfile(member)
+    if fh is not None and fh.readinto(buf) != member.size:
+        raise EOFError(f"member {member.name} ends early")
+    return buf
 
 
 def shard_sidecars(path: str | Path) -> list[tuple[str, dict]]:

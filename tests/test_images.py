@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semspai.store.images import ImageDecodeError, ImageTooLargeError, decode_image, probe_image
+from semspai.store.images import ImageDecodeError, ImageTooLargeError, decode_image, jpeg_frame, probe_image
 from tests.conftest import encode, random_photo
 
 W, H = 40, 24  # non-square, so a wrong orientation or a transposed array shows
@@ -273,3 +273,45 @@ def test_raised_pixel_limit_overrides_pils_own_guard(monkeypatch, rgb):
     assert probe_image(data, max_pixels=None).width == W
     with pytest.raises(ImageTooLargeError, match="--max-pixels"):
         decode_image(data, max_pixels=W * H - 1)
+
+
+def _jpeg(rgb: np.ndarray, mode: str = "RGB", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_jpeg_frame_reads_what_pil_reads_from_the_markers() -> None:
+    rgb = random_photo(120, 70, 3)
+    variants = {
+        "baseline": _jpeg(rgb),
+        "progressive": _jpeg(rgb, progressive=True),
+        "444": _jpeg(rgb, subsampling=0),
+        "grey": _jpeg(rgb, "L"),
+        "cmyk": _jpeg(rgb, "CMYK"),
+        "exif-rotated": _jpeg(rgb, exif=_exif(6)),
+        "exif-upright": _jpeg(rgb, exif=_exif(1)),
+        "icc+comment": _jpeg(rgb, icc_profile=b"\0" * 300, comment=b"made here"),
+        "optimized": _jpeg(rgb, optimize=True, quality=60),
+    }
+    for name, data in variants.items():
+        frame = jpeg_frame(data)
+        with Image.open(io.BytesIO(data)) as im:
+            assert frame is not None, name
+            assert (frame.width, frame.height) == im.size == (120, 70), name  # as stored: before rotation
+            assert frame.components == len(im.getbands()), name
+            assert frame.has_exif == bool(im.getexif()), name
+
+
+def test_jpeg_frame_is_none_where_the_markers_do_not_reach_a_frame() -> None:
+    data = _jpeg(random_photo(64, 48, 4))
+    sof = data.index(b"\xff\xc0")
+    png = encode(random_photo(8, 8, 5), "PNG")
+    for bad in (b"", b"\xff\xd8", data[:sof], data[: sof + 6], png, b"\xff\xd8" + bytes(range(256)) * 4):
+        assert jpeg_frame(bad) is None
