@@ -26,9 +26,16 @@ from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
-from semspai.pipeline.iterate import batched, in_background, ordered_map
+from semspai.pipeline.iterate import batched_by_weight, in_background, ordered_map
 from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
-from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, jpeg_frame
+from semspai.store.images import (
+    DECODER_ID,
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    JpegFrame,
+    decode_image,
+    jpeg_frame,
+)
 from semspai.store.shards import ShardSample, file_sha256, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,9 @@ PROMPT_TEMPLATE = "a photo of a {}."
 GPU_DECODER_ID = "torchvision-decode_jpeg-rgb+torch-bicubic-aa-v1"
 JPEG_EXTS = ("jpg", "jpeg")
 EXIF_ORIENTATION = 0x0112
-DEVICE_CHUNK = 128  # images per batched device decode
+# pixels per batched device decode (128 images of 512 x 512): each chunk's decoded images and crops live on
+# the device in float32 (about 25 bytes a pixel at 512 px, more for large images), DEVICE_AHEAD + 1 at a time
+DEVICE_CHUNK_PIXELS = 128 * 512 * 512
 DEVICE_AHEAD = 2  # chunks decoded ahead of the encoder
 
 
@@ -165,6 +174,7 @@ class Probed:
     data: torch.Tensor | None = None  # (n_bytes,) uint8: a JPEG the device decodes
     rgb: np.ndarray | None = None  # (H, W, 3) uint8 from the decode function (other formats, rotated JPEGs)
     error: str = ""
+    pixels: int = 0  # width x height, where known
 
 
 class DeviceCrops(CpuCrops):
@@ -189,20 +199,23 @@ class DeviceCrops(CpuCrops):
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
     def probe(self, sample: ShardSample) -> Probed:
-        if sample.ext.lower() in JPEG_EXTS and self._device_can_take(sample.image):
+        # the frame header from the JPEG markers alone: an order of magnitude cheaper than opening it with PIL
+        frame = jpeg_frame(sample.image) if sample.ext.lower() in JPEG_EXTS else None
+        if frame is not None and self._device_can_take(sample.image, frame):
             # a view of the bytes read from the tar (writable, so no copy is needed); other buffers are copied
             image = sample.image if isinstance(sample.image, bytearray) else bytearray(sample.image)
-            return Probed(sample, data=torch.frombuffer(image, dtype=torch.uint8))
+            data = torch.frombuffer(image, dtype=torch.uint8)
+            return Probed(sample, data=data, pixels=frame.width * frame.height)
         try:
-            return Probed(sample, rgb=self.decode(sample))
+            rgb = self.decode(sample)
         except ImageDecodeError as exc:
             return Probed(sample, error=str(exc))
+        return Probed(sample, rgb=rgb, pixels=rgb.shape[0] * rgb.shape[1])
 
-    def _device_can_take(self, data: bytes) -> bool:
+    def _device_can_take(self, data: bytes, frame: JpegFrame) -> bool:
         """A grey or colour JPEG within the pixel limit, with an end marker and no EXIF rotation; anything else
         (and anything unsure) goes to the decode function, which also gives the one, shared error message."""
-        frame = jpeg_frame(data)  # the markers alone: an order of magnitude cheaper than opening it with PIL
-        if frame is None or frame.components not in (1, 3) or frame.width * frame.height > self.max_pixels:
+        if frame.components not in (1, 3) or frame.width * frame.height > self.max_pixels:
             return False
         # no end-of-image marker (trailing zero padding allowed): maybe truncated, and nvjpeg may not say so
         end = len(data)
@@ -352,7 +365,8 @@ def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: E
     if not opts.gpu_decode:
         return ordered_map(CpuCrops(embedder, opts.rule, opts.max_pixels), samples, opts.decode_workers)
     crops = DeviceCrops(embedder, opts.device, opts.rule, opts.max_pixels)
-    chunks = batched(ordered_map(crops.probe, samples, opts.decode_workers), DEVICE_CHUNK)
+    probed = ordered_map(crops.probe, samples, opts.decode_workers)
+    chunks = batched_by_weight(probed, DEVICE_CHUNK_PIXELS, lambda p: p.pixels)
     return (prep for chunk in in_background(map(crops.prepare, chunks), DEVICE_AHEAD) for prep in chunk)
 
 

@@ -31,6 +31,22 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+def batched_by_weight(items: Iterable[T], max_weight: float, weight: Callable[[T], float]) -> Iterator[list[T]]:
+    """Lists of consecutive items whose weights add up to at most `max_weight` (an item heavier than that
+    alone gets a list of its own); the last list may be lighter."""
+    batch: list[T] = []
+    total = 0.0
+    for item in items:
+        w = weight(item)
+        if batch and total + w > max_weight:
+            yield batch
+            batch, total = [], 0.0
+        batch.append(item)
+        total += w
+    if batch:
+        yield batch
+
+
 def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> Iterator[T]:
     """`map(fn, items)` on `workers` threads, in input order, with a bounded number of items in flight.
 

@@ -320,6 +320,22 @@ def test_device_crops_match_cpu_crops(shards: Path, device: str) -> None:
     assert torch.equal(CpuCrops(embedder)(jpeg).crops[1:], DeviceCrops(embedder, "cpu")(jpeg).crops[1:])
 
 
+def test_device_chunks_bounded_by_pixels_give_the_same_rows(shards: Path, monkeypatch) -> None:
+    embedder = TINY()
+    samples = list(iter_shard(shards / "train-000000.tar"))
+    opts = ExtractOptions(BATCH, 2, gpu_decode=True, device="cpu")
+    whole = extract_features(samples, embedder, "s", "x", opts)
+    seen: list[int] = []
+    prepare = DeviceCrops.prepare
+    monkeypatch.setattr(DeviceCrops, "prepare", lambda self, probes: seen.append(len(probes)) or prepare(self, probes))
+    monkeypatch.setattr("semspai.pipeline.extraction.DEVICE_CHUNK_PIXELS", 300 * 300)  # about one image a chunk
+    small = extract_features(samples, embedder, "s", "x", opts)
+    assert len(seen) > len(samples) // 2 and sum(seen) == len(samples)
+    for name in ("global_", "local", "boxes", "local_offsets", "width", "height"):
+        assert np.array_equal(getattr(whole, name), getattr(small, name)), name
+    assert whole.keys == small.keys
+
+
 def _rotated_jpeg(rgb: np.ndarray) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
