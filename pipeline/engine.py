@@ -370,10 +370,10 @@ class Trainer:
 
     def _log_step(self, tb, parts: LossParts) -> None:
         step = self.scheduler.last_epoch
-        tb.add_scalar("train/loss", float(parts.total), step)
-        tb.add_scalar("train/bce", float(parts.bce), step)
+        tb.add_scalar("train/loss", parts.total.item(), step)
+        tb.add_scalar("train/bce", parts.bce.item(), step)
         if parts.semantic is not None:
-            tb.add_scalar("train/semantic", float(parts.semantic), step)
+            tb.add_scalar("train/semantic", parts.semantic.item(), step)
         tb.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
 
     @torch.no_grad()

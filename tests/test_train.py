@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,34 @@ def test_a_store_over_the_memory_limit_is_memory_mapped_with_the_same_result(
     assert cached == [[".npy"] * n_shards] * 2
     assert not (out / STORE_CACHE_DIR).exists()  # removed when training ends
     assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
+
+
+def test_tensorboard_gets_train_and_val_scalars_when_installed(tiny_shards, train_store, tmp_path, monkeypatch):
+    """TensorBoard is optional (not installed in CI): a stand-in SummaryWriter records what training logs."""
+    writers: list = []
+
+    class Writer:
+        def __init__(self, logdir: str) -> None:
+            self.logdir, self.scalars, self.closed = logdir, [], False
+            writers.append(self)
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.scalars.append((tag, float(value), step))
+
+        def close(self) -> None:
+            self.closed = True
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = tmp_path / "tb"
+    _train(tiny_shards, train_store, out)
+    (w,) = writers
+    assert w.logdir == str(out / "tensorboard") and w.closed
+    tags = {t for t, _, _ in w.scalars}
+    assert {"train/loss", "train/bce", "train/semantic", "train/lr", "val/auc", "val/loss"} <= tags
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(v, st) for t, v, st in w.scalars if t == "val/auc"] == [(r["val_auc"], r["step"]) for r in rows]
 
 
 def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
