@@ -22,6 +22,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import load_file as load_safetensors
 
+from semspai.store.shards import file_sha256
+
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"  # the project's own tiny open_clip model (configs/clip/tiny-random.json)
@@ -100,14 +102,6 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # a uint8 view hashes any dtype (numpy has no bfloat16) without a copy
         h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
     return h.hexdigest()
 
 

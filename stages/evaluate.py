@@ -181,7 +181,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     if store is not None and mode != "none":
         if mode == "global_local":
             spill = local_spill_dir(store, run_cfg.DATA.STORE_MEMORY_GB, Path(cfg.out) / STORE_CACHE_DIR)
-        join = StoreJoin(store, True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
+        join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
     plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
     clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
     clip_rows: list[tuple[np.ndarray, np.ndarray]] = []

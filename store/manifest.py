@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from semspai.store.shards import write_json_atomic
+from semspai.store.shards import file_sha256, write_json_atomic
 
 MANIFEST_NAME = "semspai-stage.json"
 
@@ -45,7 +45,7 @@ def fingerprint_paths(paths: list[Path], root: Path | None = None) -> str:
 
 def fingerprint_file(path: str | Path) -> str:
     """Content fingerprint of one small file (e.g. an upstream stage's index)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def manifest_path(out: str | Path) -> Path:
