@@ -11,7 +11,7 @@
 #                   d  GPU extraction tests tests/test_extract.py           -> $OUT/d_pytest_extract.log
 #                   e  nvjpeg vs PIL        benchmarks/decode_agreement.py  -> $OUT/e_decode_agreement.log
 #   EXTRACT_ARGS  arguments of step b, default "--skip-cpu"
-#   TRAIN_ARGS    arguments of step c, default "--device cuda --images 704 --batch-size 64 --steps 10"
+#   TRAIN_ARGS    arguments of step c, default "--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"
 #   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops"
 #   T_A T_B T_C T_D  per-step timeouts in s (150 240 150 90)
 #   BUDGET_S      wall-clock budget of the whole script (default 570): a step's timeout is cut to what is left,
@@ -28,7 +28,7 @@ export OUT
 PY=${PY:-python3}
 STEPS=${STEPS:-"e b c d a"}
 EXTRACT_ARGS=${EXTRACT_ARGS:-"--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"}
-TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --images 384 --batch-size 64 --steps 5 --num-workers 12"}
+TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"}
 PYTEST_K=${PYTEST_K:-"gpu_decode or device_crops or mixed"}
 ROOT=$(pwd)
 [ -d .whl ] && [ -d benchmarks ] || { echo "run from the repo root, with .whl/ carried along" >&2; exit 1; }

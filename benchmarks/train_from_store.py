@@ -3,8 +3,8 @@
 Both variants run the same default-config training step (global_local fusion, same packing, batch and
 precision) on the same shards; the online one first computes each image's global vector and each chosen
 cell's local vector with a ViT-B-16 CLIP (random weights, inference mode), as a trainer without the store
-would. Usage: python benchmarks/train_from_store.py [--images 48] [--batch-size 16] [--steps 2] [--device cpu]
-       [--num-workers 0]
+would. Usage: python benchmarks/train_from_store.py [--images 64] [--batch-size 16] [--steps 2] [--warmup 2]
+       [--device cpu] [--num-workers 0] [--breakdown]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
 from semspai.pipeline.config import load_config
 from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate
+from semspai.pipeline.detector import unit_pixels
 from semspai.pipeline.engine import Trainer
 from semspai.pipeline.iterate import batched
 from semspai.stages.extract import ExtractConfig
@@ -74,33 +75,42 @@ class OnlineStream(ShardStream):
 
 
 def clip_vectors(embedder: ClipEmbedder, batch: TrainBatch, global_pixels: torch.Tensor) -> None:
-    """Fill the batch's global (B, D) and local (N, D) vectors as the store would hold them.
+    """Fill the batch's global (B, D) and local (N, D) vectors as the store would hold them (float16 values).
 
-    The batch's patches are 224-px [0, 1] pixels already, ViT-B-16's input size: they are normalised on the
-    encoder's device, as a store-free trainer would do it (no trip through host preprocessing); the global
-    views come preprocessed from the loader processes.
+    The batch's patches are 224-px uint8 pixels already, ViT-B-16's input size: they become float and are
+    normalised on the encoder's device, as a store-free trainer would do it (no trip through host
+    preprocessing); the global views come preprocessed from the loader processes. The vectors stay on the
+    device, where the step uses them.
     """
     spec = embedder.spec
-    assert spec.image_size == batch.patches.shape[-1], "the online variant feeds patches at the encoder's size"
+    assert spec.image_size == batch.patches.shape[1], "the online variant feeds patches at the encoder's size"
     mean = torch.tensor(spec.mean, device=embedder.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=embedder.device).view(1, 3, 1, 1)
-    local = (batch.patches.to(embedder.device, non_blocking=True) - mean) / std
-    batch.global_vec = embedder.get_image_embedding(global_pixels).half().float().cpu()
-    batch.local_vec = embedder.get_image_embedding(local).half().float().cpu()
+    local = (unit_pixels(batch.patches.to(embedder.device, non_blocking=True)) - mean) / std
+    batch.global_vec = embedder.get_image_embedding(global_pixels).half().float()
+    batch.local_vec = embedder.get_image_embedding(local).half().float()
 
 
-def timed_steps(trainer: Trainer, stream: ShardStream, steps: int, embedder: ClipEmbedder | None) -> float:
-    """Steps/s over `steps` training steps after one warm-up step, data loading included (DATA.NUM_WORKERS
-    loader processes, as the trainer's own loader; batches formed here so samples keep their global view)."""
+def timed_steps(
+    trainer: Trainer, stream: ShardStream, steps: int, warmup: int, embedder: ClipEmbedder | None, breakdown: bool
+) -> float:
+    """Steps/s over `steps` training steps after `warmup` untimed ones, data loading included (DATA.NUM_WORKERS
+    loader processes, as the trainer's own loader; batches formed here so samples keep their global view).
+
+    As in the trainer, nothing waits for the device between steps (the host prepares batch k+1 while the
+    device runs step k); the clock stops after a final synchronisation. `breakdown` synchronises after each
+    part instead, to print where a step's time goes (slower: the overlap is lost).
+    """
     stream.set_epoch(1)
     trainer.module.train()
     workers = trainer.cfg.DATA.NUM_WORKERS
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     batches = batched(iter(loader), trainer.cfg.TRAIN.BATCH_SIZE)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    part_sync = sync if breakdown else (lambda: None)
     start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}
-    for i in range(steps + 1):
-        if i == 1:
+    for i in range(warmup + steps):
+        if i == warmup:
             sync()
             start, waits = time.perf_counter(), dict.fromkeys(waits, 0.0)
         t0 = time.perf_counter()
@@ -109,31 +119,37 @@ def timed_steps(trainer: Trainer, stream: ShardStream, steps: int, embedder: Cli
         t1 = time.perf_counter()
         if embedder is not None:  # the embedder applies the same precision itself
             clip_vectors(embedder, batch, torch.stack([s.global_pixels for s in samples]))
+            part_sync()
         t2 = time.perf_counter()
         trainer.step(batch)
-        sync()
+        part_sync()
         t3 = time.perf_counter()
         for k, dt in zip(waits, (t1 - t0, t2 - t1, t3 - t2), strict=True):
             waits[k] += dt
+    sync()
     total = time.perf_counter() - start
-    print("  seconds per step: " + ", ".join(f"{k} {v / steps:.3f}" for k, v in waits.items()), flush=True)
+    what = "seconds per step" if breakdown else "host seconds per step (the device runs behind)"
+    print(f"  {what}: " + ", ".join(f"{k} {v / steps:.3f}" for k, v in waits.items()), flush=True)
     return steps / total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="TRAIN.BATCH_SIZE of both variants")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator and caches settle)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=0, help="DATA.NUM_WORKERS: loader processes")
     parser.add_argument("--work", default=None, help="folder for shards and store (default: a temporary one)")
+    parser.add_argument("--breakdown", action="store_true", help="synchronise after each part of a step and "
+                        "print where the time goes (a diagnostic: it removes the host/device overlap)")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
-    need = args.batch_size * (args.steps + 1)
+    need = args.batch_size * (args.warmup + args.steps)
     if args.images < need:
-        parser.error(f"--images must be at least batch-size x (steps + 1) = {need}")
+        parser.error(f"--images must be at least batch-size x (warmup + steps) = {need}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         shards, store = work / "shards", work / "store.zarr"
@@ -155,9 +171,14 @@ def main() -> None:
         cfg = load_config(None, [f"TRAIN.BATCH_SIZE={args.batch_size}", f"DATA.NUM_WORKERS={args.num_workers}"])
         precision = resolve_precision(cfg.TRAIN.PRECISION, device)
         trainer = Trainer(cfg, str(shards), work / "run", str(store), device, precision)
-        from_store = timed_steps(trainer, trainer.train_stream, args.steps, None)
+        if len(trainer.train_stream) < need:
+            parser.error(f"--work {work} holds {len(trainer.train_stream)} train images from an earlier run, fewer "
+                         f"than the {need} asked for: give an empty folder")  # fmt: skip
+        from_store = timed_steps(trainer, trainer.train_stream, args.steps, args.warmup, None, args.breakdown)
         embedder = load_embedder(CLIP, device, precision)
-        online = timed_steps(trainer, OnlineStream(trainer.train_stream, embedder), args.steps, embedder)
+        online = timed_steps(
+            trainer, OnlineStream(trainer.train_stream, embedder), args.steps, embedder, args.breakdown
+        )
     card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{card}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
           f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "

@@ -35,7 +35,13 @@ from semspai.pipeline.data import (
     local_spill_dir,
     plan_split,
 )
-from semspai.pipeline.detector import DetectorBatch, create_detector, trainable_parameters, trainable_state_dict
+from semspai.pipeline.detector import (
+    DetectorBatch,
+    create_detector,
+    trainable_parameters,
+    trainable_state_dict,
+    unit_pixels,
+)
 from semspai.pipeline.iterate import batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
@@ -267,8 +273,9 @@ class Trainer:
         )
         self.ddp = self.module
         if self.world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+            # no device_ids: the trainer places each input itself, and DDP would move the host-side counts and
+            # text targets to the device, making every step wait for it to read them back
+            self.ddp = nn.parallel.DistributedDataParallel(self.module)
 
     def _stream(self, plan: SplitPlan, join: StoreJoin | None, view: View) -> ShardStream:
         return ShardStream(plan, join, view, self.cfg.TRAIN.SEED, self.rank, self.world)
@@ -281,7 +288,8 @@ class Trainer:
         def put(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(self.device, non_blocking=True)
 
-        return DetectorBatch(put(batch.patches), put(batch.counts), put(batch.global_vec), put(batch.local_vec))
+        # counts stay on the host: nothing in a step then waits for the device, which can run a step behind
+        return DetectorBatch(unit_pixels(put(batch.patches)), batch.counts, put(batch.global_vec), put(batch.local_vec))
 
     def _loader(self, stream: ShardStream, epoch: int) -> Iterator[TrainBatch]:
         stream.set_epoch(epoch)
@@ -336,14 +344,15 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, tb) -> float:
         self.ddp.train()
-        total, n = torch.zeros((), dtype=torch.float64), 0
+        # summed on the device and read once at the end: a per-step read would make the host wait for every step
+        total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         batches = self._loader(self.train_stream, epoch)
         desc = f"epoch {epoch}/{self.cfg.TRAIN.EPOCHS}"
         for _, batch in progress(
             zip(range(self.steps_per_epoch), batches, strict=False), total=self.steps_per_epoch, desc=desc, unit="step"
         ):
             parts = self.step(batch)
-            total += parts.total.detach().double().cpu()
+            total += parts.total.detach().double()
             n += 1
             if tb is not None:
                 self._log_step(tb, parts)
@@ -352,14 +361,13 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
-        return float(total) / n
+        return total.item() / n
 
     def step(self, batch: TrainBatch) -> LossParts:
         """One optimiser step on one batch (the loss of that batch before the step)."""
-        labels = batch.labels.to(self.device)
-        text = None if batch.text_vec is None else batch.text_vec.to(self.device)
-        with autocast(self.precision, self.device):
-            parts, _ = self.ddp(self._detector_batch(batch), labels, text)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        with autocast(self.precision, self.device):  # text targets stay on the host: the loss groups them there
+            parts, _ = self.ddp(self._detector_batch(batch), labels, batch.text_vec)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if self.cfg.TRAIN.CLIP_GRAD > 0:

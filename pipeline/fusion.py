@@ -8,19 +8,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# `counts` (B,) int64, patches per image, is host knowledge (the packing): every index derived from it is
+# computed on the CPU and sent to the device, so no step ever waits for the device to report a size.
+
+
+def _to(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return index.to(like.device, non_blocking=True)
+
+
+def per_patch(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows per image (B, ...) -> one row per patch (N, ...): image i's row repeated counts[i] times."""
+    counts = counts.cpu()
+    return x[_to(torch.repeat_interleave(torch.arange(len(counts)), counts), x)]
+
 
 def pad_by_counts(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows (N, ...) -> padded (B, P_max, ...) and a validity mask (B, P_max)."""
-    sizes = counts.tolist()
-    padded = nn.utils.rnn.pad_sequence(list(torch.split(x, sizes)), batch_first=True)
-    mask = torch.arange(padded.shape[1], device=x.device)[None, :] < counts.to(x.device)[:, None]
-    return padded, mask
+    """Packed rows (N, ...) -> padded (B, P_max, ...) and a validity mask (B, P_max) on x's device."""
+    counts = counts.cpu()
+    padded = nn.utils.rnn.pad_sequence(list(torch.split(x, counts.tolist())), batch_first=True)
+    return padded, _to(torch.arange(padded.shape[1])[None, :] < counts[:, None], x)
+
+
+def unpad(padded: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pad_by_counts`: (B, P_max, ...) -> packed (N, ...), without a boolean index (that would
+    make the host wait for the device to count the mask)."""
+    valid = torch.arange(padded.shape[1])[None, :] < counts.cpu()[:, None]  # (B, P_max) on the host
+    return padded.flatten(0, 1)[_to(valid.flatten().nonzero().squeeze(1), padded)]
 
 
 def compute_global_semantic_context(global_vec: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Each image's global vector (B, D) repeated for each of its patches -> (N, D), float32, L2-normalised."""
     g = F.normalize(global_vec.float(), dim=-1)  # stored as float16: renormalise so cosines are exact
-    return torch.repeat_interleave(g, counts.to(g.device), dim=0)
+    return per_patch(g, counts)
 
 
 def compute_local_semantic_context(local_vec: torch.Tensor, global_ctx: torch.Tensor) -> torch.Tensor:
@@ -103,7 +122,7 @@ class SemanticFusionModule(nn.Module):
         """Per-patch semantic code (N, P) and the projected global vector per image (B, P)."""
         dtype = self.norm.weight.dtype
         g_img = self.global_proj(F.normalize(global_vec.float(), dim=-1).to(dtype))  # (B, P)
-        code = torch.repeat_interleave(g_img, counts.to(g_img.device), dim=0)  # (N, P)
+        code = per_patch(g_img, counts)  # (N, P)
         if self.local_proj is not None:
             if local_vec is None:
                 raise ValueError("semantic mode global_local needs batch.local_vec (one CLIP vector per patch)")
@@ -140,7 +159,7 @@ class SemanticFusionModule(nn.Module):
         q, mask = pad_by_counts(self.query_norm(features), counts)  # (B, P_max, H), (B, P_max)
         kv, _ = pad_by_counts(code, counts)  # (B, P_max, P)
         out, _ = self.attn(q, kv, kv, key_padding_mask=~mask, need_weights=False)
-        return out[mask]  # (N, H), back in packed order
+        return unpad(out, counts)  # (N, H), back in packed order
 
 
 class SpectralContextAttention(nn.Module):

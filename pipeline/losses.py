@@ -20,10 +20,12 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, temperature: float) -> tor
     """InfoNCE of image-side vectors (B, D) against their text targets (B, D) over the batch.
 
     Samples that share a target (one caption for a real and its fake, one prompt for two images) would be
-    each other's false negatives, so the classes are the batch's distinct targets: (B, U) logits.
+    each other's false negatives, so the classes are the batch's distinct targets: (B, U) logits. They are
+    found on the host (where the trainer keeps `text`): on the device, their count would stall the step.
     """
-    unique, target = torch.unique(text, dim=0, return_inverse=True)  # (U, D), (B,)
-    logits = F.normalize(image, dim=-1) @ F.normalize(unique, dim=-1).T / temperature  # (B, U)
+    unique, target = torch.unique(text.cpu(), dim=0, return_inverse=True)  # (U, D), (B,)
+    unique, target = unique.to(image.device, non_blocking=True), target.to(image.device, non_blocking=True)
+    logits = F.normalize(image, dim=-1) @ F.normalize(unique.to(image.dtype), dim=-1).T / temperature  # (B, U)
     return F.cross_entropy(logits, target)
 
 
@@ -48,5 +50,5 @@ class DetectionLoss(nn.Module):
             return LossParts(total=bce, bce=bce, semantic=None)
         if text_vec is None:
             raise ValueError("LOSS.SEMANTIC_WEIGHT > 0 needs each sample's text vector in the batch")
-        semantic = info_nce(self.projection(embedding).float(), text_vec.float(), self.temperature)
+        semantic = info_nce(self.projection(embedding).float(), text_vec, self.temperature)
         return LossParts(total=bce + self.semantic_weight * semantic, bce=bce, semantic=semantic)

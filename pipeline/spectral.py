@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -83,7 +84,12 @@ class FrequencyFilter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # torch.fft rejects bf16 and fp16 loses the spectrum's dynamic range: leave autocast for the filter
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        device = x.device.type
+        with (
+            torch.autocast(device_type=device, enabled=False)
+            if torch.amp.is_autocast_available(device)
+            else nullcontext()
+        ):
             x = x.float()  # (N, 3, S, S)
             low = torch.fft.irfft2(torch.fft.rfft2(x) * self.mask, s=x.shape[-2:])
             return low, x - low  # high = x - low: the complementary mask, by linearity of the FFT
@@ -162,14 +168,14 @@ class PatchEncoder(nn.Module):
 
 def srs_statistics(feats: list[torch.Tensor]) -> torch.Tensor:
     """Spectral reconstruction similarity: per layer, mean and std over tokens of the token-wise cosine
-    similarity of (x, low), (x, high), (low, high). `feats[k]` is (3, N, L, C); returns (N, 6 * K)."""
+    similarity of (x, low), (x, high), (low, high). `feats[k]` is (3, N, L, C); returns (N, 6 * K), per layer
+    in the order mean, std of (x, low), then of (x, high), then of (low, high)."""
     stats = []
     for f in feats:
         f = f.float()
-        for a, b in ((0, 1), (0, 2), (1, 2)):
-            sim = F.cosine_similarity(f[a], f[b], dim=-1)  # (N, L)
-            stats += [sim.mean(dim=1), sim.std(dim=1, unbiased=False)]
-    return torch.stack(stats, dim=1)
+        sim = F.cosine_similarity(f[[0, 0, 1]], f[[1, 2, 2]], dim=-1)  # (3 pairs, N, L), one kernel for all
+        stats.append(torch.stack([sim.mean(dim=2), sim.std(dim=2, unbiased=False)], dim=1).flatten(0, 1))  # (6, N)
+    return torch.cat(stats).T
 
 
 class FrequencyRestorationEstimator(nn.Module):
@@ -214,11 +220,21 @@ class FrequencyRestorationEstimator(nn.Module):
         low, high = self.filter(x)
         return x, low, high
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, joint: bool = False) -> torch.Tensor:
+        """`joint`: the three views go through the encoder as one batch of 3N (a third of the kernel launches;
+        training, where autograd keeps every view's activations anyway). Otherwise three calls of N patches,
+        so the caller's chunk size bounds the encoder batch (eval, predict)."""
         dtype = self.proj[0].weight.dtype
-        # three encoder calls of N patches each, not one of 3N: the caller's chunk size bounds the encoder batch
-        per_view = [self.encoder(v.to(dtype)) for v in self.views(patches)]  # 3 x K x (N, L_k, C_k)
-        feats = [torch.stack([proj(view[k]) for view in per_view]) for k, proj in enumerate(self.layer_proj)]
+        views = [v.to(dtype) for v in self.views(patches)]
+        n = len(patches)
+        if joint:
+            maps = self.encoder(torch.cat(views))  # K x (3N, L_k, C_k), views in blocks of N
+            feats = [proj(m).unflatten(0, (3, n)) for proj, m in zip(self.layer_proj, maps, strict=True)]
+            last = maps[-1][:n]
+        else:
+            per_view = [self.encoder(v) for v in views]  # 3 x K x (N, L_k, C_k)
+            feats = [torch.stack([proj(view[k]) for view in per_view]) for k, proj in enumerate(self.layer_proj)]
+            last = per_view[0][-1]
         srs = self.stats_norm(srs_statistics(feats).to(dtype))  # (N, 6K)
-        ctx = self.context(per_view[0][-1].mean(dim=1))  # (N, context_dim), from the original view's last layer
+        ctx = self.context(last.mean(dim=1))  # (N, context_dim), from the original view's last layer
         return self.proj(torch.cat([srs, ctx], dim=1))  # (N, hidden_dim)

@@ -46,7 +46,7 @@ def test_local_vectors_are_clip_of_the_original_pixels_of_each_patch(tiny_shards
     # float16 storage of unit vectors: agreement to ~1e-3
     torch.testing.assert_close(batch.local_vec, recomputed, atol=3e-3, rtol=0)
     # the patches themselves were augmented (flip + blur + JPEG + noise), so the test is not vacuous
-    seen = (batch.patches.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    seen = batch.patches.numpy()  # (N, 224, 224, 3) uint8, as the loader ships them
     assert np.abs(seen.astype(int) - crops.astype(int)).mean() > 5
     # and the vectors tell cells apart: a vector paired with another image's patch would not match
     assert (batch.local_vec @ recomputed.roll(1, dims=0).T).diagonal().min() < 0.999

@@ -22,11 +22,13 @@ from semspai.pipeline.detector import (
     trainable_state_dict,
 )
 from semspai.pipeline.grid import crop_patches
+from semspai.pipeline.losses import DetectionLoss
 from semspai.pipeline.spectral import (
     EncoderConfigError,
     FrequencyFilter,
     list_encoders,
     load_encoder_config,
+    srs_statistics,
 )
 
 CLIP_DIM = 16
@@ -156,6 +158,48 @@ def test_chunked_equals_unchunked_and_bounds_encoder_batch() -> None:
     seen.clear()
     model.train()(batch).logits.sum().backward()
     assert seen == [12, 12, 12]
+
+
+def test_views_as_one_encoder_batch_equal_three_calls() -> None:
+    model = build(model_cfg("none")).eval()
+    seen: list[int] = []
+    model.spectral.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    patches = random_batch([3, 2]).patches
+    with torch.no_grad():
+        apart, joint = model.spectral(patches), model.spectral(patches, joint=True)
+    assert seen == [5, 5, 5, 15]
+    torch.testing.assert_close(joint, apart, rtol=0, atol=1e-5)
+
+
+def test_srs_statistics_per_layer_and_pair_order() -> None:
+    gen = torch.Generator().manual_seed(5)
+    feats = [torch.randn(3, 4, 9, 8, generator=gen) for _ in range(2)]  # K=2 layers, (views, N, L, C)
+    expected = []
+    for f in feats:
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            sim = F.cosine_similarity(f[a], f[b], dim=-1)  # (N, L)
+            expected += [sim.mean(dim=1), sim.std(dim=1, unbiased=False)]
+    torch.testing.assert_close(srs_statistics(feats), torch.stack(expected, dim=1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["film", "concat", "gate", "cross_attn"])
+def test_training_step_never_reads_device_values_on_the_host(fusion: str) -> None:
+    """Forward and backward on the meta device, which holds no values: any read of a size or value computed
+    on the device (.item(), a boolean mask, unique, repeat_interleave without a size) raises there. On a GPU,
+    each such read would stall the host until the device caught up, every step."""
+    meta = torch.device("meta")
+    model = create_detector(model_cfg("global_local", fusion), CLIP_DIM, device=meta).train()
+    loss = DetectionLoss(64, CLIP_DIM, semantic_weight=0.5, temperature=0.07).to(meta)
+    batch = DetectorBatch(
+        torch.empty(7, 3, 224, 224, device=meta),
+        torch.tensor([3, 4]),  # on the host, as the trainer keeps it
+        torch.empty(2, CLIP_DIM, device=meta),
+        torch.empty(7, CLIP_DIM, device=meta),
+    )
+    out = model(batch)
+    text = F.normalize(torch.randn(2, CLIP_DIM), dim=-1)  # host-side targets, as the trainer keeps them
+    loss(out.logits, out.embedding, torch.empty(2, device=meta), text).total.backward()
+    assert out.logits.shape == (2,) and model.head.weight.grad is not None
 
 
 def test_fft_filter_float32_under_bf16_autocast() -> None:
