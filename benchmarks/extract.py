@@ -28,9 +28,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semspai.pipeline.extraction import ClipFactory
+from semspai.pipeline.extraction import (
+    ClipFactory,
+    DeviceCrops,
+    ExtractOptions,
+    extract_features,
+    prepared_samples,
+    probed_samples,
+    worker_embedder,
+)
 from semspai.stages.extract import ExtractConfig, run
-from semspai.store.shards import ShardWriter
+from semspai.store.shards import ShardWriter, iter_shard
 
 QUICK = os.environ.get("QUICK") == "1"
 SIZE = 512  # px: a 2 x 2 grid, so global + 4 local = 5 crops per image
@@ -140,14 +148,22 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
     common = {"card": card, "model": factory.clip, "images": n, "batch": args.gpu_batch_size, "target_img_per_s": 5000}
     yield {"variant": "gpu-bare", "how": "encoder alone, bf16 autocast", "img_per_s": round(bare, 1), **common}
     yield {"variant": "gpu-bare", "how": "encoder alone, bf16 weights", "img_per_s": round(bf16, 1), **common}
+    for row in gpu_stages(sorted(shards.glob("*.tar"))[0], factory, args.gpu_batch_size, args.gpu_decode_workers):
+        yield {"variant": "gpu-stage", "how": f"one shard in process: {row.pop('stage')}", **row, **common}
     # rows as they come: a run cut off by a time limit still leaves the figures measured so far
-    runs = [(args.gpu_workers[0], True), (args.gpu_workers[0], False)] + [(w, True) for w in args.gpu_workers[1:]]
-    for k, (workers, nvjpeg) in enumerate(runs):
+    pure = ClipFactory(factory.clip, factory.device, "bf16-weights")
+    runs = [
+        (args.gpu_workers[0], True, factory),
+        (args.gpu_workers[0], True, pure),
+        (args.gpu_workers[0], False, factory),
+    ]
+    runs += [(w, True, factory) for w in args.gpu_workers[1:]]
+    for k, (workers, nvjpeg, fac) in enumerate(runs):
         rates = [
             end_to_end_images_per_s(
                 shards,
                 root,
-                factory,
+                fac,
                 workers=workers,
                 batch_size=args.gpu_batch_size,
                 decode_workers=args.gpu_decode_workers,
@@ -157,6 +173,7 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
             for _ in range(2 if k == 0 and not QUICK else 1)  # the first run also warms the allocator and kernels
         ]
         how = f"e2e, {'nvjpeg' if nvjpeg else 'host'} decode, {f'{workers} dask workers' if workers else 'in process'}"
+        how += ", bf16 weights" if fac.precision == "bf16-weights" else ""
         yield {
             "variant": "gpu",
             "how": how,
@@ -164,6 +181,30 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
             "runs": [round(r) for r in rates],
             **common,
         }
+
+
+def gpu_stages(shard: Path, factory: ClipFactory, batch_size: int, decode_workers: int) -> Iterator[dict]:
+    """Images/s of one shard through the pipeline cut after each stage, in process (where e2e time goes):
+    read (tar -> samples), + probe (reader threads), + device decode and crops, + encoder (all rows in host
+    memory: everything but the Zarr write and the Dask hop)."""
+    embedder = worker_embedder(factory)
+    opts = ExtractOptions(batch_size, decode_workers, gpu_decode=True, device=factory.device)
+    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    crops = DeviceCrops(embedder, factory.device)
+    stages = {
+        "read": lambda: sum(1 for _ in iter_shard(shard)),
+        "read+probe": lambda: sum(1 for _ in probed_samples(iter_shard(shard), crops, decode_workers)),
+        "read+probe+decode+crops": lambda: sum(1 for _ in prepared_samples(iter_shard(shard), embedder, opts)),
+        "read+probe+decode+crops+encoder": lambda: extract_features(iter_shard(shard), embedder, "s", "", opts).n_samples,
+    }  # fmt: skip
+    for name, fn in stages.items():
+        fn()  # warm-up (page cache, allocator, kernels)
+        sync()
+        start = time.perf_counter()
+        n = fn()
+        sync()
+        seconds = time.perf_counter() - start
+        yield {"stage": name, "images": n, "us_per_img": round(seconds / n * 1e6, 1), "img_per_s": round(n / seconds)}
 
 
 def bare_bf16_weights_images_per_s(factory: ClipFactory, batch_size: int, n_batches: int) -> float:
@@ -218,7 +259,7 @@ def main() -> None:
                 f"ratio {r['ratio']} (target >= 0.8)"
             )
         else:
-            print(f"{r['card']}  {r['model']}  {r['how']:<40} {r['img_per_s']:>9} img/s (target 5000)")
+            print(f"{r['card']}  {r['model']}  {r['how']:<58} {r['img_per_s']:>9} img/s (target 5000)")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "extract_bench.json").write_text(json.dumps(rows, indent=1))
 

@@ -31,6 +31,10 @@ RANDOM_WEIGHTS = "random"  # `MODEL:random`: weights drawn from RANDOM_SEED, for
 RANDOM_SEED = 0
 TIMM_PREFIX = "timm/"
 PRECISIONS = ("auto", "fp32", "bf16")
+# extract-clip only: the encoder's weights cast to bf16 and run without autocast (DESIGN.md's encoder anchor;
+# no per-call weight casts, bf16 layer norms). Vectors differ from autocast's within bf16 rounding.
+BF16_WEIGHTS = "bf16-weights"
+EMBEDDER_PRECISIONS = (*PRECISIONS, BF16_WEIGHTS)
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_TRANSFORMERS_PREFIXES = ("vision_model.", "text_model.")
 _KEYS_SHOWN = 5  # errors name this many offending keys, not hundreds
@@ -214,10 +218,11 @@ class ClipEmbedder:
         device: torch.device,
         precision: str,
     ) -> None:
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.precision = precision if precision == BF16_WEIGHTS else resolve_precision(precision, device)
+        self.dtype = torch.bfloat16 if self.precision == BF16_WEIGHTS else torch.float32  # weights and inputs
+        self.model = model.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
         self.spec = spec
         self.device = device
-        self.precision = resolve_precision(precision, device)
         self._global_transform = global_transform
         self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -251,7 +256,7 @@ class ClipEmbedder:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ValueError(f"expected a (B, 3, {s}, {s}) batch for {self.spec.arg}, got {tuple(x.shape)}")
         with torch.inference_mode(), self._autocast():
-            x = x.to(self.device, non_blocking=True)
+            x = x.to(self.device, self.dtype, non_blocking=True)
             feats = self.model(x) if self.spec.kind == "timm" else self.model.encode_image(x)  # (B, D)
         return F.normalize(feats.float(), dim=-1)
 

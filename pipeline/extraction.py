@@ -199,6 +199,7 @@ class DeviceCrops(CpuCrops):
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
     def probe(self, sample: ShardSample) -> Probed:
+        """A JPEG the device can take, from its header alone (microseconds); else not yet decided (`host`)."""
         # the frame header from the JPEG markers alone: an order of magnitude cheaper than opening it with PIL
         frame = jpeg_frame(sample.image) if sample.ext.lower() in JPEG_EXTS else None
         if frame is not None and self._device_can_take(sample.image, frame):
@@ -206,11 +207,17 @@ class DeviceCrops(CpuCrops):
             image = sample.image if isinstance(sample.image, bytearray) else bytearray(sample.image)
             data = torch.frombuffer(image, dtype=torch.uint8)
             return Probed(sample, data=data, pixels=frame.width * frame.height)
+        return Probed(sample)
+
+    def host(self, probed: Probed) -> Probed:
+        """What the device does not take, decoded by the decode function (milliseconds: in reader threads)."""
+        if probed.data is not None:
+            return probed
         try:
-            rgb = self.decode(sample)
+            rgb = self.decode(probed.sample)
         except ImageDecodeError as exc:
-            return Probed(sample, error=str(exc))
-        return Probed(sample, rgb=rgb, pixels=rgb.shape[0] * rgb.shape[1])
+            return Probed(probed.sample, error=str(exc))
+        return Probed(probed.sample, rgb=rgb, pixels=rgb.shape[0] * rgb.shape[1])
 
     def _device_can_take(self, data: bytes, frame: JpegFrame) -> bool:
         """A grey or colour JPEG within the pixel limit, with an end marker and no EXIF rotation; anything else
@@ -306,7 +313,7 @@ class DeviceCrops(CpuCrops):
         return out
 
     def __call__(self, sample: ShardSample) -> Prepared:
-        return self.prepare([self.probe(sample)])[0]
+        return self.prepare([self.host(self.probe(sample))])[0]
 
 
 # --- mapper: full batches through the encoder -------------------------------------------------------------
@@ -358,15 +365,23 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def probed_samples(samples: Iterable[ShardSample], crops: DeviceCrops, workers: int) -> Iterator[Probed]:
+    """Samples probed as they are read (a header check); the few the device cannot take are decoded on the
+    host in `workers` threads; input order kept."""
+    return ordered_map(crops.host, map(crops.probe, samples), workers, inline=lambda p: p.data is not None)
+
+
 def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: ExtractOptions) -> Iterator[Prepared]:
     """The shard's samples decoded and cropped, in order: on the host in `decode_workers` threads, or (with
-    gpu_decode) probed in those threads and decoded a chunk at a time on the device by a producer thread
-    that keeps DEVICE_AHEAD chunks ready while the encoder runs."""
+    gpu_decode) probed as they are read, the few the device cannot take decoded in those threads, and the
+    JPEGs decoded a chunk at a time on the device by a producer thread that keeps DEVICE_AHEAD chunks ready
+    while the encoder runs."""
     if not opts.gpu_decode:
         return ordered_map(CpuCrops(embedder, opts.rule, opts.max_pixels), samples, opts.decode_workers)
     crops = DeviceCrops(embedder, opts.device, opts.rule, opts.max_pixels)
-    probed = ordered_map(crops.probe, samples, opts.decode_workers)
-    chunks = batched_by_weight(probed, DEVICE_CHUNK_PIXELS, lambda p: p.pixels)
+    chunks = batched_by_weight(
+        probed_samples(samples, crops, opts.decode_workers), DEVICE_CHUNK_PIXELS, lambda p: p.pixels
+    )
     return (prep for chunk in in_background(map(crops.prepare, chunks), DEVICE_AHEAD) for prep in chunk)
 
 

@@ -13,7 +13,7 @@ import click
 import torch
 
 from semspai import __version__
-from semspai.pipeline.clip import ClipLoadError
+from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError
 from semspai.pipeline.config import load_config, prompts_path
 from semspai.pipeline.extraction import (
     ClipFactory,
@@ -58,7 +58,7 @@ class ExtractConfig:
     decode_workers: int = 2  # decode threads inside each task
     batch_size: int = 256  # crops per encoder call; part of what makes two runs bit-identical
     device: str = "auto"  # auto = cuda when available
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, bf16-weights
     gpu_decode: bool = False  # decode JPEGs with nvjpeg on the device (recorded: another decoder identity)
     prompts: str = ""  # class-name file for the prompt bank; empty = the shipped ImageNet class names
     torch_threads: int = 1  # per worker; fixed so the bits do not depend on the worker count
@@ -216,10 +216,11 @@ def run(
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto.")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
+    type=click.Choice(EMBEDDER_PRECISIONS),
     default="auto",
     show_default=True,
-    help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+    help="auto: bf16 autocast on CUDA, fp32 on CPU. bf16-weights: the encoder's weights in bf16, no autocast "
+    "(faster on GPUs; recorded in the store).",
 )
 @click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the device (nvjpeg); recorded in the store.")
 @click.option("--prompts", default="", help="Class-name file for the prompt bank (default: ImageNet class names).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -93,6 +94,74 @@ def shard_name(path: str | Path) -> str:
     return name[: -len(".tar")] if name.endswith(".tar") else name
 
 
+TAR_BLOCK = 512
+REGULAR, DIRECTORY, LINKS = (b"0", b"\0"), b"5", (b"1", b"2")
+
+
+def _octal(field: bytes) -> int:
+    return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _octal(header[148:156])
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
+    if stored == unsigned:
+        return True
+    rest = header[:148] + header[156:]
+    return stored == unsigned - 256 * (len(rest) - len(rest.translate(None, bytes(range(128, 256)))))  # signed chars
+
+
+def tar_members(fh, want=lambda name: True) -> Iterator[tuple[str, bytearray | None]]:
+    """(name, bytes) of each regular file of an open tar, in stored order; bytes are None (skipped unread)
+    when not `want(name)`.
+
+    Plain ustar, GNU and v7 headers are parsed here, several times cheaper per member than tarfile; from the
+    first header this reader leaves to tarfile (pax, GNU long names, base-256 sizes, sparse files) tarfile
+    reads the rest. Stricter than tarfile, which stops silently at a damaged header: a bad checksum, a cut
+    header or a missing end-of-archive block raise tarfile.ReadError, a cut member EOFError.
+    """
+    while True:
+        start = fh.tell()
+        header = fh.read(TAR_BLOCK)
+        if len(header) < TAR_BLOCK:
+            why = "no end-of-archive block" if not header else f"a header cut at byte {start + len(header)}"
+            raise tarfile.ReadError(f"{why}: the tar is truncated")
+        if not any(header):
+            return  # end of archive
+        if not _checksum_ok(header):
+            raise tarfile.ReadError(f"bad header checksum at byte {start}")
+        kind, magic = header[156:157], header[257:263]
+        size_field = header[124:136]
+        if (kind not in REGULAR and kind != DIRECTORY and kind not in LINKS) or size_field[0] & 0x80:
+            fh.seek(start)
+            yield from _tarfile_members(fh, want)
+            return
+        name = header[:100].split(b"\0", 1)[0]
+        if magic == b"ustar\x00" and header[345]:  # POSIX ustar: a path prefix (GNU uses these bytes otherwise)
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = _octal(size_field) if kind in REGULAR else 0
+        padded = -size % TAR_BLOCK
+        text = name.decode("utf-8", "surrogateescape")
+        if kind not in REGULAR:
+            fh.seek(size + padded, 1)
+        elif want(text):
+            data = bytearray(size)
+            if fh.readinto(data) != size:
+                raise EOFError(f"member {text} ends early")
+            fh.seek(padded, 1)
+            yield text, data
+        else:
+            fh.seek(size + padded, 1)
+            yield text, None
+
+
+def _tarfile_members(fh, want) -> Iterator[tuple[str, bytearray | None]]:
+    with tarfile.open(fileobj=fh, mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, _read_member(tar, member) if want(member.name) else None
+
+
 def iter_shard(path: str | Path) -> Iterator[ShardSample]:
     """Yield a tar's samples in stored order. A truncated or corrupt tar raises ShardError naming it."""
     path = Path(path)
@@ -112,22 +181,26 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
             raise ShardError(f"shard {path}: sample {key} has an unreadable sidecar: {exc}") from exc
         return ShardSample(key=key, image=parts[images[0]], ext=images[0], meta=meta)
 
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if current is not None and key != current:
-                    yield finish(current)
-                current = key
-                pending.setdefault(key, {})[ext] = _read_member(tar, member)
-            if current is not None:
+    with _reading(path) as fh:
+        for name, data in tar_members(fh):
+            key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+            if current is not None and key != current:
                 yield finish(current)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise ShardError(f"shard {path} does not exist") from exc
+            current = key
+            pending.setdefault(key, {})[ext] = data
+        if current is not None:
+            yield finish(current)
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """The shard opened for reading; any read failure inside becomes one ShardError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            yield fh
+    except FileNotFoundError as exc:
+        raise ShardError(f"shard {path} does not exist") from exc
+    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
         raise ShardError(
             f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it"
         ) from exc
@@ -146,21 +219,12 @@ def shard_sidecars(path: str | Path) -> list[tuple[str, dict]]:
     """(key, JSON sidecar) of each sample in stored order, skipping image bytes: lets a trainer plan an epoch
     (splits, generators, counts) without decoding or even reading the images."""
     path = Path(path)
-    out = []
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if member.isfile() and ext == "json":
-                    out.append((key, json.loads(tar.extractfile(member).read())))
-    except FileNotFoundError as exc:
-        raise ShardError(f"shard {path} does not exist") from exc
-    except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
-        raise ShardError(
-            f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it"
-        ) from exc
-    return out
+    with _reading(path) as fh:
+        return [
+            (name.rsplit("/", 1)[-1].partition(".")[0], json.loads(data))
+            for name, data in tar_members(fh, want=lambda n: n.endswith(".json"))
+            if data is not None
+        ]
 
 
 def resolve_shards(spec: str | Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -21,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from semspai.pipeline.clip import (
+    BF16_WEIGHTS,
     TINY_RANDOM,
     ClipEmbedder,
     ClipLoadError,
@@ -303,6 +305,20 @@ def test_precision(tiny: ClipEmbedder) -> None:
     low, high = bf16.get_image_embedding(x), tiny.get_image_embedding(x)
     assert low.dtype == torch.float32 and not torch.equal(low, high)  # autocast did run in bf16
     assert F.cosine_similarity(low, high).min().item() > 0.99
+
+
+def test_bf16_weights_precision(tiny: ClipEmbedder) -> None:
+    pure = ClipEmbedder(copy.deepcopy(tiny.model), tiny.spec, tiny.preprocess_global, tiny.device, BF16_WEIGHTS)
+    assert {p.dtype for p in pure.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tiny.model.parameters()} == {torch.float32}  # the fp32 embedder is untouched
+    x = torch.stack([tiny.preprocess_global(_image(224, 224, seed)) for seed in range(4)])  # float32 input
+    low, high = pure.get_image_embedding(x), tiny.get_image_embedding(x)
+    assert low.dtype == torch.float32 and not torch.equal(low, high)
+    assert F.cosine_similarity(low, high).min().item() > 0.99
+    text = pure.get_text_embedding(["a photo of a cat."])
+    assert F.cosine_similarity(text, tiny.get_text_embedding(["a photo of a cat."])).item() > 0.99
+    with pytest.raises(ClipLoadError, match="expected one of"):
+        ClipEmbedder(tiny.model, tiny.spec, tiny.preprocess_global, tiny.device, "fp16-weights")
 
 
 def test_timm_encoder_has_no_text_tower() -> None:

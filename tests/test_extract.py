@@ -219,6 +219,17 @@ def test_rerun_adds_new_shards_only(shards: Path, reference: Path, tmp_path: Pat
     assert arrays(store) == arrays(reference)
 
 
+def test_bf16_weights_precision_is_recorded_and_close_to_fp32(shards: Path, reference: Path, tmp_path: Path) -> None:
+    store = tmp_path / "bf16w.zarr"
+    result = CliRunner().invoke(cli, [*cli_args(shards, store), "--precision", "bf16-weights"])
+    assert result.exit_code == 0, result.output
+    pure, full = FeatureStore.open(str(store)), FeatureStore.open(str(reference))
+    assert pure.attrs["preprocessing"]["precision"] == "bf16-weights" and pure.keys == full.keys
+    g, h = pure.global_vectors().astype(np.float32), full.global_vectors().astype(np.float32)
+    cos = (g * h).sum(axis=1) / np.linalg.norm(g, axis=1) / np.linalg.norm(h, axis=1)
+    assert 0.99 < cos.min() and not np.array_equal(g, h)  # bf16 did run, and stayed close
+
+
 def test_fsspec_url_store_gives_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
     store = tmp_path / "url.zarr"
     run(cfg(shards, store.as_uri()), embedder_factory=TINY)  # file://: Zarr's FsspecStore, as for s3:// or gs://

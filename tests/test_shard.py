@@ -27,7 +27,9 @@ from semspai.store.shards import (
     read_index,
     resolve_shards,
     shard_name,
+    shard_sidecars,
     shard_split,
+    tar_members,
 )
 from semspai.store.sources import SourceError, sample_key
 from tests.conftest import TREE, encode, make_tree, random_photo, write_image
@@ -494,6 +496,76 @@ def test_iter_shard_rejects_truncated_and_missing_tars(tiny_shards, tmp_path):
         list(iter_shard(cut))
     with pytest.raises(ShardError, match="does not exist"):
         list(iter_shard(tmp_path / "missing.tar"))
+
+
+def _tar_with_every_kind(path: Path, fmt: int) -> dict[str, bytes]:
+    """A tar in `fmt` with the members a reader meets: long and prefixed names, a directory, a link, an empty
+    file, a size on a block boundary, non-ASCII names; returns name -> bytes of its regular files."""
+    files = {
+        "a.jpg": os.urandom(1000),
+        "d" * 30 + "/" + "x" * 90 + ".jpg": os.urandom(700),  # > 100 chars: ustar prefix, GNU longname, pax path
+        "empty.json": b"",
+        "block.png": os.urandom(1024),
+        "caf\u00e9.json": b'{"label": 0}',
+        "y" * 150 + ".jpg": os.urandom(10),  # no '/' to split on: only GNU and pax can store it
+    }
+    if fmt == tarfile.USTAR_FORMAT:
+        del files["y" * 150 + ".jpg"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return files
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_lean_tar_reader_reads_what_tarfile_reads(tmp_path, fmt):
+    path = tmp_path / "t.tar"
+    files = _tar_with_every_kind(path, fmt)
+    with open(path, "rb") as fh:
+        got = list(tar_members(fh))
+    assert [(n, bytes(d)) for n, d in got] == list(files.items())
+    with open(path, "rb") as fh:  # unwanted members are skipped unread
+        assert [(n, d) for n, d in tar_members(fh, want=lambda n: n.endswith(".json"))] == [
+            (n, bytearray(d) if n.endswith(".json") else None) for n, d in files.items()
+        ]
+
+
+def test_lean_tar_reader_accepts_signed_checksums_and_rejects_damage(tiny_shards, tmp_path):
+    path = tmp_path / "signed.tar"
+    _tar_with_every_kind(path, tarfile.USTAR_FORMAT)
+    data = bytearray(path.read_bytes())
+    at = data.index("café".encode())  # a header whose name has bytes > 127: store its old-style signed sum
+    header = data[at : at + 512]
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 8 * 32
+    data[at + 148 : at + 156] = b"%06o\0 " % signed
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        assert "café.json" in [n for n, _ in tar_members(fh)]
+
+    tar = resolve_shards(tiny_shards)[0]
+    good = tar.read_bytes()
+    second = 512 + -(-len(list(iter_shard(tar))[0].image) // 512) * 512  # the header after the first image
+    cases = {
+        "checksum": good[:second] + bytes([good[second] ^ 1]) + good[second + 1 :],
+        "header cut": good[: second + 100],
+        "no end": good[:second],  # cut exactly between members: only the missing end block tells
+        "member cut": good[: second + 512 + 10],
+    }
+    for what, blob in cases.items():
+        cut = tmp_path / f"{what.replace(' ', '-')}.tar"
+        cut.write_bytes(blob)
+        with pytest.raises(ShardError, match=r"truncated or corrupt tar.*rerun `semspai shard`"):
+            list(iter_shard(cut))
+        with pytest.raises(ShardError, match="truncated or corrupt tar"):
+            shard_sidecars(cut)
 
 
 def test_iter_shard_rejects_a_sample_without_sidecar(tmp_path):
