@@ -16,15 +16,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from semspai.pipeline.demodata import synthetic_photo
 from semspai.store.images import decode_image
-
-
-def random_photo(width: int, height: int, seed: int) -> np.ndarray:
-    """Upsampled colour noise plus grain (the tests' content: more chroma detail than photos have)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 255, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).astype(np.int16)
-    return np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
 
 
 def jpeg(rgb: np.ndarray, **kw) -> bytes:
@@ -41,7 +34,7 @@ def stats(got: np.ndarray, want: np.ndarray) -> dict:
 
 def main() -> None:
     contents = {
-        f"random-{w}x{h}": random_photo(w, h, s) for s, (w, h) in enumerate(((224, 224), (700, 250), (513, 389)))
+        f"random-{w}x{h}": synthetic_photo(w, h, s) for s, (w, h) in enumerate(((224, 224), (700, 250), (513, 389)))
     }
     try:
         import skimage.data

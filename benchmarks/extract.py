@@ -24,10 +24,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from semspai.pipeline.demodata import synthetic_photo
 from semspai.pipeline.extraction import (
     ClipFactory,
     DeviceCrops,
@@ -48,15 +48,11 @@ CROPS_PER_IMAGE = 5
 def make_shards(out: Path, n_images: int, per_shard: int, unique: int | None = None) -> Path:
     """Photo-like 512-px JPEGs (upsampled noise plus grain, quality 90) in tars of `per_shard`; with `unique`,
     only that many distinct images, repeated (making JPEGs in Python would take longer than extracting them)."""
-    rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
     blobs: list[bytes] = []
-    for _ in range(min(n_images, unique or n_images)):
-        small = rng.integers(0, 255, (SIZE // 16, SIZE // 16, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((SIZE, SIZE), Image.BICUBIC)).astype(np.int16)
-        img = np.clip(img + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)
+    for seed in range(min(n_images, unique or n_images)):
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        Image.fromarray(synthetic_photo(SIZE, SIZE, seed, grain=12)).save(buf, "JPEG", quality=90)
         blobs.append(buf.getvalue())
     for s in range(0, n_images, per_shard):
         writer = ShardWriter(out / f"train-{s // per_shard:06d}.tar")

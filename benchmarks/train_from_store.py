@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
 from semspai.pipeline.config import load_config
 from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate
+from semspai.pipeline.demodata import synthetic_photo
 from semspai.pipeline.detector import unit_pixels
 from semspai.pipeline.engine import Trainer
 from semspai.pipeline.iterate import batched
@@ -42,13 +42,11 @@ SIDE = 512  # DESIGN.md's extraction target image: 512-px JPEG, 4 grid patches
 def make_manifest(root: Path, n_train: int, n_val: int = 4, seed: int = 0) -> Path:
     """Smooth random 512-px JPEGs, alternately real and fake, listed in a manifest with explicit splits
     (content is irrelevant to speed; val exists only because training needs one)."""
-    rng = np.random.default_rng(seed)
     rows = ["path,label,generator,split"]
     for i in range(n_train + n_val):
-        small = rng.integers(0, 255, (SIDE // 16, SIDE // 16, 3), dtype=np.uint8)
         path = root / f"{i:04d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(small).resize((SIDE, SIDE), Image.BICUBIC).save(path, "JPEG", quality=90)
+        Image.fromarray(synthetic_photo(SIDE, SIDE, seed + i, grain=0)).save(path, "JPEG", quality=90)
         label = "fake" if i % 2 else "real"
         rows.append(f"{path.name},{label},{'gen' if i % 2 else 'cam'},{'train' if i < n_train else 'val'}")
     manifest = root / "manifest.csv"

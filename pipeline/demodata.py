@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # photo name in skimage.data -> caption (gives the semantic-consistency loss real captions)
 PHOTOS = {
@@ -25,6 +26,16 @@ PHOTOS = {
 }
 CROP_SIDES = (160, 200, 224, 256, 320, 384, 448, 512, 640)  # even, so a 2x down/up round trip is exact in size
 GENERATORS = ("tconv", "nearest", "bilinear")
+
+
+def synthetic_photo(width: int, height: int, seed: int, grain: int = 10) -> np.ndarray:
+    """(H, W, 3) uint8 of smooth random content (upsampled colour noise) plus grain: encodes to photo-like
+    JPEG and PNG sizes. For tests and benchmarks, where content does not matter (more chroma detail than
+    photos have)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).astype(np.int16)
+    return np.clip(img + rng.integers(-grain, grain, img.shape) if grain else img, 0, 255).astype(np.uint8)
 
 
 @dataclass

@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from semspai.pipeline.demodata import synthetic_photo
+
 
 def random_photo(width: int, height: int, seed: int) -> np.ndarray:
     """Smooth random content (upsampled noise plus grain), so encoded sizes look photo-like."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 255, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC)).astype(np.int16)
-    img = img + rng.integers(-10, 10, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return synthetic_photo(width, height, seed)
 
 
 def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
