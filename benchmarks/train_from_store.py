@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
 from semspai.pipeline.config import load_config
-from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate
+from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate, loader_samples
 from semspai.pipeline.demodata import synthetic_photo
 from semspai.pipeline.detector import unit_pixels
 from semspai.pipeline.engine import Trainer
@@ -101,9 +100,7 @@ def timed_steps(
     """
     stream.set_epoch(1)
     trainer.module.train()
-    workers = trainer.cfg.DATA.NUM_WORKERS
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
-    batches = batched(iter(loader), trainer.cfg.TRAIN.BATCH_SIZE)
+    batches = batched(loader_samples(stream, trainer.cfg.DATA.NUM_WORKERS), trainer.cfg.TRAIN.BATCH_SIZE)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     part_sync = sync if breakdown else (lambda: None)
     start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}
@@ -174,9 +171,8 @@ def main() -> None:
                          f"than the {need} asked for: give an empty folder")  # fmt: skip
         from_store = timed_steps(trainer, trainer.train_stream, args.steps, args.warmup, None, args.breakdown)
         embedder = load_embedder(CLIP, device, precision)
-        online = timed_steps(
-            trainer, OnlineStream(trainer.train_stream, embedder), args.steps, embedder, args.breakdown
-        )
+        online_stream = OnlineStream(trainer.train_stream, embedder)
+        online = timed_steps(trainer, online_stream, args.steps, args.warmup, embedder, args.breakdown)
     card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{card}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
           f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 from torch import nn
-from torch.utils.data import DataLoader
 
 from semspai import __version__
 from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
@@ -32,6 +31,7 @@ from semspai.pipeline.data import (
     TrainBatch,
     View,
     collate,
+    loader_samples,
     local_spill_dir,
     plan_split,
 )
@@ -294,10 +294,8 @@ class Trainer:
 
     def _loader(self, stream: ShardStream, epoch: int) -> Iterator[TrainBatch]:
         stream.set_epoch(epoch)
-        workers = self.cfg.DATA.NUM_WORKERS
-        loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
-        # batches are formed here, not in the workers, so a rank's batch count does not depend on its worker count
-        return (collate(samples) for samples in batched(loader, self.cfg.TRAIN.BATCH_SIZE))
+        samples = loader_samples(stream, self.cfg.DATA.NUM_WORKERS)
+        return (collate(group) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE))
 
     def _start(self, resume: bool) -> tuple[int, list[dict]]:
         """(first epoch to train, history so far): a fresh run dir, or the state of the last checkpoint."""

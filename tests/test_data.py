@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from semspai.pipeline import data
 from semspai.pipeline.clip import load_embedder
 from semspai.pipeline.config import AugConfig
-from semspai.pipeline.data import DataError, ShardStream, StoreJoin, View, collate, plan_split
+from semspai.pipeline.data import (
+    DataError,
+    ShardStream,
+    StoreJoin,
+    View,
+    collate,
+    loader_samples,
+    plan_split,
+)
 from semspai.pipeline.grid import pad_image
 from semspai.store.features import FeatureStore
 from semspai.store.images import decode_image
@@ -100,11 +109,24 @@ def test_ranks_and_workers_partition_the_split(tiny_shards, train_store):
     seen = []
     for rank in range(3):
         stream = _stream(tiny_shards, train_store, rank=rank, world=3)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-        keys = [s.key for s in loader]
+        keys = [s.key for s in loader_samples(stream, workers=2)]  # shipped in chunks of SAMPLES_PER_TRANSFER
         assert len(keys) == len(stream) == stream.rank_sizes()[rank]
         seen += keys
     assert sorted(seen) == sorted(plan_keys) and len(seen) == len(set(seen))
+
+
+def test_loader_processes_ship_the_samples_made_in_process(tiny_shards, train_store, monkeypatch):
+    monkeypatch.setattr(data, "SAMPLES_PER_TRANSFER", 3)  # several chunks, some short, from both processes
+    stream = _stream(tiny_shards, train_store)
+    stream.set_epoch(3)
+    here = {s.key: s for s in loader_samples(stream, workers=0)}
+    there = list(loader_samples(stream, workers=2))
+    assert len(there) == len(here) > 3
+    for s in there:
+        ref = here[s.key]
+        assert s.patches.dtype == np.uint8 and np.array_equal(s.patches, ref.patches)
+        assert np.array_equal(s.boxes, ref.boxes) and np.array_equal(s.local_vec, ref.local_vec)
+        assert s.label == ref.label and np.array_equal(s.global_vec, ref.global_vec)
 
 
 def test_validation_view_uses_every_grid_cell_unaugmented(tiny_shards, train_store):
