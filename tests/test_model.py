@@ -202,6 +202,35 @@ def test_training_step_never_reads_device_values_on_the_host(fusion: str) -> Non
     assert out.logits.shape == (2,) and model.head.weight.grad is not None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_step_never_synchronises() -> None:
+    """The meta-device test above on a real GPU, with what only runs there (bf16 autocast, the fused
+    optimiser, gradient clipping): CUDA's sync debug mode raises at any host-device synchronisation."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = create_detector(model_cfg("global_local", "cross_attn"), CLIP_DIM, device=cuda).train()
+    loss = DetectionLoss(64, CLIP_DIM, semantic_weight=0.5, temperature=0.07).to(cuda)
+    params = list(model.parameters()) + list(loss.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    host = random_batch([3, 4])
+    batch = DetectorBatch(host.patches.to(cuda), host.counts, host.global_vec.to(cuda), host.local_vec.to(cuda))
+    labels, text = torch.tensor([0.0, 1.0], device=cuda), F.normalize(torch.randn(2, CLIP_DIM), dim=-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):  # the second step: the optimiser's state exists
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(batch)
+                total = loss(out.logits, out.embedding, labels, text).total
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(total).item()
+
+
 def test_fft_filter_float32_under_bf16_autocast() -> None:
     filt = FrequencyFilter(radius=16)
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
