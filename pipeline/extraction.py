@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -471,15 +471,19 @@ def _fault_hook(name: str) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def extract_shard(job: ShardJob) -> ShardSummary:
-    """Read, embed and write one shard: rows first, then the done marker (exactly once per shard)."""
+def compute_shard(job: ShardJob) -> tuple[ShardFeatures, float]:
+    """Read and embed one shard: its rows in memory, and when this started (perf_counter)."""
     start = time.perf_counter()
     torch.set_num_threads(job.torch_threads)
-    limit_zarr_concurrency(job.zarr_concurrency)
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
         sha = pool.submit(file_sha256, job.shard)  # hashlib releases the GIL: hashing overlaps the extraction
         features = extract_features(job.read(job.shard), worker_embedder(job.embedder), job.name, "", job.opts)
-        features = dataclasses.replace(features, sha256=sha.result())
+        return dataclasses.replace(features, sha256=sha.result()), start
+
+
+def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSummary:
+    """A shard's rows into the store, then its done marker (exactly once per shard)."""
+    limit_zarr_concurrency(job.zarr_concurrency)
     writer = FeatureStoreWriter(job.store)
     writer.write_rows(features)
     _fault_hook(job.name)
@@ -489,7 +493,14 @@ def extract_shard(job: ShardJob) -> ShardSummary:
     return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, os.getpid(), socket.gethostname())
 
 
+def extract_shard(job: ShardJob) -> ShardSummary:
+    """Read, embed and write one shard: rows first, then the done marker (the task a Dask worker runs)."""
+    return write_shard(job, *compute_shard(job))
+
+
 # --- distributor: inline, or one Dask task per shard --------------------------------------------------------
+
+Outcome = tuple[Any, Any, BaseException | None]  # (item, result or None, exception or None)
 
 
 class InlineDistributor:
@@ -501,17 +512,42 @@ class InlineDistributor:
     def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
 
-    def map_unordered(
-        self, fn: Callable[[Any], Any], items: list[Any]
-    ) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    def map_unordered(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Outcome]:
         for item in items:
             try:
                 yield item, fn(item), None
             except Exception as exc:  # reported per shard by the runner; the other shards still run
                 yield item, None, exc
 
+    def map_shards(self, jobs: list[ShardJob]) -> Iterator[Outcome]:
+        """Each shard extracted and written, in order; a shard's Zarr write runs in a writer thread while the
+        next shard is read and embedded (one write at a time, so shards still become done in order)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer:
+            pending: tuple[ShardJob, Future] | None = None
+            for job in jobs:
+                try:
+                    computed: tuple[ShardFeatures, float] | Exception = compute_shard(job)
+                except Exception as exc:
+                    computed = exc
+                if pending is not None:
+                    yield _outcome(*pending)
+                    pending = None
+                if isinstance(computed, Exception):
+                    yield job, None, computed
+                else:
+                    pending = (job, writer.submit(write_shard, job, *computed))
+            if pending is not None:
+                yield _outcome(*pending)
+
     def close(self) -> None:
         pass
+
+
+def _outcome(job: ShardJob, write: Future) -> Outcome:
+    try:
+        return job, write.result(), None
+    except Exception as exc:
+        return job, None, exc
 
 
 class DaskDistributor(InlineDistributor):
@@ -548,6 +584,10 @@ class DaskDistributor(InlineDistributor):
                 yield item, None, fut.exception()
             else:
                 yield item, fut.result(), None
+
+    def map_shards(self, jobs: list[ShardJob]) -> Iterator[Outcome]:
+        """One task per shard, extracted and written by whichever worker takes it, as they finish."""
+        return self.map_unordered(extract_shard, jobs)
 
     def close(self) -> None:
         self.client.close()

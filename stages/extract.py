@@ -24,7 +24,6 @@ from semspai.pipeline.extraction import (
     ShardSummary,
     decoder_record,
     describe,
-    extract_shard,
     make_distributor,
     prompt_bank,
     warm_up,
@@ -161,7 +160,7 @@ def run(
             log.info("%d of %d shards already done in %s; extracting %d", len(done), len(paths), cfg.store, len(jobs))
         failures: list[tuple[str, BaseException]] = []
         shard_start = time.perf_counter()
-        for job, summary, exc in progress(dist.map_unordered(extract_shard, jobs), len(jobs), "extract-clip", "shard"):
+        for job, summary, exc in progress(dist.map_shards(jobs), len(jobs), "extract-clip", "shard"):
             if exc is not None:
                 log.error("shard %s failed: %s", job.name, exc)
                 failures.append((job.name, exc))

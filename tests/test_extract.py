@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 from store_data import CORRUPT_KEY, make_shards
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from semspai.pipeline import extraction
 from semspai.pipeline.clip import load_embedder
 from semspai.pipeline.config import load_config, prompts_path
 from semspai.pipeline.extraction import (
@@ -29,6 +31,7 @@ from semspai.pipeline.extraction import (
     CropBatcher,
     DeviceCrops,
     ExtractOptions,
+    InlineDistributor,
     extract_features,
     prompt_bank,
 )
@@ -276,6 +279,33 @@ def test_truncated_tar_fails_naming_it_and_keeps_the_others(shards: Path, tmp_pa
     line = one_line_error(cli_args(bad, store, "tiny-random", "--batch-size", str(BATCH)))
     assert f"shard {tar}: truncated or corrupt tar" in line and "rerun `semspai shard`" in line
     assert FeatureStore.open(str(store)).done_shards == ["train-000000", "train-000002"]
+
+
+def test_inline_run_writes_a_shard_while_the_next_one_is_embedded(monkeypatch) -> None:
+    next_started = threading.Event()
+    events: list[tuple[str, str]] = []
+
+    def compute(job: str):
+        events.append(("compute", job))
+        if job == "b":
+            next_started.set()
+        if job == "bad":
+            raise ValueError("unreadable")
+        return f"rows-{job}", 0.0
+
+    def write(job: str, rows: str, start: float) -> str:
+        if job == "a":  # without the overlap, b would not start before a's write ends: the wait times out
+            events.append(("b started during a's write", str(next_started.wait(timeout=60))))
+        events.append(("write", job))
+        return f"done-{job}"
+
+    monkeypatch.setattr(extraction, "compute_shard", compute)
+    monkeypatch.setattr(extraction, "write_shard", write)
+    out = list(InlineDistributor().map_shards(["a", "b", "bad", "c"]))
+    assert [(j, r) for j, r, _ in out] == [("a", "done-a"), ("b", "done-b"), ("bad", None), ("c", "done-c")]
+    assert isinstance(out[2][2], ValueError) and all(e is None for j, _, e in out if j != "bad")
+    assert ("b started during a's write", "True") in events
+    assert [j for kind, j in events if kind == "write"] == ["a", "b", "c"]  # one write at a time, in order
 
 
 def test_batches_are_full_and_keep_order() -> None:
