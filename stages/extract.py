@@ -37,6 +37,7 @@ from semspai.store.features import (
     StoreHeader,
     check_shard_unchanged,
     read_store_attrs,
+    writer_lock,
 )
 from semspai.store.images import ImageDecodeError
 from semspai.store.shards import ShardError, ShardSample, file_sha256, iter_shard, resolve_shards, shard_name
@@ -108,6 +109,16 @@ def run(
     read: Callable[[str | Path], Iterable[ShardSample]] = iter_shard,
 ) -> ExtractResult:
     """Extract every shard of `cfg.shards` not yet done in `cfg.store`; done shards are checked and kept."""
+    with writer_lock(cfg.store):
+        return _run(cfg, embedder_factory, distributor_factory, read)
+
+
+def _run(
+    cfg: ExtractConfig,
+    embedder_factory: Callable[[], Embedder] | None,
+    distributor_factory: Callable[[int, str | None], InlineDistributor] | None,
+    read: Callable[[str | Path], Iterable[ShardSample]],
+) -> ExtractResult:
     start = time.perf_counter()
     paths = resolve_shards(cfg.shards)
     names = [shard_name(p) for p in paths]

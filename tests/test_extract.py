@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ from semspai.pipeline.extraction import (
 from semspai.pipeline.grid import grid_boxes, pad_image
 from semspai.stages.cli import cli
 from semspai.stages.extract import ExtractConfig, run
-from semspai.store.features import FeatureStore, FeatureStoreError
+from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
 from semspai.store.shards import ShardError, ShardSample, iter_shard
 from tests.conftest import encode
@@ -245,6 +246,19 @@ def one_line_error(args: list[str]) -> str:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
+
+
+def test_a_second_run_on_a_store_being_written_is_refused(shards: Path, reference: Path, tmp_path: Path) -> None:
+    store = tmp_path / "busy.zarr"
+    lock = tmp_path / "busy.zarr.lock"
+    with writer_lock(str(store)):  # as a run in another process holds it (flock: per open file, not per process)
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        line = one_line_error(cli_args(shards, store))
+        assert "is being written by another extract-clip" in line and f"pid {os.getpid()}" in line
+    assert not lock.exists() and not store.exists()  # the refused run wrote nothing
+    lock.write_text("pid 1 on a killed run")  # a killed run leaves its file, never the lock itself
+    run(cfg(shards, store), embedder_factory=TINY)
+    assert arrays(store) == arrays(reference) and not lock.exists()
 
 
 def test_other_weights_are_refused(shards: Path, reference: Path, tmp_path: Path) -> None:
