@@ -99,7 +99,10 @@ REGULAR, DIRECTORY, LINKS = (b"0", b"\0"), b"5", (b"1", b"2")
 
 
 def _octal(field: bytes) -> int:
-    return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
+    try:
+        return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"a header number is not octal: {bytes(field)!r}") from None
 
 
 def _checksum_ok(header: bytes) -> bool:

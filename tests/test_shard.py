@@ -558,6 +558,7 @@ def test_lean_tar_reader_accepts_signed_checksums_and_rejects_damage(tiny_shards
         "header cut": good[: second + 100],
         "no end": good[:second],  # cut exactly between members: only the missing end block tells
         "member cut": good[: second + 512 + 10],
+        "garbage header": good[:second] + os.urandom(512) + good[second + 512 :],
     }
     for what, blob in cases.items():
         cut = tmp_path / f"{what.replace(' ', '-')}.tar"
