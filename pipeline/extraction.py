@@ -168,7 +168,8 @@ class CpuCrops:
 
 @dataclass
 class Probed:
-    """A sample checked in a reader thread: JPEG bytes for the device decoder, or host pixels, or an error."""
+    """A sample checked as it is read: JPEG bytes for the device decoder; else, after `DeviceCrops.host`, host
+    pixels or an error."""
 
     sample: ShardSample
     data: torch.Tensor | None = None  # (n_bytes,) uint8: a JPEG the device decodes
@@ -180,9 +181,9 @@ class Probed:
 class DeviceCrops(CpuCrops):
     """JPEG decode with torchvision on `device` (nvjpeg on CUDA, many images per call) and crops cut there.
 
-    Two steps: `probe` (reader threads: a header check, or the host decode for what the device cannot take)
-    and `prepare` (one thread: a batched decode of a chunk of JPEGs, then the global view and the grid
-    patches of each group of equal-sized images in a few batched kernels). Matches CpuCrops within the
+    Three steps: `probe` (as samples are read: a header check), `host` (decode threads: the decode function
+    for what the device cannot take) and `prepare` (one thread: a batched decode of a chunk of JPEGs, then
+    the global view and the grid patches of each group of equal-sized images in a few batched kernels). Matches CpuCrops within the
     tolerance tests/test_extract.py states, not bit for bit (another IDCT and torch's bicubic instead of
     PIL's), which is why the store records GPU_DECODER_ID. No call here waits for the device.
     """
@@ -511,13 +512,6 @@ class InlineDistributor:
 
     def on_every_worker(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
-
-    def map_unordered(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Outcome]:
-        for item in items:
-            try:
-                yield item, fn(item), None
-            except Exception as exc:  # reported per shard by the runner; the other shards still run
-                yield item, None, exc
 
     def map_shards(self, jobs: list[ShardJob]) -> Iterator[Outcome]:
         """Each shard extracted and written, in order; a shard's Zarr write runs in a writer thread while the

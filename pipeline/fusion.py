@@ -22,18 +22,22 @@ def per_patch(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return x[_to(torch.repeat_interleave(torch.arange(len(counts)), counts), x)]
 
 
+def _valid(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool on the host: which padded slots hold a patch."""
+    return torch.arange(width)[None, :] < counts.cpu()[:, None]
+
+
 def pad_by_counts(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed rows (N, ...) -> padded (B, P_max, ...) and a validity mask (B, P_max) on x's device."""
-    counts = counts.cpu()
     padded = nn.utils.rnn.pad_sequence(list(torch.split(x, counts.tolist())), batch_first=True)
-    return padded, _to(torch.arange(padded.shape[1])[None, :] < counts[:, None], x)
+    return padded, _to(_valid(counts, padded.shape[1]), x)
 
 
 def unpad(padded: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Inverse of `pad_by_counts`: (B, P_max, ...) -> packed (N, ...), without a boolean index (that would
     make the host wait for the device to count the mask)."""
-    valid = torch.arange(padded.shape[1])[None, :] < counts.cpu()[:, None]  # (B, P_max) on the host
-    return padded.flatten(0, 1)[_to(valid.flatten().nonzero().squeeze(1), padded)]
+    keep = _valid(counts, padded.shape[1]).flatten().nonzero().squeeze(1)  # computed on the host
+    return padded.flatten(0, 1)[_to(keep, padded)]
 
 
 def compute_global_semantic_context(global_vec: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -467,13 +467,11 @@ class FeatureStore:
         shares between DataLoader workers. Boxes and offsets (small) stay in memory either way.
         """
         for s, name in enumerate(self.done_shards):
-            if spill_dir is None:
-                self._shard_local(s)
-                continue
-            g = self._group(s)
-            path = Path(spill_dir) / f"{s:06d}-{name}.npy"
-            np.save(path, g["local"][...])
-            self._local[s] = (np.load(path, mmap_mode="r"), g["boxes"][...], g["local_offsets"][...])
+            local, boxes, offsets = self._shard_local(s)
+            if spill_dir is not None:  # one shard's rows in memory at a time, then only their map
+                path = Path(spill_dir) / f"{s:06d}-{name}.npy"
+                np.save(path, local)
+                self._local[s] = (np.load(path, mmap_mode="r"), boxes, offsets)
 
     def local_vectors(self, i: int) -> np.ndarray:
         """(P_i, D) float16: image i's patch vectors in grid-box order."""

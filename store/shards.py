@@ -139,15 +139,15 @@ def tar_members(fh, want=lambda name: True) -> Iterator[tuple[str, bytearray | N
             fh.seek(start)
             yield from _tarfile_members(fh, want)
             return
+        if kind not in REGULAR:
+            continue  # a directory or link: no data follows its header
         name = header[:100].split(b"\0", 1)[0]
         if magic == b"ustar\x00" and header[345]:  # POSIX ustar: a path prefix (GNU uses these bytes otherwise)
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        size = _octal(size_field) if kind in REGULAR else 0
+        size = _octal(size_field)
         padded = -size % TAR_BLOCK
         text = name.decode("utf-8", "surrogateescape")
-        if kind not in REGULAR:
-            fh.seek(size + padded, 1)
-        elif want(text):
+        if want(text):
             data = bytearray(size)
             if fh.readinto(data) != size:
                 raise EOFError(f"member {text} ends early")
@@ -163,6 +163,12 @@ def _tarfile_members(fh, want) -> Iterator[tuple[str, bytearray | None]]:
         for member in tar:
             if member.isfile():
                 yield member.name, _read_member(tar, member) if want(member.name) else None
+
+
+def _key_ext(member: str) -> tuple[str, str]:
+    """A member name -> (sample key, extension): WebDataset's rule, the key ends at the base name's first dot."""
+    key, _, ext = member.rsplit("/", 1)[-1].partition(".")
+    return key, ext
 
 
 def iter_shard(path: str | Path) -> Iterator[ShardSample]:
@@ -186,7 +192,7 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
 
     with _reading(path) as fh:
         for name, data in tar_members(fh):
-            key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+            key, ext = _key_ext(name)
             if current is not None and key != current:
                 yield finish(current)
             current = key
@@ -224,7 +230,7 @@ def shard_sidecars(path: str | Path) -> list[tuple[str, dict]]:
     path = Path(path)
     with _reading(path) as fh:
         return [
-            (name.rsplit("/", 1)[-1].partition(".")[0], json.loads(data))
+            (_key_ext(name)[0], json.loads(data))
             for name, data in tar_members(fh, want=lambda n: n.endswith(".json"))
             if data is not None
         ]
