@@ -182,42 +182,43 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         if mode == "global_local":
             spill = local_spill_dir(store, run_cfg.DATA.STORE_MEMORY_GB, Path(cfg.out) / STORE_CACHE_DIR)
         join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
-    plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
-    clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
-    clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
+    try:  # the memory-mapped copies go whatever happens: they can be as large as the store
+        plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
+        clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
+        clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
 
-    keys, paths, labels, gens, scores = [], [], [], [], []
-    perturbed: dict[str, list[float]] = {p.name: [] for p in perturbations}
-    maps: dict[str, PatchMaps] = {}
-    label = f"{mode}" if mode == "none" else f"{mode} ({run_cfg.MODEL.SEMANTIC.FUSION})"
-    items = progress(_samples(plan), total=len(plan), desc=f"eval {label}", unit="img")
-    for batch in patch_batches(items):
-        samples = [s for (_, s), _ in batch]
-        rgbs = [rgb for _, rgb in batch]
-        global_vec = local_vec = None
-        if join is not None:
-            rows = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),
-                                 slice(None)) for (p, s), rgb in batch]  # fmt: skip
-            global_vec = torch.from_numpy(np.stack([g for g, _, _ in rows])).float()  # (B, D)
-            if mode == "global_local":
-                local_vec = torch.from_numpy(np.concatenate([loc for _, loc, _ in rows])).float()  # (N, D)
-        preds = det.score(rgbs, global_vec, local_vec, return_maps=primary)
-        for sample, pred in zip(samples, preds, strict=True):
-            keys.append(sample.key)
-            paths.append(str(sample.meta.get("path") or ""))
-            labels.append(int(sample.meta["label"]))
-            gens.append(str(sample.meta.get("generator") or ""))
-            scores.append(pred.score)
-            if primary:
-                maps[sample.key] = pred.maps
-        for p in perturbations:  # CLIP vectors of perturbed pixels are computed here: the store holds clean ones
-            changed = [p.apply(rgb, sample.key) for sample, rgb in zip(samples, rgbs, strict=True)]
-            perturbed[p.name] += [q.score for q in det.score(changed)]
-        if not clip_note:
-            clip_rows.append(clip_score_vectors(store, det, samples, rgbs))
-
-    if spill is not None:
-        shutil.rmtree(spill, ignore_errors=True)
+        keys, paths, labels, gens, scores = [], [], [], [], []
+        perturbed: dict[str, list[float]] = {p.name: [] for p in perturbations}
+        maps: dict[str, PatchMaps] = {}
+        label = f"{mode}" if mode == "none" else f"{mode} ({run_cfg.MODEL.SEMANTIC.FUSION})"
+        items = progress(_samples(plan), total=len(plan), desc=f"eval {label}", unit="img")
+        for batch in patch_batches(items):
+            samples = [s for (_, s), _ in batch]
+            rgbs = [rgb for _, rgb in batch]
+            global_vec = local_vec = None
+            if join is not None:
+                rows = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),
+                                     slice(None)) for (p, s), rgb in batch]  # fmt: skip
+                global_vec = torch.from_numpy(np.stack([g for g, _, _ in rows])).float()  # (B, D)
+                if mode == "global_local":
+                    local_vec = torch.from_numpy(np.concatenate([loc for _, loc, _ in rows])).float()  # (N, D)
+            preds = det.score(rgbs, global_vec, local_vec, return_maps=primary)
+            for sample, pred in zip(samples, preds, strict=True):
+                keys.append(sample.key)
+                paths.append(str(sample.meta.get("path") or ""))
+                labels.append(int(sample.meta["label"]))
+                gens.append(str(sample.meta.get("generator") or ""))
+                scores.append(pred.score)
+                if primary:
+                    maps[sample.key] = pred.maps
+            for p in perturbations:  # CLIP vectors of perturbed pixels are computed here: the store holds clean ones
+                changed = [p.apply(rgb, sample.key) for sample, rgb in zip(samples, rgbs, strict=True)]
+                perturbed[p.name] += [q.score for q in det.score(changed)]
+            if not clip_note:
+                clip_rows.append(clip_score_vectors(store, det, samples, rgbs))
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     y, clean = np.asarray(labels), np.asarray(scores)
     metrics = evaluate_scores(y, clean, gens, det.threshold, cfg.bootstrap, cfg.seed)
     metrics["perturbations"] = {
