@@ -10,6 +10,7 @@ would. Usage: python benchmarks/train_from_store.py [--images 64] [--batch-size 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import tempfile
 import time
@@ -71,6 +72,13 @@ class OnlineStream(ShardStream):
         return OnlineSample(**vars(sample), global_pixels=self.embedder.preprocess_global(rgb))
 
 
+@functools.cache
+def device_norm(embedder: ClipEmbedder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's pixel mean and std as (1, 3, 1, 1) tensors on its device, made once, not every step."""
+    spec = embedder.spec
+    return tuple(torch.tensor(v, device=embedder.device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
+
+
 def clip_vectors(embedder: ClipEmbedder, batch: TrainBatch, global_pixels: torch.Tensor) -> None:
     """Fill the batch's global (B, D) and local (N, D) vectors as the store would hold them (float16 values).
 
@@ -79,10 +87,8 @@ def clip_vectors(embedder: ClipEmbedder, batch: TrainBatch, global_pixels: torch
     preprocessing); the global views come preprocessed from the loader processes. The vectors stay on the
     device, where the step uses them.
     """
-    spec = embedder.spec
-    assert spec.image_size == batch.patches.shape[1], "the online variant feeds patches at the encoder's size"
-    mean = torch.tensor(spec.mean, device=embedder.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=embedder.device).view(1, 3, 1, 1)
+    assert embedder.spec.image_size == batch.patches.shape[1], "the online variant feeds patches at its size"
+    mean, std = device_norm(embedder)
     local = (unit_pixels(batch.patches.to(embedder.device, non_blocking=True)) - mean) / std
     batch.global_vec = embedder.get_image_embedding(global_pixels).half().float()
     batch.local_vec = embedder.get_image_embedding(local).half().float()
