@@ -185,7 +185,8 @@ class DeviceCrops(CpuCrops):
     for what the device cannot take) and `prepare` (one thread: a batched decode of a chunk of JPEGs, then
     the global view and the grid patches of each group of equal-sized images in a few batched kernels). Matches CpuCrops within the
     tolerance tests/test_extract.py states, not bit for bit (another IDCT and torch's bicubic instead of
-    PIL's), which is why the store records GPU_DECODER_ID. No call here waits for the device.
+    PIL's), which is why the store records GPU_DECODER_ID. Only `prepare` waits for the device: for its own
+    stream, in the producer thread.
     """
 
     def __init__(
@@ -198,6 +199,10 @@ class DeviceCrops(CpuCrops):
         spec = embedder.spec
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+        # CUDA: chunks are decoded and cut on a stream of their own, for the stream current here (see `prepare`)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.consumer = torch.cuda.current_stream(self.device) if cuda else None
 
     def probe(self, sample: ShardSample) -> Probed:
         """A JPEG the device can take, from its header alone (microseconds); else not yet decided (`host`)."""
@@ -286,7 +291,24 @@ class DeviceCrops(CpuCrops):
         return crops.view(g, 1 + n, 3, s, s), boxes
 
     def prepare(self, probes: list[Probed]) -> list[Prepared]:
-        """Crops for a chunk of probed samples, in their order."""
+        """Crops for a chunk of probed samples, in their order, ready for the stream that was current where this
+        object was made (any thread may call this).
+
+        On CUDA the chunk runs on this object's own stream, which is synchronised before the crops are handed
+        over. nvJPEG writes its outputs without waiting for work queued on any stream (pytorch/vision#9606), and
+        the caching allocator hands out a block the moment it is freed on its stream: a decode on the consumer's
+        stream would get blocks that the consumer's queued kernels still read, and overwrite them. On this
+        stream a decode only gets blocks of this object's finished work, or crops the consumer has released
+        (`record_stream`: not before the consumer's kernels on them have run).
+        """
+        if self.stream is None:
+            return self._prepare(probes)
+        with torch.cuda.stream(self.stream):
+            out = self._prepare(probes)
+        self.stream.synchronize()  # the host waits (GIL released); the consumer's stream does not
+        return out
+
+    def _prepare(self, probes: list[Probed]) -> list[Prepared]:
         jpegs = [i for i, p in enumerate(probes) if p.data is not None]
         images: list[torch.Tensor | None] = [None] * len(probes)
         for i, img in zip(jpegs, self._decode_jpegs([probes[i] for i in jpegs]), strict=True):
@@ -309,6 +331,8 @@ class DeviceCrops(CpuCrops):
                 groups.setdefault(tuple(img.shape[1:]), []).append(i)
         for (h, w), idx in groups.items():
             crops, boxes = self._crops(torch.stack([images[i] for i in idx]).float())
+            if self.consumer is not None:
+                crops.record_stream(self.consumer)
             for j, i in enumerate(idx):
                 out[i].crops, out[i].boxes, out[i].height, out[i].width = crops[j], boxes, h, w
         return out

@@ -441,6 +441,36 @@ def test_device_chunk_of_mixed_images_matches_cpu_crops(device: str) -> None:
         assert levels[0].mean() < 7, sample.key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for nvjpeg")
+def test_device_crops_never_overwrite_what_queued_kernels_still_read() -> None:
+    """nvJPEG writes its outputs without waiting for queued kernels, and the caching allocator hands out a freed
+    block at once (pytorch/vision#9606). Decoding while the caller's stream is busy must corrupt neither the
+    caller's queued reads of memory it just freed, nor crops handed over earlier and still being read."""
+    embedder = ClipFactory("tiny-random", "cuda", "fp32")()
+    size = (3, 512, 512)  # the decoder's output for these JPEGs: freed blocks of this size are what it reuses
+    samples = [ShardSample(f"k{i}", encode(photo(512, 512, i), "JPEG"), "jpg", {"label": 0}) for i in range(4)]
+    dev = DeviceCrops(embedder, "cuda")
+
+    def chunk() -> list[torch.Tensor]:
+        return [p.crops for p in dev.prepare([dev.probe(s) for s in samples])]
+
+    want = [c.double().sum().item() for c in chunk()]  # on an idle device
+    for _ in range(10):
+        victims = [torch.full(size, 7, dtype=torch.uint8, device="cuda") for _ in range(2 * len(samples))]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)  # keeps the caller's stream busy while the reads below wait
+        victim_sums = [v.sum(dtype=torch.int64) for v in victims]
+        del victims  # freed with reads still queued
+        first = chunk()
+        torch.cuda._sleep(100_000_000)
+        crop_sums = [c.double().sum() for c in first]
+        del first  # handed-over crops released with reads still queued, then the next chunk made
+        chunk()
+        torch.cuda.synchronize()
+        assert [s.item() for s in victim_sums] == [7 * size[0] * size[1] * size[2]] * len(victim_sums)
+        assert [s.item() for s in crop_sums] == pytest.approx(want, rel=1e-9)
+
+
 def test_injected_reader_and_unreadable_image(tmp_path: Path) -> None:
     def reader(path: str | Path) -> list[ShardSample]:
         good = encode(photo(256, 256, 1), "PNG")
