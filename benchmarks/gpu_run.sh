@@ -8,11 +8,11 @@
 #                   a  anchor prototype     .bench/extract_proto.py        -> $OUT/a_extract_proto.log (+ extract_proto.json)
 #                   b  extract benchmark    benchmarks/extract.py           -> $OUT/b_extract.log
 #                   c  train from store     benchmarks/train_from_store.py  -> $OUT/c_train_from_store.log
-#                   d  GPU extraction tests tests/test_extract.py           -> $OUT/d_pytest_extract.log
+#                   d  CUDA tests           tests/test_{extract,model,data}.py          -> $OUT/d_pytest_extract.log
 #                   e  nvjpeg vs PIL        benchmarks/decode_agreement.py  -> $OUT/e_decode_agreement.log
 #   EXTRACT_ARGS  arguments of step b, default "--skip-cpu"
 #   TRAIN_ARGS    arguments of step c, default "--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"
-#   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step"
+#   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step or pinned"
 #   T_A T_B T_C T_D  per-step timeouts in s (150 240 150 90)
 #   BUDGET_S      wall-clock budget of the whole script (default 570): a step's timeout is cut to what is left,
 #                 and a step is skipped when under 20 s are left, so the summary always gets printed
@@ -29,7 +29,7 @@ PY=${PY:-python3}
 STEPS=${STEPS:-"e b c d a"}
 EXTRACT_ARGS=${EXTRACT_ARGS:-"--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"}
-PYTEST_K=${PYTEST_K:-"gpu_decode or device_crops or mixed or cuda_training_step"}
+PYTEST_K=${PYTEST_K:-"gpu_decode or device_crops or mixed or cuda_training_step or pinned"}
 ROOT=$(pwd)
 [ -d .whl ] && [ -d benchmarks ] || { echo "run from the repo root, with .whl/ carried along" >&2; exit 1; }
 
@@ -110,7 +110,7 @@ for s in $STEPS; do
         c) step c_train_from_store "${T_C:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS ;;
         # tests/store_data.py imports `tests.conftest`: the repo root goes on the path, but after the wheels
         d) step d_pytest_extract "${T_D:-90}" "$ROOT" env PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT" \
-               "$PY" -P -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_model.py -k "$PYTEST_K" ;;
+               "$PY" -P -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_model.py tests/test_data.py -k "$PYTEST_K" ;;
         e) step e_decode_agreement "${T_E:-60}" "$ROOT" "$PY" benchmarks/decode_agreement.py ;;
         *) echo "unknown step '$s' (a b c d)" ;;
     esac

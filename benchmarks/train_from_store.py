@@ -116,7 +116,7 @@ def timed_steps(
             start, waits = time.perf_counter(), dict.fromkeys(waits, 0.0)
         t0 = time.perf_counter()
         samples = next(batches)
-        batch = collate(samples)
+        batch = collate(samples, pin=trainer.device.type == "cuda")  # as the trainer's loader does
         t1 = time.perf_counter()
         if embedder is not None:  # the embedder applies the same precision itself
             clip_vectors(embedder, batch, torch.stack([s.global_pixels for s in samples]))

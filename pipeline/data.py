@@ -205,27 +205,35 @@ class TrainBatch:
     text_vec: torch.Tensor | None  # (B, D) float32
 
 
-def _stack(rows: list[np.ndarray | None], concat: bool) -> torch.Tensor | None:
-    if rows[0] is None:
-        return None
-    return torch.from_numpy(np.concatenate(rows) if concat else np.stack(rows)).float()
+def _packed(rows: list[np.ndarray], concat: bool, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """The rows concatenated (or stacked) as `dtype`; in page-locked memory when `pin`, so that the copy to a
+    GPU runs while the host goes on (from pageable memory the host waits for the device's queued work first)."""
+    shape = (sum(len(r) for r in rows), *rows[0].shape[1:]) if concat else (len(rows), *rows[0].shape)
+    out = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    (np.concatenate if concat else np.stack)(rows, out=out.numpy())
+    return out
 
 
-def collate(samples: list[Sample]) -> TrainBatch:
+def _vectors(rows: list[np.ndarray | None], concat: bool, pin: bool) -> torch.Tensor | None:
+    return None if rows[0] is None else _packed(rows, concat, torch.float32, pin)
+
+
+def collate(samples: list[Sample], pin: bool = False) -> TrainBatch:
     """Pack samples of any patch count: patches concatenated, `counts` says which belong to which image.
 
     Patches stay uint8 here: they become float on the model's device (`detector.unit_pixels`), so the loader's
-    host work and the copy to the device are a quarter of what float32 would cost.
+    host work and the copy to the device are a quarter of what float32 would cost. `pin` (for a CUDA device):
+    patches and vectors in page-locked memory.
     """
     return TrainBatch(
-        patches=torch.from_numpy(np.concatenate([s.patches for s in samples])),
+        patches=_packed([s.patches for s in samples], True, torch.uint8, pin),
         counts=torch.tensor([len(s.patches) for s in samples], dtype=torch.int64),
         labels=torch.tensor([s.label for s in samples], dtype=torch.float32),
         boxes=torch.from_numpy(np.concatenate([s.boxes for s in samples])),
         keys=[s.key for s in samples],
-        global_vec=_stack([s.global_vec for s in samples], concat=False),
-        local_vec=_stack([s.local_vec for s in samples], concat=True),
-        text_vec=_stack([s.text_vec for s in samples], concat=False),
+        global_vec=_vectors([s.global_vec for s in samples], False, pin),
+        local_vec=_vectors([s.local_vec for s in samples], True, pin),
+        text_vec=_vectors([s.text_vec for s in samples], False, False),  # stays on the host (the loss groups it)
     )
 
 

@@ -295,7 +295,8 @@ class Trainer:
     def _loader(self, stream: ShardStream, epoch: int) -> Iterator[TrainBatch]:
         stream.set_epoch(epoch)
         samples = loader_samples(stream, self.cfg.DATA.NUM_WORKERS)
-        return (collate(group) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE))
+        pin = self.device.type == "cuda"  # the copy to the device then overlaps the host's next step
+        return (collate(group, pin) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE))
 
     def _start(self, resume: bool) -> tuple[int, list[dict]]:
         """(first epoch to train, history so far): a fresh run dir, or the state of the last checkpoint."""

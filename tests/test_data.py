@@ -71,6 +71,17 @@ def test_global_and_text_vectors_follow_the_key(tiny_shards, train_store):
         assert torch.equal(batch.text_vec[j], torch.from_numpy(store.caption_vector(i)).float())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_collate_equals_the_pageable_one(tiny_shards, train_store):
+    samples = list(_stream(tiny_shards, train_store))
+    plain, pinned = collate(samples), collate(samples, pin=True)
+    for name in ("patches", "global_vec", "local_vec"):
+        assert getattr(pinned, name).is_pinned() and torch.equal(getattr(pinned, name), getattr(plain, name)), name
+    for name in ("counts", "labels", "boxes", "text_vec"):
+        assert torch.equal(getattr(pinned, name), getattr(plain, name)), name
+    assert pinned.keys == plain.keys
+
+
 class _NoCaptionStore:
     """Just what StoreJoin reads for text targets: two prompts, three images, no captions."""
 
