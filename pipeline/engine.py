@@ -58,6 +58,9 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TIMM_PREFIX = "timm/"
+# per-step TensorBoard scalars are read from the device this many steps at a time: a read every step would
+# make the host wait for the device every step
+TB_READ_EVERY = 100
 
 
 @dataclass
@@ -347,6 +350,7 @@ class Trainer:
         # summed on the device and read once at the end: a per-step read would make the host wait for every step
         total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         batches = self._loader(self.train_stream, epoch)
+        scalars = StepScalars(tb) if tb is not None else None
         desc = f"epoch {epoch}/{self.cfg.TRAIN.EPOCHS}"
         for _, batch in progress(
             zip(range(self.steps_per_epoch), batches, strict=False), total=self.steps_per_epoch, desc=desc, unit="step"
@@ -354,8 +358,10 @@ class Trainer:
             parts = self.step(batch)
             total += parts.total.detach().double()
             n += 1
-            if tb is not None:
-                self._log_step(tb, parts)
+            if scalars is not None:
+                scalars.add(self.scheduler.last_epoch, parts, self.scheduler.get_last_lr()[0])
+        if scalars is not None:
+            scalars.read()
         if n != self.steps_per_epoch:
             raise RuntimeError(f"epoch {epoch}: the train stream gave {n} batches, {self.steps_per_epoch} planned")
         if self.world > 1:
@@ -375,14 +381,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return parts
-
-    def _log_step(self, tb, parts: LossParts) -> None:
-        step = self.scheduler.last_epoch
-        tb.add_scalar("train/loss", parts.total.item(), step)
-        tb.add_scalar("train/bce", parts.bce.item(), step)
-        if parts.semantic is not None:
-            tb.add_scalar("train/semantic", parts.semantic.item(), step)
-        tb.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
 
     @torch.no_grad()
     def validate(self, epoch: int) -> dict:
@@ -496,6 +494,31 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
     os.replace(tmp, path)
+
+
+class StepScalars:
+    """Per-step training scalars for TensorBoard, kept on the device and read TB_READ_EVERY steps at a time."""
+
+    def __init__(self, tb) -> None:
+        self.tb = tb
+        self.rows: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, losses on the device)
+
+    def add(self, step: int, parts: LossParts, lr: float) -> None:
+        losses = [parts.total, parts.bce] + ([parts.semantic] if parts.semantic is not None else [])
+        self.rows.append((step, lr, torch.stack([v.detach().float() for v in losses])))
+        if len(self.rows) >= TB_READ_EVERY:
+            self.read()
+
+    def read(self) -> None:
+        """Write the scalars kept so far (one wait for the device)."""
+        if not self.rows:
+            return
+        values = torch.stack([r[2] for r in self.rows]).tolist()
+        for (step, lr, _), losses in zip(self.rows, values, strict=True):
+            for tag, value in zip(("train/loss", "train/bce", "train/semantic"), losses, strict=False):
+                self.tb.add_scalar(tag, value, step)
+            self.tb.add_scalar("train/lr", lr, step)
+        self.rows.clear()
 
 
 def open_tensorboard(out: Path):

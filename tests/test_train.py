@@ -165,14 +165,21 @@ def test_tensorboard_gets_train_and_val_scalars_when_installed(tiny_shards, trai
     fake = types.ModuleType("torch.utils.tensorboard")
     fake.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr("semspai.pipeline.engine.TB_READ_EVERY", 3)  # read mid-epoch too, not only at its end
     out = tmp_path / "tb"
-    _train(tiny_shards, train_store, out)
+    _train(tiny_shards, train_store, out, ("TRAIN.BATCH_SIZE=1",))  # several steps an epoch
     (w,) = writers
     assert w.logdir == str(out / "tensorboard") and w.closed
     tags = {t for t, _, _ in w.scalars}
     assert {"train/loss", "train/bce", "train/semantic", "train/lr", "val/auc", "val/loss"} <= tags
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(v, st) for t, v, st in w.scalars if t == "val/auc"] == [(r["val_auc"], r["step"]) for r in rows]
+    # one train/loss per step, every step once, averaging to each epoch's loss in metrics.jsonl
+    losses = {st: v for t, v, st in w.scalars if t == "train/loss"}
+    assert sorted(losses) == list(range(1, rows[-1]["step"] + 1)) and rows[0]["step"] > 3
+    for prev, row in zip([{"step": 0}, *rows], rows, strict=False):
+        epoch = [losses[st] for st in range(prev["step"] + 1, row["step"] + 1)]
+        assert sum(epoch) / len(epoch) == pytest.approx(row["loss"], rel=1e-6)
 
 
 def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
