@@ -8,6 +8,8 @@
     4 local crops, nvjpeg decode (--gpu-decode), bf16; prints the card's name beside the figures.
 
 Usage: python benchmarks/extract.py [--images 64] [--batch-size 32] [--repeats 3] [--skip-gpu]
+       python benchmarks/extract.py --host-ceiling   # (b)'s pipeline with the device's work stubbed: what
+                                                     # the host allows one process, on any machine
        QUICK=1 python benchmarks/extract.py   # tiny dry run of both variants on the CPU (tiny-random)
 """
 
@@ -23,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image
@@ -37,6 +40,7 @@ from semspai.pipeline.extraction import (
     probed_samples,
     worker_embedder,
 )
+from semspai.pipeline.grid import grid_boxes
 from semspai.stages.extract import ExtractConfig, run
 from semspai.store.shards import ShardWriter, iter_shard
 
@@ -144,6 +148,13 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
     common = {"card": card, "model": factory.clip, "images": n, "batch": args.gpu_batch_size, "target_img_per_s": 5000}
     yield {"variant": "gpu-bare", "how": "encoder alone, bf16 autocast", "img_per_s": round(bare, 1), **common}
     yield {"variant": "gpu-bare", "how": "encoder alone, bf16 weights", "img_per_s": round(bf16, 1), **common}
+    ceiling = host_ceiling_images_per_s(shards, root, args.gpu_batch_size, args.gpu_decode_workers)
+    yield {
+        "variant": "gpu-host",
+        "how": "host ceiling: in process, device work stubbed",
+        "img_per_s": round(ceiling),
+        **common,
+    }
     for row in gpu_stages(sorted(shards.glob("*.tar"))[0], factory, args.gpu_batch_size, args.gpu_decode_workers):
         yield {"variant": "gpu-stage", "how": f"one shard in process: {row.pop('stage')}", **row, **common}
     # rows as they come: a run cut off by a time limit still leaves the figures measured so far
@@ -177,6 +188,35 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
             "runs": [round(r) for r in rates],
             **common,
         }
+
+
+class _StubbedFactory(ClipFactory):
+    """tiny-random on the CPU whose image encoder returns unit vectors at once (no compute)."""
+
+    def __call__(self):
+        embedder = super().__call__()
+        dim = embedder.spec.embed_dim
+        embedder.get_image_embedding = lambda x: torch.full((len(x), dim), dim**-0.5)
+        return embedder
+
+
+def host_ceiling_images_per_s(shards: Path, root: Path, batch_size: int, decode_workers: int) -> float:
+    """The --gpu-decode pipeline in process with the device's work stubbed out: the batched decode returns
+    8 x 8 images, crops and the encoder return at once. Reading, probing, chunking, batching, the sha256 and
+    the Zarr writes run as they do: the images/s the host lets one process reach, whatever the GPU."""
+
+    def decode(self, probes):
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in probes]
+
+    def crops(self, x):
+        boxes = grid_boxes(SIZE, SIZE, self.rule)  # what a SIZE-px image gives
+        return torch.zeros(len(x), 1 + len(boxes), 3, 1, 1), boxes
+
+    factory = _StubbedFactory("tiny-random", "cpu", "fp32")
+    with mock.patch.object(DeviceCrops, "_decode_jpegs", decode), mock.patch.object(DeviceCrops, "_crops", crops):
+        return end_to_end_images_per_s(
+            shards, root, factory, workers=0, batch_size=batch_size, decode_workers=decode_workers, gpu_decode=True
+        )
 
 
 def gpu_stages(shard: Path, factory: ClipFactory, batch_size: int, decode_workers: int) -> Iterator[dict]:
@@ -235,15 +275,39 @@ def main() -> None:
     )
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
+    parser.add_argument(
+        "--host-ceiling",
+        action="store_true",
+        help="only the host ceiling of the --gpu-decode path (device work stubbed; runs without a GPU)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("semspai.pipeline.extraction").setLevel(logging.INFO)  # a line per shard, with its seconds
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_cpu:
+        if args.host_ceiling:
+            n = 16 if QUICK else args.gpu_images
+            shards = make_shards(Path(tmp) / "shards", n, max(1, n // args.gpu_shards), unique=min(n, 1024))
+            runs = [
+                host_ceiling_images_per_s(shards, Path(tmp), args.gpu_batch_size, args.gpu_decode_workers)
+                for _ in range(args.repeats)
+            ]
+            rows.append(
+                {
+                    "variant": "host",
+                    "how": f"host ceiling: in process, device work stubbed, {os.cpu_count()} cores",
+                    "img_per_s": round(statistics.median(runs)),
+                    "runs": [round(r) for r in runs],
+                    "card": "none",
+                    "model": "stub",
+                    "images": n,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        elif not args.skip_cpu:
             rows.append(cpu_variant(args, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-        if not args.skip_gpu and (torch.cuda.is_available() or QUICK):
+        if not args.host_ceiling and not args.skip_gpu and (torch.cuda.is_available() or QUICK):
             for row in gpu_variant(args, Path(tmp)):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
