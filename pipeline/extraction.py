@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -518,9 +519,16 @@ def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSu
     return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, os.getpid(), socket.gethostname())
 
 
+# one shard at a time is read and embedded in a process (they would share its device and encoder); a Dask
+# worker's second task thread meanwhile writes the shard before, as InlineDistributor's writer thread does
+_COMPUTE = threading.Lock()
+
+
 def extract_shard(job: ShardJob) -> ShardSummary:
     """Read, embed and write one shard: rows first, then the done marker (the task a Dask worker runs)."""
-    return write_shard(job, *compute_shard(job))
+    with _COMPUTE:
+        computed = compute_shard(job)
+    return write_shard(job, *computed)
 
 
 # --- distributor: inline, or one Dask task per shard --------------------------------------------------------
@@ -578,8 +586,9 @@ class DaskDistributor(InlineDistributor):
         if scheduler:
             self.client = Client(scheduler)
         else:
-            # processes, one thread each: a task's torch threads are set by the task itself
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            # processes; a task's torch threads are set by the task itself. Two task threads: one shard is
+            # embedded while the one before is written (`extract_shard` lets one compute at a time)
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=None)
             self.client = Client(self.cluster)
             self.client.wait_for_workers(workers)
         log.info("dask: %s", self.client)

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +322,44 @@ def test_inline_run_writes_a_shard_while_the_next_one_is_embedded(monkeypatch) -
     assert isinstance(out[2][2], ValueError) and all(e is None for j, _, e in out if j != "bad")
     assert ("b started during a's write", "True") in events
     assert [j for kind, j in events if kind == "write"] == ["a", "b", "c"]  # one write at a time, in order
+
+
+def test_dask_task_threads_embed_one_shard_at_a_time_and_write_beside_it(monkeypatch) -> None:
+    """A Dask worker runs `extract_shard` in two task threads: shards are embedded one at a time, and the
+    next one is embedded while the one before is written."""
+    a_computing, b_submitted, b_computing = threading.Event(), threading.Event(), threading.Event()
+    computing = threading.Lock()  # held by whichever compute runs: a second one at the same time is a failure
+    events: list[tuple[str, str]] = []
+
+    def compute(job: str):
+        if not computing.acquire(blocking=False):
+            events.append(("computes overlapped", job))
+            return f"rows-{job}", 0.0
+        try:
+            if job == "a":
+                a_computing.set()
+                b_submitted.wait(timeout=10)
+                time.sleep(0.2)  # a window for b to start computing too, if nothing kept it out
+            else:
+                b_computing.set()
+        finally:
+            computing.release()
+        return f"rows-{job}", 0.0
+
+    def write(job: str, rows: str, start: float) -> str:
+        if job == "a":  # without the overlap, b would not start before a's write ends: the wait times out
+            events.append(("b computed during a's write", str(b_computing.wait(timeout=10))))
+        return f"done-{job}"
+
+    monkeypatch.setattr(extraction, "compute_shard", compute)
+    monkeypatch.setattr(extraction, "write_shard", write)
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(extraction.extract_shard, "a")
+        assert a_computing.wait(timeout=10)
+        b = pool.submit(extraction.extract_shard, "b")
+        b_submitted.set()
+        assert (a.result(), b.result()) == ("done-a", "done-b")
+    assert events == [("b computed during a's write", "True")]
 
 
 def test_batches_are_full_and_keep_order() -> None:
