@@ -121,5 +121,5 @@ echo "================ summary ($((SECONDS - START))s in all; logs in $OUT)"
 head -n 2 "$OUT/env.log"
 for name in "${ORDER[@]}"; do
     echo "---- $name: rc=${RC[$name]}"
-    grep -v '^== ' "${LOG[$name]}" | tail -n 8
+    grep -v "^== " "${LOG[$name]}" | tail -n 14
 done
