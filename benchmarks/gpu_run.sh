@@ -10,10 +10,11 @@
 #                   c  train from store     benchmarks/train_from_store.py  -> $OUT/c_train_from_store.log
 #                   d  CUDA tests           tests/test_{extract,model,data}.py          -> $OUT/d_pytest_extract.log
 #                   e  nvjpeg vs PIL        benchmarks/decode_agreement.py  -> $OUT/e_decode_agreement.log
-#   EXTRACT_ARGS  arguments of step b, default "--skip-cpu"
+#                   f  step c with --compile (not in the default STEPS: compiling takes minutes) -> $OUT/f_train_compiled.log
+#   EXTRACT_ARGS  arguments of step b, default "--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"
 #   TRAIN_ARGS    arguments of step c, default "--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"
 #   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step or pinned"
-#   T_A T_B T_C T_D  per-step timeouts in s (150 240 150 90)
+#   T_A ... T_F   per-step timeouts in s (150 240 150 90 60 240)
 #   BUDGET_S      wall-clock budget of the whole script (default 570): a step's timeout is cut to what is left,
 #                 and a step is skipped when under 20 s are left, so the summary always gets printed
 #   OUT           output folder (default /tmp/out)
@@ -112,7 +113,9 @@ for s in $STEPS; do
         d) step d_pytest_extract "${T_D:-90}" "$ROOT" env PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT" \
                "$PY" -P -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_model.py tests/test_data.py -k "$PYTEST_K" ;;
         e) step e_decode_agreement "${T_E:-60}" "$ROOT" "$PY" benchmarks/decode_agreement.py ;;
-        *) echo "unknown step '$s' (a b c d)" ;;
+        # shellcheck disable=SC2086
+        f) step f_train_compiled "${T_F:-240}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS --compile ;;
+        *) echo "unknown step '$s' (a b c d e f)" ;;
     esac
 done
 

@@ -4,7 +4,7 @@ Both variants run the same default-config training step (global_local fusion, sa
 precision) on the same shards; the online one first computes each image's global vector and each chosen
 cell's local vector with a ViT-B-16 CLIP (random weights, inference mode), as a trainer without the store
 would. Usage: python benchmarks/train_from_store.py [--images 64] [--batch-size 16] [--steps 2] [--warmup 2]
-       [--device cpu] [--num-workers 0] [--breakdown]
+       [--device cpu] [--num-workers 0] [--breakdown] [--compile]
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=0, help="DATA.NUM_WORKERS: loader processes")
     parser.add_argument("--work", default=None, help="folder for shards and store (default: a temporary one)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the spectral branch's forward in "
+                        "both variants: measures what compiling would give (the trainer itself does not compile)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="synchronise after each part of a step and "
                         "print where the time goes (a diagnostic: it removes the host/device overlap)")  # fmt: skip
     args = parser.parse_args()
@@ -214,15 +216,19 @@ def main() -> None:
         if len(trainer.train_stream) < need:
             parser.error(f"--work {work} holds {len(trainer.train_stream)} train images from an earlier run, fewer "
                          f"than the {need} asked for: give an empty folder")  # fmt: skip
-        from_store = timed_steps(trainer, trainer.train_stream, args.steps, args.warmup, None, args.breakdown)
         embedder = load_embedder(CLIP, device, precision)
+        train_gmacs, clip_gmacs = flop_bound(trainer, embedder, (SIDE // 224) ** 2)  # counted before compiling
+        if args.compile:  # the warm-up steps compile it (give --warmup 2 or more: the second step may recompile)
+            spectral = trainer.module.detector.spectral
+            spectral.forward = torch.compile(spectral.forward)
+        from_store = timed_steps(trainer, trainer.train_stream, args.steps, args.warmup, None, args.breakdown)
         online_stream = OnlineStream(trainer.train_stream, embedder)
         online = timed_steps(trainer, online_stream, args.steps, args.warmup, embedder, args.breakdown)
-        train_gmacs, clip_gmacs = flop_bound(trainer, embedder, (SIDE // 224) ** 2)
     card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{card}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
           f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "
-          f"mode {cfg.MODEL.SEMANTIC.MODE}, {args.num_workers} loader processes")  # fmt: skip
+          f"mode {cfg.MODEL.SEMANTIC.MODE}, {args.num_workers} loader processes"
+          f"{', spectral branch compiled' if args.compile else ''}")  # fmt: skip
     print("| variant | steps/s |\n|---|---|")
     print(f"| from store | {from_store:.3f} |\n| online CLIP ({CLIP}) | {online:.3f} |")
     print(f"ratio store/online: {from_store / online:.2f}x (target >= 3x)")
