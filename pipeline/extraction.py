@@ -579,7 +579,9 @@ def _outcome(job: ShardJob, write: Future) -> Outcome:
 class DaskDistributor(InlineDistributor):
     """One Dask task per item: an in-process LocalCluster of `workers` processes, or the cluster at `scheduler`."""
 
-    def __init__(self, workers: int, scheduler: str | None = None) -> None:
+    def __init__(self, workers: int, scheduler: str | None = None, gpus: list[str] | None = None) -> None:
+        """`gpus`: CUDA_VISIBLE_DEVICES values handed to the local workers in turn, so that each one sees
+        (and its `cuda` means) its own GPU, as dask-cuda's workers do."""
         from distributed import Client, LocalCluster
 
         self.cluster = None
@@ -588,7 +590,15 @@ class DaskDistributor(InlineDistributor):
         else:
             # processes; a task's torch threads are set by the task itself. Two task threads: one shard is
             # embedded while the one before is written (`extract_shard` lets one compute at a time)
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=None)
+            self.cluster = LocalCluster(
+                n_workers=0 if gpus else workers, threads_per_worker=2, processes=True, dashboard_address=None
+            )
+            if gpus:
+                for i in range(workers):
+                    ((name, spec),) = self.cluster.new_worker_spec().items()  # the cluster's shared template
+                    env = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+                    self.cluster.worker_spec[name] = {**spec, "options": {**spec["options"], "env": env}}
+                self.cluster.scale(workers)
             self.client = Client(self.cluster)
             self.client.wait_for_workers(workers)
         log.info("dask: %s", self.client)
@@ -622,9 +632,9 @@ class DaskDistributor(InlineDistributor):
             self.cluster.close()
 
 
-def make_distributor(workers: int, scheduler: str | None) -> InlineDistributor:
+def make_distributor(workers: int, scheduler: str | None, gpus: list[str] | None = None) -> InlineDistributor:
     if scheduler or workers > 0:
-        return DaskDistributor(workers, scheduler)
+        return DaskDistributor(workers, scheduler, gpus)
     return InlineDistributor()
 
 

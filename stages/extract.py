@@ -91,6 +91,15 @@ def default_workers(device: str) -> int:
     return max(1, torch.cuda.device_count()) if device.startswith("cuda") else os.cpu_count() or 1
 
 
+def worker_gpus(device: str) -> list[str] | None:
+    """The GPUs local Dask workers take in turn (CUDA_VISIBLE_DEVICES values), when `device` is `cuda` with no
+    index and more than one GPU is visible; else None (`cuda:N` keeps every worker on GPU N)."""
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible or [str(i) for i in range(torch.cuda.device_count())]
+
+
 def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> None:
     bugs = [exc for _, exc in failures if not isinstance(exc, INPUT_ERRORS)]
     if bugs:
@@ -130,7 +139,10 @@ def _run(
     factory = embedder_factory or ClipFactory(cfg.clip, device, cfg.precision)
     prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
     existing = read_store_attrs(cfg.store)
-    dist = (distributor_factory or make_distributor)(workers, cfg.scheduler)
+    if distributor_factory is not None:
+        dist = distributor_factory(workers, cfg.scheduler)
+    else:  # with several GPUs, each local worker gets its own
+        dist = make_distributor(workers, cfg.scheduler, None if cfg.scheduler else worker_gpus(device))
     try:
         # every worker builds its embedder before any shard is handed out, so no worker idles while another
         # one is still loading; prompt vectors only for a new store

@@ -32,6 +32,7 @@ from semspai.pipeline.extraction import (
     ClipFactory,
     CpuCrops,
     CropBatcher,
+    DaskDistributor,
     DeviceCrops,
     ExtractOptions,
     InlineDistributor,
@@ -40,7 +41,7 @@ from semspai.pipeline.extraction import (
 )
 from semspai.pipeline.grid import grid_boxes, pad_image
 from semspai.stages.cli import cli
-from semspai.stages.extract import ExtractConfig, run
+from semspai.stages.extract import ExtractConfig, run, worker_gpus
 from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
 from semspai.store.shards import ShardError, ShardSample, iter_shard
@@ -202,6 +203,24 @@ def _dask_matches_reference(shards: Path, reference: Path, store: Path, workers:
 def test_two_dask_workers_give_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
     pids = _dask_matches_reference(shards, reference, tmp_path / "two.zarr", workers=2)
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes wrote
+
+
+def test_each_local_worker_gets_its_own_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus("cuda") == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5, 7,GPU-1a2b")  # what this process sees, by any naming
+    assert worker_gpus("cuda") == ["5", "7", "GPU-1a2b"]
+    assert worker_gpus("cuda:1") is None and worker_gpus("cpu") is None  # an index keeps every worker there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_gpus("cuda") is None
+    # three workers over two GPUs: taken in turn, each worker process sees only its own
+    dist = DaskDistributor(3, gpus=["5", "7"])
+    try:
+        seen = dist.client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    finally:
+        dist.close()
+    assert sorted(seen.values()) == ["5", "5", "7"]
 
 
 @pytest.mark.slow
