@@ -67,6 +67,12 @@ def make_shards(out: Path, n_images: int, per_shard: int, unique: int | None = N
     return out
 
 
+def gpu_shards(args: argparse.Namespace, root: Path) -> tuple[Path, int]:
+    """The GPU variant's shards (also the host ceiling's): --gpu-images 512-px JPEGs in --gpu-shards tars."""
+    n = 16 if QUICK else args.gpu_images
+    return make_shards(root / "gpu-shards", n, max(1, n // args.gpu_shards), unique=min(n, 1024)), n
+
+
 def bare_encoder_images_per_s(factory: ClipFactory, batch_size: int, n_batches: int, threads: int) -> float:
     """The encoder alone on ready (B, 3, S, S) batches, converted to images: crops/s / crops per image."""
     torch.set_num_threads(threads)
@@ -140,8 +146,7 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
     host decode function; and the bare encoder (autocast as extract-clip runs it, and with bf16 weights)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only for the QUICK dry run
     factory = ClipFactory("tiny-random" if QUICK else "ViT-B-32:random", device, "bf16" if device == "cuda" else "fp32")
-    n = 16 if QUICK else args.gpu_images
-    shards = make_shards(root / "gpu-shards", n, max(1, n // args.gpu_shards), unique=min(n, 1024))
+    shards, n = gpu_shards(args, root)
     card = torch.cuda.get_device_name() if device == "cuda" else "none (CPU dry run)"
     bare = bare_encoder_images_per_s(factory, args.gpu_batch_size, 20, os.cpu_count() or 1)
     bf16 = bare_bf16_weights_images_per_s(factory, args.gpu_batch_size, 20) if device == "cuda" else 0.0
@@ -286,8 +291,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.host_ceiling:
-            n = 16 if QUICK else args.gpu_images
-            shards = make_shards(Path(tmp) / "shards", n, max(1, n // args.gpu_shards), unique=min(n, 1024))
+            shards, n = gpu_shards(args, Path(tmp))
             runs = [
                 host_ceiling_images_per_s(shards, Path(tmp), args.gpu_batch_size, args.gpu_decode_workers)
                 for _ in range(args.repeats)
