@@ -33,9 +33,15 @@ def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def add_noise(rgb: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise of `std` (on [0, 1] pixels), quantised back to 8 bits like any stored image."""
-    noisy = rgb.astype(np.float32) + rng.normal(0.0, std * 255.0, rgb.shape).astype(np.float32)
-    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    """Gaussian noise of `std` (on [0, 1] pixels), quantised back to 8 bits like any stored image.
+
+    Drawn in float32 and computed in place: half the time of float64 draws (a training loader runs this on a
+    fifth of its patches)."""
+    noisy = rng.standard_normal(rgb.shape, dtype=np.float32)
+    noisy *= std * 255.0
+    noisy += rgb
+    np.rint(noisy, out=noisy)
+    return np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
 
 
 class PerturbError(ValueError):

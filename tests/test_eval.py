@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.inference import load_detector
-from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
+from semspai.pipeline.perturb import Perturbation, PerturbError, add_noise, parse_perturbations
 from semspai.stages.cli import cli
 from semspai.stages.evaluate import CheckpointEval, EvalConfig, pick_examples, run
 from semspai.stages.extract import ExtractConfig
@@ -165,6 +165,14 @@ def test_noise_is_seeded_by_key_and_parsing_checks_ranges():
     for bad in ("jpeg:0", "jpeg:70.5", "resize:-1", "blur", "sharpen:2", "noise:x"):
         with pytest.raises(PerturbError, match="--perturb"):
             parse_perturbations([bad])
+
+
+def test_noise_has_the_asked_spread_and_no_bias():
+    grey = np.full((256, 256, 3), 128, np.uint8)  # mid-grey: the clip to 0..255 never bites at this std
+    diff = add_noise(grey, 0.03, np.random.default_rng(0)).astype(np.float64) - 128
+    assert abs(diff.std() - 0.03 * 255) < 0.05 * 0.03 * 255 and abs(diff.mean()) < 0.1
+    np.testing.assert_array_equal(diff, np.rint(diff))  # quantised to whole 8-bit steps
+    assert add_noise(grey, 0.0, np.random.default_rng(0)).tolist() == grey.tolist()
 
 
 def test_pick_examples_by_hand():
