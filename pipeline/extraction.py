@@ -27,7 +27,7 @@ from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
-from semspai.pipeline.iterate import batched_by_weight, in_background, ordered_map
+from semspai.pipeline.iterate import Background, batched_by_weight, in_background, ordered_map
 from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
 from semspai.store.images import (
     DECODER_ID,
@@ -401,25 +401,39 @@ def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: E
     """The shard's samples decoded and cropped, in order: on the host in `decode_workers` threads, or (with
     gpu_decode) probed as they are read, the few the device cannot take decoded in those threads, and the
     JPEGs decoded a chunk at a time on the device by a producer thread that keeps DEVICE_AHEAD chunks ready
-    while the encoder runs."""
+    while the encoder runs. That producer starts now, before the first sample is asked for, so a shard can be
+    read and decoded ahead of its turn at the encoder; closing the iterator (or dropping it) stops it."""
     if not opts.gpu_decode:
         return ordered_map(CpuCrops(embedder, opts.rule, opts.max_pixels), samples, opts.decode_workers)
     crops = DeviceCrops(embedder, opts.device, opts.rule, opts.max_pixels)
     chunks = batched_by_weight(
         probed_samples(samples, crops, opts.decode_workers), DEVICE_CHUNK_PIXELS, lambda p: p.pixels
     )
-    return (prep for chunk in in_background(map(crops.prepare, chunks), DEVICE_AHEAD) for prep in chunk)
+    return _each_of(in_background(map(crops.prepare, chunks), DEVICE_AHEAD))
+
+
+def _each_of(chunks: Background[list[Prepared]]) -> Iterator[Prepared]:
+    with chunks:
+        for chunk in chunks:
+            yield from chunk
 
 
 def extract_features(
     samples: Iterable[ShardSample], embedder: Embedder, name: str, sha256: str, opts: ExtractOptions
 ) -> ShardFeatures:
     """A shard's samples -> its rows (global, local, boxes, captions, metadata); unreadable images skipped."""
+    return features_of(prepared_samples(samples, embedder, opts), embedder, name, sha256, opts)
+
+
+def features_of(
+    prepared: Iterable[Prepared], embedder: Embedder, name: str, sha256: str, opts: ExtractOptions
+) -> ShardFeatures:
+    """A shard's prepared samples -> its rows; see extract_features."""
     batcher = CropBatcher(embedder.get_image_embedding, opts.batch_size)
     kept: list[Prepared] = []
     skipped: list[dict] = []
     n_samples = 0
-    for prep in prepared_samples(samples, embedder, opts):
+    for prep in prepared:
         n_samples += 1
         if prep.error:
             log.warning("shard %s: skipping unreadable image %s: %s", name, prep.key, prep.error)
@@ -497,14 +511,41 @@ def _fault_hook(name: str) -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def compute_shard(job: ShardJob) -> tuple[ShardFeatures, float]:
-    """Read and embed one shard: its rows in memory, and when this started (perf_counter)."""
-    start = time.perf_counter()
+@dataclass
+class ShardReading:
+    """A shard whose reading has begun (`begin_shard`): its sha256 is being hashed and, with gpu_decode, its
+    first chunks are being decoded on the device, ahead of its turn at the encoder (`compute_shard`)."""
+
+    job: ShardJob
+    sha256: Future
+    prepared: Iterator[Prepared]
+
+    def close(self) -> None:
+        """Stop reading ahead (compute_shard does this when it is done; also for a shard never computed)."""
+        close = getattr(self.prepared, "close", None)
+        if close is not None:
+            close()
+
+
+def begin_shard(job: ShardJob) -> ShardReading:
+    """Start reading a shard: at the GPU's shard boundaries the next shard's first batches are then ready when the
+    encoder finishes the shard before, instead of the device idling while they are read and decoded."""
     torch.set_num_threads(job.torch_threads)
-    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
-        sha = pool.submit(file_sha256, job.shard)  # hashlib releases the GIL: hashing overlaps the extraction
-        features = extract_features(job.read(job.shard), worker_embedder(job.embedder), job.name, "", job.opts)
-        return dataclasses.replace(features, sha256=sha.result()), start
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    sha = pool.submit(file_sha256, job.shard)  # hashlib releases the GIL: hashing overlaps the extraction
+    pool.shutdown(wait=False)  # its thread ends with the hash
+    return ShardReading(job, sha, prepared_samples(job.read(job.shard), worker_embedder(job.embedder), job.opts))
+
+
+def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
+    """Embed one shard whose reading has begun: its rows in memory, and when this started (perf_counter)."""
+    start = time.perf_counter()
+    job = reading.job
+    try:
+        features = features_of(reading.prepared, worker_embedder(job.embedder), job.name, "", job.opts)
+    finally:
+        reading.close()
+    return dataclasses.replace(features, sha256=reading.sha256.result()), start
 
 
 def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSummary:
@@ -519,15 +560,20 @@ def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSu
     return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, os.getpid(), socket.gethostname())
 
 
-# one shard at a time is read and embedded in a process (they would share its device and encoder); a Dask
-# worker's second task thread meanwhile writes the shard before, as InlineDistributor's writer thread does
+# one shard at a time is embedded in a process (they would share its device and encoder); a Dask worker's
+# second task thread meanwhile writes the shard before and begins reading the next one, as InlineDistributor's
+# writer thread and read-ahead do
 _COMPUTE = threading.Lock()
 
 
 def extract_shard(job: ShardJob) -> ShardSummary:
     """Read, embed and write one shard: rows first, then the done marker (the task a Dask worker runs)."""
-    with _COMPUTE:
-        computed = compute_shard(job)
+    reading = begin_shard(job)  # while another task of this process still holds the encoder
+    try:
+        with _COMPUTE:
+            computed = compute_shard(reading)
+    finally:
+        reading.close()
     return write_shard(job, *computed)
 
 
@@ -546,13 +592,16 @@ class InlineDistributor:
         fn(*args)
 
     def map_shards(self, jobs: list[ShardJob]) -> Iterator[Outcome]:
-        """Each shard extracted and written, in order; a shard's Zarr write runs in a writer thread while the
-        next shard is read and embedded (one write at a time, so shards still become done in order)."""
-        with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer:
+        """Each shard extracted and written, in order; the next shard is read while one is embedded, and a shard's
+        Zarr write runs in a writer thread while the next one is embedded (one write at a time, so shards
+        still become done in order)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer, _ReadAhead(jobs) as readings:
             pending: tuple[ShardJob, Future] | None = None
-            for job in jobs:
+            for job, reading in readings:
                 try:
-                    computed: tuple[ShardFeatures, float] | Exception = compute_shard(job)
+                    if isinstance(reading, Exception):
+                        raise reading
+                    computed: tuple[ShardFeatures, float] | Exception = compute_shard(reading)
                 except Exception as exc:
                     computed = exc
                 if pending is not None:
@@ -567,6 +616,36 @@ class InlineDistributor:
 
     def close(self) -> None:
         pass
+
+
+class _ReadAhead:
+    """(job, its ShardReading, or the exception beginning it raised) in order; each shard's reading begins when
+    the one before is handed out, so it runs ahead while that one is embedded. Leaving the block stops a
+    reading that was begun but never handed out."""
+
+    def __init__(self, jobs: list[ShardJob]) -> None:
+        self.jobs = jobs
+        self.ahead: ShardReading | Exception | None = None
+
+    def _begin(self, job: ShardJob) -> ShardReading | Exception:
+        try:
+            return begin_shard(job)
+        except Exception as exc:  # reported as this shard's failure, in its turn
+            return exc
+
+    def __iter__(self) -> Iterator[tuple[ShardJob, ShardReading | Exception]]:
+        for i, job in enumerate(self.jobs):
+            reading = self.ahead if self.ahead is not None else self._begin(job)
+            self.ahead = self._begin(self.jobs[i + 1]) if i + 1 < len(self.jobs) else None
+            yield job, reading
+
+    def __enter__(self) -> _ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ahead is not None and not isinstance(self.ahead, Exception):
+            self.ahead.close()
+        self.ahead = None
 
 
 def _outcome(job: ShardJob, write: Future) -> Outcome:

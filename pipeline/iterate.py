@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -84,43 +85,83 @@ def ordered_map(
             yield window.popleft().result()
 
 
-def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate `items` in a producer thread, at most `depth` items ahead of the consumer.
+class Background(Iterator[T]):
+    """Iterates `items` in a producer thread, started at once, at most `depth` items ahead of the consumer.
 
-    An exception in the producer is raised in the consumer; a consumer that stops early stops the producer.
+    An exception in the producer is raised in the consumer. `close()` (also on leaving a `with` block, and when
+    the object is dropped unfinished) stops the producer and drops what it made ahead.
     """
-    buf: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
 
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buf.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buf.put(_DONE)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            buf.put(_Failure(exc))
+    def __init__(self, items: Iterable[T], depth: int) -> None:
+        # the thread holds the queue and the flag, never this object: dropping it can stop the producer
+        self._buf: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(
+            target=_produce, args=(iter(items), self._buf, self._stop), name="producer", daemon=True
+        )
+        self._thread.start()
 
-    thread = threading.Thread(target=produce, name="producer", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buf.get()
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        item = self._buf.get()
+        if item is _DONE or isinstance(item, _Failure):
+            self._finished = True
             if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+                raise StopIteration
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self._finished = True
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
             try:
-                buf.get_nowait()
+                self._buf.get_nowait()
             except queue.Empty:
-                thread.join(timeout=0.1)
+                self._thread.join(timeout=0.1)
+        while not self._buf.empty():  # what was made ahead (device memory, say) goes now
+            self._buf.get_nowait()
+
+    def __enter__(self) -> Background[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # dropped unfinished: tell the producer to stop (it notices within its put timeout) and free the queue
+        # without waiting for it
+        stop = getattr(self, "_stop", None)
+        if stop is not None and not stop.is_set():
+            stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._buf.get_nowait()
+
+
+def _produce(items: Iterator[Any], buf: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in items:
+            if not _put(buf, item, stop):
+                return
+        _put(buf, _DONE, stop)
+    except BaseException as exc:  # handed to the consumer, which raises it
+        _put(buf, _Failure(exc), stop)
+
+
+def _put(buf: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put `item` once there is room; False (item dropped) once `stop` is set: nobody takes it any more."""
+    while not stop.is_set():
+        try:
+            buf.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def in_background(items: Iterable[T], depth: int) -> Background[T]:
+    """`items` made in a producer thread that starts now, at most `depth` ahead (see Background)."""
+    return Background(items, depth)

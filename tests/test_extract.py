@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -316,12 +317,33 @@ def test_truncated_tar_fails_naming_it_and_keeps_the_others(shards: Path, tmp_pa
     assert FeatureStore.open(str(store)).done_shards == ["train-000000", "train-000002"]
 
 
-def test_inline_run_writes_a_shard_while_the_next_one_is_embedded(monkeypatch) -> None:
+@dataclass
+class FakeReading:
+    """What a faked `begin_shard` hands out: the job, and whether its reading was stopped."""
+
+    job: str
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_inline_run_reads_the_next_shard_ahead_and_writes_beside_the_embedding(monkeypatch) -> None:
     next_started = threading.Event()
     events: list[tuple[str, str]] = []
+    readings: list[FakeReading] = []
 
-    def compute(job: str):
+    def begin(job: str) -> FakeReading:
+        events.append(("begin", job))
+        if job == "bad-begin":
+            raise ValueError("cannot begin")
+        readings.append(FakeReading(job))
+        return readings[-1]
+
+    def compute(reading: FakeReading):
+        job = reading.job
         events.append(("compute", job))
+        reading.close()
         if job == "b":
             next_started.set()
         if job == "bad":
@@ -334,23 +356,45 @@ def test_inline_run_writes_a_shard_while_the_next_one_is_embedded(monkeypatch) -
         events.append(("write", job))
         return f"done-{job}"
 
+    monkeypatch.setattr(extraction, "begin_shard", begin)
     monkeypatch.setattr(extraction, "compute_shard", compute)
     monkeypatch.setattr(extraction, "write_shard", write)
-    out = list(InlineDistributor().map_shards(["a", "b", "bad", "c"]))
-    assert [(j, r) for j, r, _ in out] == [("a", "done-a"), ("b", "done-b"), ("bad", None), ("c", "done-c")]
-    assert isinstance(out[2][2], ValueError) and all(e is None for j, _, e in out if j != "bad")
+    jobs = ["a", "b", "bad", "bad-begin", "c"]
+    out = list(InlineDistributor().map_shards(jobs))
+    assert [(j, r) for j, r, _ in out] == [(j, None if j.startswith("bad") else f"done-{j}") for j in jobs]
+    assert [str(e) for _, _, e in out] == ["None", "None", "unreadable", "cannot begin", "None"]
     assert ("b started during a's write", "True") in events
     assert [j for kind, j in events if kind == "write"] == ["a", "b", "c"]  # one write at a time, in order
+    order = [f"{kind} {j}" for kind, j in events if kind in ("begin", "compute")]
+    # each shard's reading begins before the shard before it is embedded: it runs ahead meanwhile
+    assert order == ["begin a", "begin b", "compute a", "begin bad", "compute b", "begin bad-begin", "compute bad",
+                     "begin c", "compute c"]  # fmt: skip
+    assert all(r.closed for r in readings)
+
+    # a caller that stops early (a's outcome comes once b is embedded): c's reading, begun ahead, is stopped too
+    readings.clear()
+    shards = InlineDistributor().map_shards(["a", "b", "c", "d"])
+    next(shards)
+    shards.close()
+    assert [r.job for r in readings] == ["a", "b", "c"] and all(r.closed for r in readings)
 
 
-def test_dask_task_threads_embed_one_shard_at_a_time_and_write_beside_it(monkeypatch) -> None:
-    """A Dask worker runs `extract_shard` in two task threads: shards are embedded one at a time, and the
-    next one is embedded while the one before is written."""
-    a_computing, b_submitted, b_computing = threading.Event(), threading.Event(), threading.Event()
+def test_dask_task_threads_embed_one_shard_at_a_time_and_read_and_write_beside_it(monkeypatch) -> None:
+    """A Dask worker runs `extract_shard` in two task threads: shards are embedded one at a time; the next one
+    begins reading while the one before is embedded, and is embedded while the one before is written."""
+    a_computing, b_submitted, b_computing, b_began = (threading.Event() for _ in range(4))
     computing = threading.Lock()  # held by whichever compute runs: a second one at the same time is a failure
     events: list[tuple[str, str]] = []
+    readings: list[FakeReading] = []
 
-    def compute(job: str):
+    def begin(job: str) -> FakeReading:
+        readings.append(FakeReading(job))
+        if job == "b":
+            b_began.set()
+        return readings[-1]
+
+    def compute(reading: FakeReading):
+        job = reading.job
         if not computing.acquire(blocking=False):
             events.append(("computes overlapped", job))
             return f"rows-{job}", 0.0
@@ -358,6 +402,7 @@ def test_dask_task_threads_embed_one_shard_at_a_time_and_write_beside_it(monkeyp
             if job == "a":
                 a_computing.set()
                 b_submitted.wait(timeout=10)
+                events.append(("b began reading during a's compute", str(b_began.wait(timeout=10))))
                 time.sleep(0.2)  # a window for b to start computing too, if nothing kept it out
             else:
                 b_computing.set()
@@ -370,6 +415,7 @@ def test_dask_task_threads_embed_one_shard_at_a_time_and_write_beside_it(monkeyp
             events.append(("b computed during a's write", str(b_computing.wait(timeout=10))))
         return f"done-{job}"
 
+    monkeypatch.setattr(extraction, "begin_shard", begin)
     monkeypatch.setattr(extraction, "compute_shard", compute)
     monkeypatch.setattr(extraction, "write_shard", write)
     with ThreadPoolExecutor(2) as pool:
@@ -378,7 +424,8 @@ def test_dask_task_threads_embed_one_shard_at_a_time_and_write_beside_it(monkeyp
         b = pool.submit(extraction.extract_shard, "b")
         b_submitted.set()
         assert (a.result(), b.result()) == ("done-a", "done-b")
-    assert events == [("b computed during a's write", "True")]
+    assert events == [("b began reading during a's compute", "True"), ("b computed during a's write", "True")]
+    assert all(r.closed for r in readings)
 
 
 def test_batches_are_full_and_keep_order() -> None:
@@ -448,6 +495,41 @@ def test_device_chunks_bounded_by_pixels_give_the_same_rows(shards: Path, monkey
     for name in ("global_", "local", "boxes", "local_offsets", "width", "height"):
         assert np.array_equal(getattr(whole, name), getattr(small, name)), name
     assert whole.keys == small.keys
+
+
+def test_device_decode_reads_each_next_shard_ahead_and_keeps_the_rows(shards: Path, tmp_path: Path, monkeypatch):
+    """With the real device path (on the CPU): while a shard is embedded, the next one's first chunk is already
+    decoded; the rows are those of each shard extracted alone."""
+    names = sorted(p.stem for p in shards.glob("*.tar"))
+    first_key = {next(iter(iter_shard(shards / f"{n}.tar"))).key: n for n in names}
+    decoded = {n: threading.Event() for n in names}
+    prepare = DeviceCrops.prepare
+
+    def recording(self, probes):
+        out = prepare(self, probes)
+        if probes[0].sample.key in first_key:
+            decoded[first_key[probes[0].sample.key]].set()
+        return out
+
+    seen: list[tuple[str, bool]] = []
+    features_of = extraction.features_of
+
+    def embedding(prepared, embedder, name, sha256, opts):
+        nxt = names[names.index(name) + 1 : names.index(name) + 2]  # without read-ahead, its wait times out
+        seen.append((name, all(decoded[n].wait(timeout=20) for n in nxt)))
+        return features_of(prepared, embedder, name, sha256, opts)
+
+    monkeypatch.setattr(DeviceCrops, "prepare", recording)
+    monkeypatch.setattr(extraction, "features_of", embedding)
+    store = tmp_path / "ahead.zarr"
+    run(cfg(shards, store, gpu_decode=True), embedder_factory=TINY)
+    assert seen == [(n, True) for n in names]
+    monkeypatch.undo()
+    got = arrays(store)
+    opts = ExtractOptions(BATCH, 2, gpu_decode=True, device="cpu")
+    for n in names:
+        alone = extract_features(iter_shard(shards / f"{n}.tar"), TINY(), n, "", opts)
+        assert got[f"{n}/global"][1] == alone.global_.tobytes() and got[f"{n}/local"][1] == alone.local.tobytes()
 
 
 def _rotated_jpeg(rgb: np.ndarray) -> bytes:

@@ -56,3 +56,33 @@ def test_in_background_stops_its_producer_when_the_consumer_stops() -> None:
     time.sleep(0.3)
     assert threading.active_count() == before  # the producer thread ended
     assert len(produced) <= 3 + 1 + 3  # at most `depth` (+ the one being put) items beyond what was taken
+
+
+def test_in_background_starts_at_once_and_close_stops_it_and_drops_what_was_made_ahead() -> None:
+    made = threading.Semaphore(0)
+    produced = []
+
+    def counting():
+        for i in range(100):
+            produced.append(i)
+            made.release()
+            yield i
+
+    ahead = in_background(counting(), depth=2)
+    assert made.acquire(timeout=10)  # made before anyone asked: the read-ahead extraction relies on this
+    for _ in range(2):
+        assert made.acquire(timeout=10)
+    ahead.close()
+    assert not ahead._thread.is_alive() and ahead._buf.empty()  # stopped, and the queued items are gone
+    assert len(produced) <= 2 + 1 + 1  # `depth` queued, one being put, one made meanwhile
+    assert list(ahead) == []
+
+    def endless():
+        while True:
+            yield 0
+
+    dropped = in_background(endless(), depth=2)
+    thread = dropped._thread
+    del dropped  # never iterated, never closed: dropping it stops the producer
+    thread.join(timeout=5)
+    assert not thread.is_alive()
