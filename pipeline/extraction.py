@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import logging
 import os
 import signal
@@ -83,11 +84,16 @@ class ClipFactory:
 _EMBEDDERS: dict[Any, Embedder] = {}
 
 
+_BUILDING = threading.Lock()
+
+
 def worker_embedder(factory: Callable[[], Embedder]) -> Embedder:
-    """The embedder of this process, built on first use and kept for the worker's later tasks."""
-    if factory not in _EMBEDDERS:
-        _EMBEDDERS[factory] = factory()
-    return _EMBEDDERS[factory]
+    """The embedder of this process, built on first use (once, whichever task thread asks first) and kept for
+    the worker's later tasks."""
+    with _BUILDING:
+        if factory not in _EMBEDDERS:
+            _EMBEDDERS[factory] = factory()
+        return _EMBEDDERS[factory]
 
 
 def warm_up(factory: Callable[[], Embedder]) -> None:
@@ -409,13 +415,22 @@ def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: E
     chunks = batched_by_weight(
         probed_samples(samples, crops, opts.decode_workers), DEVICE_CHUNK_PIXELS, lambda p: p.pixels
     )
-    return _each_of(in_background(map(crops.prepare, chunks), DEVICE_AHEAD))
+    return _EachOf(in_background(map(crops.prepare, chunks), DEVICE_AHEAD))
 
 
-def _each_of(chunks: Background[list[Prepared]]) -> Iterator[Prepared]:
-    with chunks:
-        for chunk in chunks:
-            yield from chunk
+class _EachOf(Iterator[Prepared]):
+    """The samples of chunks made in the background, one by one; `close()` stops their producer at once, whether
+    or not any was taken (a generator's close would not run its cleanup before its first item)."""
+
+    def __init__(self, chunks: Background[list[Prepared]]) -> None:
+        self.chunks = chunks
+        self.samples = itertools.chain.from_iterable(chunks)
+
+    def __next__(self) -> Prepared:
+        return next(self.samples)
+
+    def close(self) -> None:
+        self.chunks.close()
 
 
 def extract_features(
@@ -560,19 +575,22 @@ def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSu
     return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, os.getpid(), socket.gethostname())
 
 
-# one shard at a time is embedded in a process (they would share its device and encoder); a Dask worker's
-# second task thread meanwhile writes the shard before and begins reading the next one, as InlineDistributor's
-# writer thread and read-ahead do
+# one shard at a time is embedded in a process (they would share its device and encoder), and one more begins
+# reading meanwhile (each reading ahead holds device memory: with more task threads, the others wait before
+# beginning); a Dask worker's other task thread writes the shard before, as InlineDistributor's writer does
 _COMPUTE = threading.Lock()
+_AHEAD = threading.Lock()
 
 
 def extract_shard(job: ShardJob) -> ShardSummary:
     """Read, embed and write one shard: rows first, then the done marker (the task a Dask worker runs)."""
-    reading = begin_shard(job)  # while another task of this process still holds the encoder
+    with _AHEAD:
+        reading = begin_shard(job)  # while another task of this process still holds the encoder
+        _COMPUTE.acquire()
     try:
-        with _COMPUTE:
-            computed = compute_shard(reading)
+        computed = compute_shard(reading)
     finally:
+        _COMPUTE.release()
         reading.close()
     return write_shard(job, *computed)
 
@@ -592,9 +610,9 @@ class InlineDistributor:
         fn(*args)
 
     def map_shards(self, jobs: list[ShardJob]) -> Iterator[Outcome]:
-        """Each shard extracted and written, in order; the next shard is read while one is embedded, and a shard's
-        Zarr write runs in a writer thread while the next one is embedded (one write at a time, so shards
-        still become done in order)."""
+        """Each shard extracted and written, in order. The next shard's reading begins while one is embedded (with
+        gpu_decode its first chunks are then decoded ahead), and a shard's Zarr write runs in a writer thread
+        while the next one is embedded (one write at a time, so shards still become done in order)."""
         with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer, _ReadAhead(jobs) as readings:
             pending: tuple[ShardJob, Future] | None = None
             for job, reading in readings:

@@ -88,8 +88,8 @@ def ordered_map(
 class Background(Iterator[T]):
     """Iterates `items` in a producer thread, started at once, at most `depth` items ahead of the consumer.
 
-    An exception in the producer is raised in the consumer. `close()` (also on leaving a `with` block, and when
-    the object is dropped unfinished) stops the producer and drops what it made ahead.
+    An exception in the producer is raised in the consumer. `close()` (also on leaving a `with` block) stops the
+    producer, waits for it and drops what it made ahead; an object dropped unfinished tells its producer to stop.
     """
 
     def __init__(self, items: Iterable[T], depth: int) -> None:
@@ -114,15 +114,12 @@ class Background(Iterator[T]):
         return item
 
     def close(self) -> None:
+        """Stop the producer (it notices within 0.1 s, once the item it is making is made), wait for it, and drop
+        the items it made ahead (device memory, say). Closing again does nothing."""
         self._finished = True
         self._stop.set()
-        while self._thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                self._buf.get_nowait()
-            except queue.Empty:
-                self._thread.join(timeout=0.1)
-        while not self._buf.empty():  # what was made ahead (device memory, say) goes now
-            self._buf.get_nowait()
+        self._thread.join()
+        _drain(self._buf)
 
     def __enter__(self) -> Background[T]:
         return self
@@ -131,35 +128,42 @@ class Background(Iterator[T]):
         self.close()
 
     def __del__(self) -> None:
-        # dropped unfinished: tell the producer to stop (it notices within its put timeout) and free the queue
-        # without waiting for it
+        # only the flag: a finaliser may run in any thread, the producer's own included (the cycle collector),
+        # where touching the queue could deadlock on its lock; the producer empties the queue itself
         stop = getattr(self, "_stop", None)
-        if stop is not None and not stop.is_set():
+        if stop is not None:
             stop.set()
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    self._buf.get_nowait()
 
 
 def _produce(items: Iterator[Any], buf: queue.Queue, stop: threading.Event) -> None:
     try:
         for item in items:
             if not _put(buf, item, stop):
-                return
-        _put(buf, _DONE, stop)
+                break
+        else:
+            _put(buf, _DONE, stop)
     except BaseException as exc:  # handed to the consumer, which raises it
         _put(buf, _Failure(exc), stop)
+    if stop.is_set():  # nobody takes what is queued: free it now, not when the queue is collected
+        _drain(buf)
 
 
 def _put(buf: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Put `item` once there is room; False (item dropped) once `stop` is set: nobody takes it any more."""
+    """Put `item` once there is room; False once `stop` is set (the item is then dropped, and the producer
+    makes no further one)."""
     while not stop.is_set():
         try:
             buf.put(item, timeout=0.1)
-            return True
         except queue.Full:
             continue
+        return not stop.is_set()
     return False
+
+
+def _drain(buf: queue.Queue) -> None:
+    with contextlib.suppress(queue.Empty):
+        while True:
+            buf.get_nowait()
 
 
 def in_background(items: Iterable[T], depth: int) -> Background[T]:

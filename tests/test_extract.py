@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from semspai.pipeline.extraction import (
     DeviceCrops,
     ExtractOptions,
     InlineDistributor,
+    ShardJob,
     extract_features,
     prompt_bank,
 )
@@ -343,7 +344,6 @@ def test_inline_run_reads_the_next_shard_ahead_and_writes_beside_the_embedding(m
     def compute(reading: FakeReading):
         job = reading.job
         events.append(("compute", job))
-        reading.close()
         if job == "b":
             next_started.set()
         if job == "bad":
@@ -369,28 +369,29 @@ def test_inline_run_reads_the_next_shard_ahead_and_writes_beside_the_embedding(m
     # each shard's reading begins before the shard before it is embedded: it runs ahead meanwhile
     assert order == ["begin a", "begin b", "compute a", "begin bad", "compute b", "begin bad-begin", "compute bad",
                      "begin c", "compute c"]  # fmt: skip
-    assert all(r.closed for r in readings)
 
-    # a caller that stops early (a's outcome comes once b is embedded): c's reading, begun ahead, is stopped too
+    # a caller that stops early (a's outcome comes once b is embedded): c's reading, begun ahead and never
+    # embedded, is stopped (a and b are closed by the real compute_shard, faked here)
     readings.clear()
     shards = InlineDistributor().map_shards(["a", "b", "c", "d"])
     next(shards)
     shards.close()
-    assert [r.job for r in readings] == ["a", "b", "c"] and all(r.closed for r in readings)
+    assert [(r.job, r.closed) for r in readings] == [("a", False), ("b", False), ("c", True)]
 
 
 def test_dask_task_threads_embed_one_shard_at_a_time_and_read_and_write_beside_it(monkeypatch) -> None:
-    """A Dask worker runs `extract_shard` in two task threads: shards are embedded one at a time; the next one
-    begins reading while the one before is embedded, and is embedded while the one before is written."""
-    a_computing, b_submitted, b_computing, b_began = (threading.Event() for _ in range(4))
+    """A Dask worker runs `extract_shard` in several task threads: shards are embedded one at a time; one more
+    (not every waiting one: each holds device memory) begins reading while one is embedded, and is embedded while
+    the one before is written."""
+    a_computing, b_submitted, b_computing = threading.Event(), threading.Event(), threading.Event()
     computing = threading.Lock()  # held by whichever compute runs: a second one at the same time is a failure
     events: list[tuple[str, str]] = []
     readings: list[FakeReading] = []
+    began = threading.Semaphore(0)
 
     def begin(job: str) -> FakeReading:
         readings.append(FakeReading(job))
-        if job == "b":
-            b_began.set()
+        began.release()
         return readings[-1]
 
     def compute(reading: FakeReading):
@@ -402,8 +403,9 @@ def test_dask_task_threads_embed_one_shard_at_a_time_and_read_and_write_beside_i
             if job == "a":
                 a_computing.set()
                 b_submitted.wait(timeout=10)
-                events.append(("b began reading during a's compute", str(b_began.wait(timeout=10))))
-                time.sleep(0.2)  # a window for b to start computing too, if nothing kept it out
+                events.append(("one more began reading during a's compute", str(began.acquire(timeout=10))))
+                time.sleep(0.2)  # a window for b or c to compute too, or to begin reading, if nothing kept them out
+                events.append(("readings begun during a's compute", str(len(readings))))
             else:
                 b_computing.set()
         finally:
@@ -412,20 +414,56 @@ def test_dask_task_threads_embed_one_shard_at_a_time_and_read_and_write_beside_i
 
     def write(job: str, rows: str, start: float) -> str:
         if job == "a":  # without the overlap, b would not start before a's write ends: the wait times out
-            events.append(("b computed during a's write", str(b_computing.wait(timeout=10))))
+            events.append(("another computed during a's write", str(b_computing.wait(timeout=10))))
         return f"done-{job}"
 
     monkeypatch.setattr(extraction, "begin_shard", begin)
     monkeypatch.setattr(extraction, "compute_shard", compute)
     monkeypatch.setattr(extraction, "write_shard", write)
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         a = pool.submit(extraction.extract_shard, "a")
-        assert a_computing.wait(timeout=10)
-        b = pool.submit(extraction.extract_shard, "b")
+        assert a_computing.wait(timeout=10) and began.acquire(timeout=10)  # a's own reading
+        rest = [pool.submit(extraction.extract_shard, job) for job in ("b", "c")]
         b_submitted.set()
-        assert (a.result(), b.result()) == ("done-a", "done-b")
-    assert events == [("b began reading during a's compute", "True"), ("b computed during a's write", "True")]
+        assert [f.result() for f in (a, *rest)] == ["done-a", "done-b", "done-c"]
+    assert events == [
+        ("one more began reading during a's compute", "True"),
+        ("readings begun during a's compute", "2"),  # a's and one more: the third thread waited
+        ("another computed during a's write", "True"),
+    ]
     assert all(r.closed for r in readings)
+
+
+@dataclass(frozen=True)
+class SlowFactory:
+    calls: list = field(default_factory=list, compare=False, hash=False)
+
+    def __call__(self) -> object:
+        self.calls.append(1)
+        time.sleep(0.3)  # a model load: long enough for a second task thread to ask meanwhile
+        return object()
+
+
+def test_the_worker_embedder_is_built_once_whichever_task_thread_asks(monkeypatch) -> None:
+    monkeypatch.setattr(extraction, "_EMBEDDERS", {})
+    factory = SlowFactory()
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: extraction.worker_embedder(factory), range(2))
+    assert first is second and len(factory.calls) == 1
+
+
+def test_a_device_reading_never_embedded_stops_its_producer_when_closed(tmp_path: Path, monkeypatch) -> None:
+    make_shards(tmp_path, n_shards=1, per_shard=8, corrupt=False)
+    monkeypatch.setattr("semspai.pipeline.extraction.DEVICE_CHUNK_PIXELS", 300 * 300)  # about one image a chunk
+    opts = ExtractOptions(BATCH, 2, gpu_decode=True, device="cpu")
+    before = set(threading.enumerate())
+    reading = extraction.begin_shard(ShardJob(str(tmp_path / "train-000000.tar"), "unused", TINY, opts))
+    producers = [t for t in threading.enumerate() if t.name == "producer" and t not in before]
+    time.sleep(0.5)  # it decodes DEVICE_AHEAD chunks of eight, then waits for room
+    assert any(t.is_alive() for t in producers)
+    reading.close()
+    assert not any(t.is_alive() for t in producers)
+    reading.sha256.result(timeout=10)
 
 
 def test_batches_are_full_and_keep_order() -> None:
