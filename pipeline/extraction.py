@@ -82,8 +82,6 @@ class ClipFactory:
 
 
 _EMBEDDERS: dict[Any, Embedder] = {}
-
-
 _BUILDING = threading.Lock()
 
 
