@@ -29,6 +29,7 @@ def augment_patch(patch: np.ndarray, aug: AugConfig, rng: np.random.Generator) -
     sigma = rng.uniform(*aug.BLUR_SIGMA)
     quality = int(rng.integers(aug.JPEG_QUALITY[0], aug.JPEG_QUALITY[1] + 1))
     std = rng.uniform(*aug.NOISE_STD)
+    noise_seed = int(rng.integers(2**63))  # the noise pixels come from their own generator, drawn or not
     if flip < aug.FLIP_PROB:
         patch = patch[:, ::-1]
     if blur < aug.BLUR_PROB:
@@ -36,7 +37,7 @@ def augment_patch(patch: np.ndarray, aug: AugConfig, rng: np.random.Generator) -
     if jpeg < aug.JPEG_PROB:
         patch = jpeg_roundtrip(patch, quality)
     if noise < aug.NOISE_PROB:
-        patch = add_noise(patch, std, rng)  # back to uint8, so patches travel 4x lighter
+        patch = add_noise(patch, std, np.random.default_rng(noise_seed))  # back to uint8: patches travel 4x lighter
     return np.ascontiguousarray(patch)
 
 

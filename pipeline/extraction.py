@@ -1,7 +1,9 @@
 """CLIP extraction split by role: read (decode + crop in threads) -> map (batched encoder) -> write, one task per shard.
 
 The roles are injected (a reader of shard samples, an embedder factory, a store writer), so tests swap any
-of them; `extract_shard` is the task a distributor (inline, or Dask) runs once per shard.
+of them. A shard goes through `begin_shard` (its reading starts, possibly while another shard is embedded),
+`compute_shard` and `write_shard`: `extract_shard` runs the three as a Dask task; the in-process distributor
+runs them itself, overlapping them across shards.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
-from semspai.pipeline.iterate import Background, batched_by_weight, in_background, ordered_map
+from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
 from semspai.store.images import (
     DECODER_ID,
@@ -53,6 +55,7 @@ JPEG_EXTS = ("jpg", "jpeg")
 EXIF_ORIENTATION = 0x0112
 # pixels per batched device decode (128 images of 512 x 512): each chunk's decoded images and crops live on
 # the device in float32 (about 25 bytes a pixel at 512 px, more for large images), DEVICE_AHEAD + 1 at a time
+# per shard (the shard read ahead of the one being embedded holds as many more)
 DEVICE_CHUNK_PIXELS = 128 * 512 * 512
 DEVICE_AHEAD = 2  # chunks decoded ahead of the encoder
 
@@ -401,7 +404,17 @@ def probed_samples(samples: Iterable[ShardSample], crops: DeviceCrops, workers: 
     return ordered_map(crops.host, map(crops.probe, samples), workers, inline=lambda p: p.data is not None)
 
 
-def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: ExtractOptions) -> Iterator[Prepared]:
+class PreparedStream(Protocol):
+    """A shard's prepared samples, in order, and a way to stop making them (a generator, or `_EachOf`)."""
+
+    def __iter__(self) -> Iterator[Prepared]: ...
+
+    def __next__(self) -> Prepared: ...
+
+    def close(self) -> None: ...
+
+
+def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: ExtractOptions) -> PreparedStream:
     """The shard's samples decoded and cropped, in order: on the host in `decode_workers` threads, or (with
     gpu_decode) probed as they are read, the few the device cannot take decoded in those threads, and the
     JPEGs decoded a chunk at a time on the device by a producer thread that keeps DEVICE_AHEAD chunks ready
@@ -413,7 +426,7 @@ def prepared_samples(samples: Iterable[ShardSample], embedder: Embedder, opts: E
     chunks = batched_by_weight(
         probed_samples(samples, crops, opts.decode_workers), DEVICE_CHUNK_PIXELS, lambda p: p.pixels
     )
-    return _EachOf(in_background(map(crops.prepare, chunks), DEVICE_AHEAD))
+    return _EachOf(Background(map(crops.prepare, chunks), DEVICE_AHEAD))
 
 
 class _EachOf(Iterator[Prepared]):
@@ -530,14 +543,12 @@ class ShardReading:
     first chunks are being decoded on the device, ahead of its turn at the encoder (`compute_shard`)."""
 
     job: ShardJob
-    sha256: Future
-    prepared: Iterator[Prepared]
+    sha256: Future[str]
+    prepared: PreparedStream
 
     def close(self) -> None:
         """Stop reading ahead (compute_shard does this when it is done; also for a shard never computed)."""
-        close = getattr(self.prepared, "close", None)
-        if close is not None:
-            close()
+        self.prepared.close()
 
 
 def begin_shard(job: ShardJob) -> ShardReading:
@@ -575,7 +586,8 @@ def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSu
 
 # one shard at a time is embedded in a process (they would share its device and encoder), and one more begins
 # reading meanwhile (each reading ahead holds device memory: with more task threads, the others wait before
-# beginning); a Dask worker's other task thread writes the shard before, as InlineDistributor's writer does
+# beginning); a Dask worker's other task thread writes the shard before and then begins reading the next, as
+# InlineDistributor's writer thread and read-ahead do
 _COMPUTE = threading.Lock()
 _AHEAD = threading.Lock()
 
@@ -586,10 +598,9 @@ def extract_shard(job: ShardJob) -> ShardSummary:
         reading = begin_shard(job)  # while another task of this process still holds the encoder
         _COMPUTE.acquire()
     try:
-        computed = compute_shard(reading)
+        computed = compute_shard(reading)  # which closes the reading, whatever happens
     finally:
         _COMPUTE.release()
-        reading.close()
     return write_shard(job, *computed)
 
 

@@ -88,8 +88,8 @@ def ordered_map(
 class Background(Iterator[T]):
     """Iterates `items` in a producer thread, started at once, at most `depth` items ahead of the consumer.
 
-    An exception in the producer is raised in the consumer. `close()` (also on leaving a `with` block) stops the
-    producer, waits for it and drops what it made ahead; an object dropped unfinished tells its producer to stop.
+    An exception in the producer is raised in the consumer. `close()` stops the producer, waits for it and drops
+    what it made ahead; an object dropped unfinished tells its producer to stop.
     """
 
     def __init__(self, items: Iterable[T], depth: int) -> None:
@@ -120,12 +120,6 @@ class Background(Iterator[T]):
         self._stop.set()
         self._thread.join()
         _drain(self._buf)
-
-    def __enter__(self) -> Background[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # only the flag: a finaliser may run in any thread, the producer's own included (the cycle collector),
@@ -164,8 +158,3 @@ def _drain(buf: queue.Queue) -> None:
     with contextlib.suppress(queue.Empty):
         while True:
             buf.get_nowait()
-
-
-def in_background(items: Iterable[T], depth: int) -> Background[T]:
-    """`items` made in a producer thread that starts now, at most `depth` ahead (see Background)."""
-    return Background(items, depth)

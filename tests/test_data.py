@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from semspai.pipeline import data
+from semspai.pipeline.augment import augment_patch
 from semspai.pipeline.clip import load_embedder
 from semspai.pipeline.config import AugConfig
 from semspai.pipeline.data import (
@@ -182,3 +183,17 @@ def test_sample_missing_from_store_names_shard_and_key(tiny_shards, tmp_path):
     plan = plan_split(paths, "train", [], join, skip_missing=True)
     assert plan.n_missing == 4 and len(plan) == 4
     assert [p.name for p in plan.keys] == ["train-000000.tar"]
+
+
+def test_whether_a_transform_fires_never_moves_the_draws_after_it() -> None:
+    """A patch's augmentation draws the same numbers whichever transforms fire, so what later patches become
+    does not depend on it (noise pixels come from a generator of their own)."""
+    patch = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    after = []
+    for probs in (0.0, 1.0):
+        aug = AugConfig(FLIP_PROB=probs, JPEG_PROB=probs, BLUR_PROB=probs, NOISE_PROB=probs, NOISE_STD=[0.02, 0.05])
+        rng = np.random.default_rng(7)
+        out = augment_patch(patch, aug, rng)
+        assert out.dtype == np.uint8 and (probs == 0.0) == np.array_equal(out, patch)
+        after.append(rng.random(3).tolist())
+    assert after[0] == after[1]

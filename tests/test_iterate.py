@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from semspai.pipeline.iterate import batched, batched_by_weight, in_background, ordered_map
+from semspai.pipeline.iterate import Background, batched, batched_by_weight, ordered_map
 
 
 def test_batched_and_batched_by_weight() -> None:
@@ -25,8 +25,8 @@ def test_ordered_map_keeps_input_order_under_uneven_work() -> None:
     assert list(ordered_map(slow_first, range(20), workers=4)) == [i * i for i in range(20)]
 
 
-def test_in_background_yields_everything_and_raises_the_producers_error() -> None:
-    assert list(in_background(iter(range(50)), depth=2)) == list(range(50))
+def test_background_yields_everything_and_raises_the_producers_error() -> None:
+    assert list(Background(iter(range(50)), depth=2)) == list(range(50))
 
     def failing():
         yield 1
@@ -34,12 +34,12 @@ def test_in_background_yields_everything_and_raises_the_producers_error() -> Non
 
     got = []
     with pytest.raises(RuntimeError, match="decoder broke"):
-        for item in in_background(failing(), depth=2):
+        for item in Background(failing(), depth=2):
             got.append(item)
     assert got == [1]
 
 
-def test_in_background_stops_its_producer_when_the_consumer_stops() -> None:
+def test_background_stops_its_producer_when_the_consumer_stops() -> None:
     produced = []
 
     def endless():
@@ -50,7 +50,7 @@ def test_in_background_stops_its_producer_when_the_consumer_stops() -> None:
             i += 1
 
     before = threading.active_count()
-    for item in in_background(endless(), depth=2):
+    for item in Background(endless(), depth=2):
         if item == 3:
             break
     time.sleep(0.3)
@@ -58,7 +58,7 @@ def test_in_background_stops_its_producer_when_the_consumer_stops() -> None:
     assert len(produced) <= 3 + 1 + 3  # at most `depth` (+ the one being put) items beyond what was taken
 
 
-def test_in_background_starts_at_once_and_close_stops_it_and_drops_what_was_made_ahead() -> None:
+def test_background_starts_at_once_and_close_stops_it_and_drops_what_was_made_ahead() -> None:
     made = threading.Semaphore(0)
     produced = []
 
@@ -68,7 +68,7 @@ def test_in_background_starts_at_once_and_close_stops_it_and_drops_what_was_made
             made.release()
             yield i
 
-    ahead = in_background(counting(), depth=2)
+    ahead = Background(counting(), depth=2)
     assert made.acquire(timeout=10)  # made before anyone asked: the read-ahead extraction relies on this
     for _ in range(2):
         assert made.acquire(timeout=10)
@@ -81,7 +81,7 @@ def test_in_background_starts_at_once_and_close_stops_it_and_drops_what_was_made
         while True:
             yield 0
 
-    dropped = in_background(endless(), depth=2)
+    dropped = Background(endless(), depth=2)
     thread = dropped._thread
     del dropped  # never iterated, never closed: dropping it stops the producer
     thread.join(timeout=5)
