@@ -197,3 +197,6 @@ def test_whether_a_transform_fires_never_moves_the_draws_after_it() -> None:
         assert out.dtype == np.uint8 and (probs == 0.0) == np.array_equal(out, patch)
         after.append(rng.random(3).tolist())
     assert after[0] == after[1]
+    flipped = augment_patch(patch, AugConfig(FLIP_PROB=1.0, JPEG_PROB=0.0, BLUR_PROB=0.0, NOISE_PROB=0.0),
+                            np.random.default_rng(0))  # fmt: skip
+    assert np.array_equal(flipped, patch[:, ::-1]) and flipped.flags.c_contiguous

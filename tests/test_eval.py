@@ -173,6 +173,9 @@ def test_noise_has_the_asked_spread_and_no_bias():
     assert abs(diff.std() - 0.03 * 255) < 0.05 * 0.03 * 255 and abs(diff.mean()) < 0.1
     np.testing.assert_array_equal(diff, np.rint(diff))  # quantised to whole 8-bit steps
     assert add_noise(grey, 0.0, np.random.default_rng(0)).tolist() == grey.tolist()
+    wide = add_noise(grey, 0.1, np.random.default_rng(1)).astype(np.float64) - 128  # 25.5 levels: shape visible
+    assert abs((np.abs(wide) <= 25).mean() - 0.6827) < 0.01  # Gaussian: 68.27% within one standard deviation
+    assert abs((np.abs(wide) <= 51).mean() - 0.9545) < 0.01 and np.abs(wide).max() <= round(4.33 * 25.5)
 
 
 def test_pick_examples_by_hand():
