@@ -21,7 +21,8 @@ def choose_cells(n_cells: int, max_patches: int, rng: np.random.Generator) -> np
 
 
 def augment_patch(patch: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.ndarray:
-    """SPAI's training perturbations on one (S, S, 3) uint8 patch: flip, blur, JPEG, noise; returns uint8.
+    """SPAI's training perturbations on one (S, S, 3) uint8 patch (writable, as `crop_patches` makes them): flip,
+    blur, JPEG, noise; returns uint8.
 
     Every draw is made whether or not its transform applies, so the stream of draws (and hence a sample's
     augmentation) does not depend on which transforms happened to fire before it.

@@ -176,6 +176,10 @@ def test_noise_has_the_asked_spread_and_no_bias():
     wide = add_noise(grey, 0.1, np.random.default_rng(1)).astype(np.float64) - 128  # 25.5 levels: shape visible
     assert abs((np.abs(wide) <= 25).mean() - 0.6827) < 0.01  # Gaussian: 68.27% within one standard deviation
     assert abs((np.abs(wide) <= 51).mean() - 0.9545) < 0.01 and np.abs(wide).max() <= round(4.33 * 25.5)
+    # eval accepts any std: with the same draws, scaling the noise up only saturates further (no wrap-around)
+    big, huge = (add_noise(grey, std, np.random.default_rng(2)) for std in (10.0, 100.0))
+    assert (huge[big == 255] == 255).all() and (huge[big == 0] == 0).all() and 0.45 < (huge == 255).mean() < 0.55
+    assert set(np.unique(add_noise(grey, float("inf"), np.random.default_rng(3)))) == {0, 255}
 
 
 def test_pick_examples_by_hand():
