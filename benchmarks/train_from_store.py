@@ -218,7 +218,10 @@ def main() -> None:
         shards, store = work / "shards", work / "store.zarr"
         if not (store / "zarr.json").exists():
             manifest = make_manifest(work / "data", args.images)
-            shard(ShardConfig(sources=[], manifests=[str(manifest)], out=str(shards), shard_size=64))
+            # loader processes take whole shards: at least four shards each, or some idle (512 images in tars of 64,
+            # as before, left 4 of 12 processes without a shard)
+            per_shard = max(1, min(64, args.images // max(1, 4 * args.num_workers)))
+            shard(ShardConfig(sources=[], manifests=[str(manifest)], out=str(shards), shard_size=per_shard))
             t0 = time.perf_counter()
             extract(
                 ExtractConfig(
