@@ -207,6 +207,17 @@ def test_two_dask_workers_give_the_same_bits(shards: Path, reference: Path, tmp_
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes wrote
 
 
+def test_two_dask_workers_reading_ahead_on_the_device_path_give_the_same_bits(shards: Path, tmp_path: Path) -> None:
+    """--gpu-decode (here on the CPU device): each worker's second task thread reads and decodes ahead in a
+    producer thread while the first embeds; the store is bit for bit the in-process one."""
+    inline, two = tmp_path / "inline.zarr", tmp_path / "two.zarr"
+    run(cfg(shards, inline, gpu_decode=True), embedder_factory=TINY)
+    run(cfg(shards, two, gpu_decode=True, workers=2), embedder_factory=TINY)
+    assert arrays(two) == arrays(inline)
+    fs = FeatureStore.open(str(two))
+    assert len({fs.shard_info[n]["writer"]["pid"] for n in fs.done_shards} - {os.getpid()}) == 2
+
+
 def test_each_local_worker_gets_its_own_gpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
