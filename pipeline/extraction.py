@@ -193,8 +193,8 @@ class DeviceCrops(CpuCrops):
     for what the device cannot take) and `prepare` (one thread: a batched decode of a chunk of JPEGs, then
     the global view and the grid patches of each group of equal-sized images in a few batched kernels).
     Matches CpuCrops within the tolerance tests/test_extract.py states, not bit for bit (another IDCT and
-    torch's bicubic instead of PIL's), which is why the store records GPU_DECODER_ID. Only `prepare` waits for the device: for its own
-    stream, in the producer thread.
+    torch's bicubic instead of PIL's), which is why the store records GPU_DECODER_ID. Only `prepare` waits for
+    the device: for its own stream, in the producer thread.
     """
 
     def __init__(
