@@ -20,6 +20,7 @@ import yaml
 
 SEMANTIC_MODES = ("none", "global", "global_local")
 FUSION_KINDS = ("concat", "film", "gate", "cross_attn")
+AUG_PLACES = ("auto", "loader", "device")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,9 @@ class AugConfig:
     BLUR_SIGMA: list[float] = field(default_factory=lambda: [0.1, 2.0])
     NOISE_PROB: float = 0.2
     NOISE_STD: list[float] = field(default_factory=lambda: [0.0, 0.03])  # on [0, 1] pixels
+    # where the perturbations run: in the loader processes, or batched on the training device (the loader then
+    # only decodes and cuts: a GPU's host cores are then free to feed it); auto = on the device unless it is the CPU
+    WHERE: str = "auto"  # auto | loader | device
 
 
 @dataclass
@@ -131,6 +135,8 @@ class RunConfig:
             )
         if self.TRAIN.PRECISION not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"TRAIN.PRECISION: {self.TRAIN.PRECISION!r} is not one of auto, fp32, bf16")
+        if self.AUG.WHERE not in AUG_PLACES:
+            raise ConfigError(f"AUG.WHERE: {self.AUG.WHERE!r} is not one of {', '.join(AUG_PLACES)}")
         for key, pair in (
             ("AUG.JPEG_QUALITY", self.AUG.JPEG_QUALITY),
             ("AUG.BLUR_SIGMA", self.AUG.BLUR_SIGMA),

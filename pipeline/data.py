@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from semspai.pipeline.augment import augment_patches, choose_cells
+from semspai.pipeline.augment import AugDraws, choose_cells
 from semspai.pipeline.config import AugConfig
 from semspai.pipeline.grid import crop_patches
 from semspai.pipeline.iterate import batched
@@ -191,11 +191,12 @@ class Sample:
     global_vec: np.ndarray | None  # (D,) float16
     local_vec: np.ndarray | None  # (P, D) float16, row j describes the original pixels of boxes[j]
     text_vec: np.ndarray | None  # (D,) float16 semantic-consistency target
+    aug: AugDraws | None = None  # drawn for the patches but not yet applied (View.aug_on_device)
 
 
 @dataclass
 class TrainBatch:
-    patches: torch.Tensor  # (N, S, S, 3) uint8 as cut and augmented, all samples' patches packed
+    patches: torch.Tensor  # (N, S, S, 3) uint8 as cut (and augmented, unless `aug`), all samples' patches packed
     counts: torch.Tensor  # (B,) int64, on the CPU
     labels: torch.Tensor  # (B,) float32, 1 = fake
     boxes: torch.Tensor  # (N, 4) int32
@@ -203,6 +204,7 @@ class TrainBatch:
     global_vec: torch.Tensor | None  # (B, D) float32
     local_vec: torch.Tensor | None  # (N, D) float32
     text_vec: torch.Tensor | None  # (B, D) float32
+    aug: AugDraws | None = None  # the patches' augmentation, to apply on the training device
 
 
 def _packed(rows: list[np.ndarray], concat: bool, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -234,6 +236,7 @@ def collate(samples: list[Sample], pin: bool = False) -> TrainBatch:
         global_vec=_vectors([s.global_vec for s in samples], False, pin),
         local_vec=_vectors([s.local_vec for s in samples], True, pin),
         text_vec=_vectors([s.text_vec for s in samples], False, False),  # stays on the host (the loss groups it)
+        aug=AugDraws.cat([s.aug for s in samples]) if samples[0].aug is not None else None,
     )
 
 
@@ -249,6 +252,9 @@ class View:
     max_patches: int = 0  # 0 = every grid cell (what eval and predict see)
     aug: AugConfig | None = None
     shuffle_buffer: int = 0  # raw samples mixed within a worker's stream; 0 keeps the stored order
+    # augmentation drawn in the loader but applied on the training device (AUG.WHERE): the loader processes then
+    # only read, decode and cut, and the perturbations run batched on the GPU
+    aug_on_device: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -341,8 +347,9 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(raw.key)])
         cells = choose_cells(len(patches), self.view.max_patches, rng)
         patches, chosen = patches[cells], boxes[cells]
-        if self.view.aug is not None:
-            patches = augment_patches(patches, self.view.aug, rng)
+        draws = AugDraws.draw(len(cells), self.view.aug, rng) if self.view.aug is not None else None
+        if draws is not None and not self.view.aug_on_device:
+            patches, draws = draws.apply(torch.from_numpy(patches)).numpy(), None
         global_vec = local_vec = text_vec = None
         if self.join is not None:
             global_vec, local_vec, text_vec = self.join.vectors(f"shard {shard_name(path)}", raw.key, boxes, cells)
@@ -354,6 +361,7 @@ class ShardStream(IterableDataset):
             global_vec=global_vec,
             local_vec=local_vec,
             text_vec=text_vec,
+            aug=draws,
         )
 
 

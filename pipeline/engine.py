@@ -239,7 +239,9 @@ class Trainer:
             self.inputs["store"] = hashlib.sha256(blob.encode()).hexdigest()
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
-        self.train_stream = self._stream(plans["train"], join, View(data.MAX_PATCHES, cfg.AUG, data.SHUFFLE_BUFFER))
+        on_device = cfg.AUG.WHERE == "device" or (cfg.AUG.WHERE == "auto" and device.type != "cpu")
+        view = View(data.MAX_PATCHES, cfg.AUG, data.SHUFFLE_BUFFER, aug_on_device=on_device)
+        self.train_stream = self._stream(plans["train"], join, view)
         self.val_stream = self._stream(plans["val"], join, View())
         sizes = self.train_stream.rank_sizes()
         batch = cfg.TRAIN.BATCH_SIZE
@@ -292,8 +294,11 @@ class Trainer:
         def put(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(self.device, non_blocking=True)
 
+        patches = put(batch.patches)
+        if batch.aug is not None:  # float32 work (the JPEG simulation's DCT): called outside autocast
+            patches = batch.aug.apply(patches)
         # counts stay on the host: nothing in a step then waits for the device, which can run a step behind
-        return DetectorBatch(unit_pixels(put(batch.patches)), batch.counts, put(batch.global_vec), put(batch.local_vec))
+        return DetectorBatch(unit_pixels(patches), batch.counts, put(batch.global_vec), put(batch.local_vec))
 
     def _loader(self, stream: ShardStream, epoch: int) -> Iterator[TrainBatch]:
         stream.set_epoch(epoch)
@@ -372,8 +377,9 @@ class Trainer:
     def step(self, batch: TrainBatch) -> LossParts:
         """One optimiser step on one batch (the loss of that batch before the step)."""
         labels = batch.labels.to(self.device, non_blocking=True)
+        inputs = self._detector_batch(batch)
         with autocast(self.precision, self.device):  # text targets stay on the host: the loss groups them there
-            parts, _ = self.ddp(self._detector_batch(batch), labels, batch.text_vec)
+            parts, _ = self.ddp(inputs, labels, batch.text_vec)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if self.cfg.TRAIN.CLIP_GRAD > 0:
@@ -388,8 +394,9 @@ class Trainer:
         self.module.eval()
         rows = []
         for batch in self._loader(self.val_stream, epoch):
+            inputs = self._detector_batch(batch)
             with autocast(self.precision, self.device):
-                logits = self.module.detector(self._detector_batch(batch)).logits.float().cpu()
+                logits = self.module.detector(inputs).logits.float().cpu()
             rows += zip(batch.keys, batch.labels.tolist(), logits.tolist(), strict=True)
         if self.world > 1:
             gathered: list[list] = [[] for _ in range(self.world)]

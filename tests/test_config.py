@@ -226,6 +226,7 @@ def test_semantic_context_and_mode_must_agree(use, mode, ok):
         ("TRAIN.PRECISION=fp16", "TRAIN.PRECISION"),
         ("AUG.JPEG_QUALITY=[90, 50]", "AUG.JPEG_QUALITY"),
         ("AUG.NOISE_STD=[0.1]", "AUG.NOISE_STD"),
+        ("AUG.WHERE=gpu", "AUG.WHERE"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

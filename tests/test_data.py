@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from semspai.pipeline import data
-from semspai.pipeline.augment import augment_patch
+from semspai.pipeline.augment import AugDraws
 from semspai.pipeline.clip import load_embedder
 from semspai.pipeline.config import AugConfig
 from semspai.pipeline.data import (
@@ -185,6 +185,10 @@ def test_sample_missing_from_store_names_shard_and_key(tiny_shards, tmp_path):
     assert [p.name for p in plan.keys] == ["train-000000.tar"]
 
 
+def _augment(patch: np.ndarray, aug: AugConfig, rng: np.random.Generator) -> np.ndarray:
+    return AugDraws.draw(1, aug, rng).apply(torch.from_numpy(patch)[None])[0].numpy()
+
+
 def test_whether_a_transform_fires_never_moves_the_draws_after_it() -> None:
     """A patch's augmentation draws the same numbers whichever transforms fire, so what later patches become
     does not depend on it (noise pixels come from a generator of their own)."""
@@ -193,10 +197,10 @@ def test_whether_a_transform_fires_never_moves_the_draws_after_it() -> None:
     for probs in (0.0, 1.0):
         aug = AugConfig(FLIP_PROB=probs, JPEG_PROB=probs, BLUR_PROB=probs, NOISE_PROB=probs, NOISE_STD=[0.02, 0.05])
         rng = np.random.default_rng(7)
-        out = augment_patch(patch, aug, rng)
+        out = _augment(patch, aug, rng)
         assert out.dtype == np.uint8 and (probs == 0.0) == np.array_equal(out, patch)
         after.append(rng.random(3).tolist())
     assert after[0] == after[1]
-    flipped = augment_patch(patch, AugConfig(FLIP_PROB=1.0, JPEG_PROB=0.0, BLUR_PROB=0.0, NOISE_PROB=0.0),
-                            np.random.default_rng(0))  # fmt: skip
+    flipped = _augment(patch, AugConfig(FLIP_PROB=1.0, JPEG_PROB=0.0, BLUR_PROB=0.0, NOISE_PROB=0.0),
+                       np.random.default_rng(0))  # fmt: skip
     assert np.array_equal(flipped, patch[:, ::-1])  # left-right, as the cached local vector's patch mirrored

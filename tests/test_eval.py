@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.inference import load_detector
-from semspai.pipeline.perturb import Perturbation, PerturbError, add_noise, parse_perturbations
+from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
+from semspai.pipeline.photometric import add_noise as add_noise_batch
 from semspai.stages.cli import cli
 from semspai.stages.evaluate import CheckpointEval, EvalConfig, pick_examples, run
 from semspai.stages.extract import ExtractConfig
@@ -167,19 +169,26 @@ def test_noise_is_seeded_by_key_and_parsing_checks_ranges():
             parse_perturbations([bad])
 
 
+def add_noise(rgb: np.ndarray, std: float, seed: int) -> np.ndarray:
+    return add_noise_batch(torch.from_numpy(rgb)[None], [std], [seed])[0].numpy()
+
+
 def test_noise_has_the_asked_spread_and_no_bias():
     grey = np.full((256, 256, 3), 128, np.uint8)  # mid-grey: the clip to 0..255 never bites at this std
-    diff = add_noise(grey, 0.03, np.random.default_rng(0)).astype(np.float64) - 128
+    diff = add_noise(grey, 0.03, 0).astype(np.float64) - 128
     assert abs(diff.std() - 0.03 * 255) < 0.05 * 0.03 * 255 and abs(diff.mean()) < 0.1
     np.testing.assert_array_equal(diff, np.rint(diff))  # quantised to whole 8-bit steps
-    assert add_noise(grey, 0.0, np.random.default_rng(0)).tolist() == grey.tolist()
-    wide = add_noise(grey, 0.1, np.random.default_rng(1)).astype(np.float64) - 128  # 25.5 levels: shape visible
+    assert add_noise(grey, 0.0, 0).tolist() == grey.tolist()
+    wide = add_noise(grey, 0.1, 1).astype(np.float64) - 128  # 25.5 levels: shape visible
     assert abs((np.abs(wide) <= 25).mean() - 0.6827) < 0.01  # Gaussian: 68.27% within one standard deviation
     assert abs((np.abs(wide) <= 51).mean() - 0.9545) < 0.01 and np.abs(wide).max() <= round(4.33 * 25.5)
     # eval accepts any std: with the same draws, scaling the noise up only saturates further (no wrap-around)
-    big, huge = (add_noise(grey, std, np.random.default_rng(2)) for std in (10.0, 100.0))
+    big, huge = (add_noise(grey, std, 2) for std in (10.0, 100.0))
     assert (huge[big == 255] == 255).all() and (huge[big == 0] == 0).all() and 0.45 < (huge == 255).mean() < 0.55
-    assert set(np.unique(add_noise(grey, float("inf"), np.random.default_rng(3)))) == {0, 255}
+    assert set(np.unique(add_noise(grey, float("inf"), 3))) == {0, 255}
+    # each image of a batch draws from its own seed: alone or beside another, the same noise
+    pair = add_noise_batch(torch.from_numpy(np.stack([grey, grey])), [0.05, 0.05], [4, 5]).numpy()
+    assert np.array_equal(pair[1], add_noise(grey, 0.05, 5)) and not np.array_equal(pair[0], pair[1])
 
 
 def test_pick_examples_by_hand():

@@ -103,6 +103,16 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_
     assert "nothing to do" in res.output
 
 
+def test_augmenting_on_the_device_trains_the_same_run(full_run, tiny_shards, train_store, tmp_path):
+    """AUG.WHERE=device on the CPU: the loader ships patches as cut with their draws, the trainer applies them to
+    the whole batch, and the run is bit for bit the one augmented in the loader (AUG.WHERE=auto on the CPU)."""
+    out = tmp_path / "device"
+    _train(tiny_shards, train_store, out, ("AUG.WHERE=device",))
+    assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
+    a, b = load_checkpoint(out / "checkpoints" / "last.pt"), load_checkpoint(full_run / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
 def test_training_never_builds_clip(full_run, tiny_shards, train_store, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training built a CLIP model")
