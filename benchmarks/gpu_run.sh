@@ -8,12 +8,15 @@
 #                   a  anchor prototype     .bench/extract_proto.py        -> $OUT/a_extract_proto.log (+ extract_proto.json)
 #                   b  extract benchmark    benchmarks/extract.py           -> $OUT/b_extract.log
 #                   c  train from store     benchmarks/train_from_store.py  -> $OUT/c_train_from_store.log
-#                   d  CUDA tests           tests/test_{extract,model,data}.py          -> $OUT/d_pytest_extract.log
+#                   d  CUDA tests           tests/test_{extract,model,data,augment}.py  -> $OUT/d_pytest_extract.log
 #                   e  nvjpeg vs PIL        benchmarks/decode_agreement.py  -> $OUT/e_decode_agreement.log
 #                   f  step c with --compile (not in the default STEPS: compiling takes minutes) -> $OUT/f_train_compiled.log
+#                   g  step c with the augmentation in the loader processes (AUG.WHERE=loader; c puts it on the GPU)
+#                                                                                  -> $OUT/g_train_aug_in_loader.log
 #   EXTRACT_ARGS  arguments of step b, default "--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"
 #   TRAIN_ARGS    arguments of step c, default "--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"
-#   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step or pinned"
+#   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step or pinned
+#                 or on_cuda"
 #   T_A ... T_F   per-step timeouts in s (150 240 150 90 60 240)
 #   BUDGET_S      wall-clock budget of the whole script (default 570): a step's timeout is cut to what is left,
 #                 and a step is skipped when under 20 s are left, so the summary always gets printed
@@ -30,7 +33,7 @@ PY=${PY:-python3}
 STEPS=${STEPS:-"e b c d a"}
 EXTRACT_ARGS=${EXTRACT_ARGS:-"--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"}
-PYTEST_K=${PYTEST_K:-"gpu_decode or device_crops or mixed or cuda_training_step or pinned"}
+PYTEST_K=${PYTEST_K:-"gpu_decode or device_crops or mixed or cuda_training_step or pinned or on_cuda"}
 ROOT=$(pwd)
 [ -d .whl ] && [ -d benchmarks ] || { echo "run from the repo root, with .whl/ carried along" >&2; exit 1; }
 
@@ -111,11 +114,15 @@ for s in $STEPS; do
         c) step c_train_from_store "${T_C:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS ;;
         # tests/store_data.py imports `tests.conftest`: the repo root goes on the path, but after the wheels
         d) step d_pytest_extract "${T_D:-90}" "$ROOT" env PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT" \
-               "$PY" -P -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_model.py tests/test_data.py -k "$PYTEST_K" ;;
+               "$PY" -P -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_model.py tests/test_data.py \
+               tests/test_augment.py -k "$PYTEST_K" ;;
         e) step e_decode_agreement "${T_E:-60}" "$ROOT" "$PY" benchmarks/decode_agreement.py ;;
         # shellcheck disable=SC2086
         f) step f_train_compiled "${T_F:-240}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS --compile ;;
-        *) echo "unknown step '$s' (a b c d e f)" ;;
+        # shellcheck disable=SC2086
+        g) step g_train_aug_in_loader "${T_C:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \
+               --set AUG.WHERE=loader ;;
+        *) echo "unknown step '$s' (a b c d e f g)" ;;
     esac
 done
 

@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for shards and store (default: a temporary one)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the spectral branch's forward in "
                         "both variants: measures what compiling would give (the trainer itself does not compile)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override of both "
+                        "variants, e.g. AUG.WHERE=loader (repeatable)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="synchronise after each part of a step and "
                         "print where the time goes (a diagnostic: it removes the host/device overlap)")  # fmt: skip
     args = parser.parse_args()
@@ -234,7 +236,8 @@ def main() -> None:
                 )
             )
             print(f"store: {args.images + 4} images extracted with {STORE_CLIP} in {time.perf_counter() - t0:.0f} s")
-        cfg = load_config(None, [f"TRAIN.BATCH_SIZE={args.batch_size}", f"DATA.NUM_WORKERS={args.num_workers}"])
+        overrides = [f"TRAIN.BATCH_SIZE={args.batch_size}", f"DATA.NUM_WORKERS={args.num_workers}", *args.set]
+        cfg = load_config(None, overrides)
         precision = resolve_precision(cfg.TRAIN.PRECISION, device)
         trainer = Trainer(cfg, str(shards), work / "run", str(store), device, precision)
         if len(trainer.train_stream) < need:
@@ -252,7 +255,8 @@ def main() -> None:
     card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device {device}{card}, precision {precision}, batch {args.batch_size} images of {SIDE}x{SIDE} "
           f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "
-          f"mode {cfg.MODEL.SEMANTIC.MODE}, {args.num_workers} loader processes"
+          f"mode {cfg.MODEL.SEMANTIC.MODE}, {args.num_workers} loader processes, augmentation "
+          f"{'batched on the device' if trainer.train_stream.view.aug_on_device else 'in the loader'} (AUG.WHERE)"
           f"{', spectral branch compiled' if args.compile else ''}")  # fmt: skip
     print("| variant | steps/s |\n|---|---|")
     print(f"| from store | {from_store:.3f} |\n| online CLIP ({CLIP}) | {online:.3f} |")

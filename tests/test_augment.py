@@ -115,6 +115,8 @@ def test_drawn_augmentation_applies_each_transform_where_it_fires():
     step = jpeg(gaussian_blur(step, draws.sigma[5:6]), draws.quality[5:6])
     assert torch.equal(out[5:6], add_noise(step, draws.std[5:6], draws.seed[5:6]))  # in that order
     assert out.dtype == torch.uint8
+    strided = torch.cat([patches, patches], dim=2)[:, :, :224]  # a view that is not contiguous
+    assert not strided.is_contiguous() and torch.equal(draws.apply(strided), out)
     with pytest.raises(ValueError, match="5 patches but augmentation drawn for 6"):
         draws.apply(patches[:5])
 
@@ -132,7 +134,7 @@ def test_on_device_augmentation_gives_the_loader_processes_pixels(tiny_shards, t
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_augmentation_on_cuda_never_waits_and_agrees_with_the_cpu():
-    images = _test_images()[:4]
+    images = [synthetic_photo(224, 224, seed) for seed in range(4)]
     cpu = torch.from_numpy(np.stack(images))
     aug = AugConfig(FLIP_PROB=0.5, BLUR_PROB=0.5, JPEG_PROB=1.0, NOISE_PROB=0.0)
     draws = AugDraws.draw(len(images), aug, np.random.default_rng(1))
