@@ -77,7 +77,7 @@ def _dct_basis(device: torch.device) -> torch.Tensor:
     k = torch.arange(8, dtype=torch.float64)
     d = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)
     d[0] /= math.sqrt(2)
-    return torch.kron(d, d).float().to(device)
+    return host_to(device, torch.kron(d, d).float().numpy())
 
 
 def _round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ def _normal_quantiles(device: torch.device) -> torch.Tensor:
     the ends)."""
     normal = NormalDist()
     table = [normal.inv_cdf((k + 0.5) / NOISE_QUANTILES) for k in range(NOISE_QUANTILES)]
-    return torch.tensor(table, dtype=torch.float32, device=device)
+    return host_to(device, np.array(table, dtype=np.float32))
 
 
 def add_noise(x: torch.Tensor, stds: np.ndarray, seeds: np.ndarray) -> torch.Tensor:
