@@ -17,7 +17,7 @@
 #   TRAIN_ARGS    arguments of step c, default "--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"
 #   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step or pinned
 #                 or on_cuda"
-#   T_A ... T_F   per-step timeouts in s (150 240 150 90 60 240)
+#   T_A ... T_G   per-step timeouts in s (150 240 150 90 60 240 150)
 #   BUDGET_S      wall-clock budget of the whole script (default 570): a step's timeout is cut to what is left,
 #                 and a step is skipped when under 20 s are left, so the summary always gets printed
 #   OUT           output folder (default /tmp/out)
@@ -120,7 +120,7 @@ for s in $STEPS; do
         # shellcheck disable=SC2086
         f) step f_train_compiled "${T_F:-240}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS --compile ;;
         # shellcheck disable=SC2086
-        g) step g_train_aug_in_loader "${T_C:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \
+        g) step g_train_aug_in_loader "${T_G:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \
                --set AUG.WHERE=loader ;;
         *) echo "unknown step '$s' (a b c d e f g)" ;;
     esac

@@ -240,6 +240,7 @@ class Trainer:
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
         on_device = cfg.AUG.WHERE == "device" or (cfg.AUG.WHERE == "auto" and device.type != "cpu")
+        log.info("augmentation (AUG.WHERE=%s): %s", cfg.AUG.WHERE, f"on {device}" if on_device else "in the loader")
         view = View(data.MAX_PATCHES, cfg.AUG, data.SHUFFLE_BUFFER, aug_on_device=on_device)
         self.train_stream = self._stream(plans["train"], join, view)
         self.val_stream = self._stream(plans["val"], join, View())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ KINDS = {  # kind -> (what the value means, valid range check)
 }
 
 
-def _one(transform, rgb: np.ndarray, *params) -> np.ndarray:
+def _one(transform: Callable[..., torch.Tensor], rgb: np.ndarray, *params) -> np.ndarray:
     """A batch transform of `photometric` on one (H, W, 3) image (writable, as torch wants it)."""
     return transform(torch.from_numpy(np.require(rgb, requirements="W"))[None], *params)[0].numpy()
 

@@ -1,12 +1,11 @@
-"""Photometric transforms of uint8 pixel batches on whatever device holds them (the training loader's CPU or the
-GPU): Gaussian blur, simulated JPEG compression and quantised Gaussian noise, each with its own strength per
-image. Every image's result depends only on its own pixels and parameters, never on the rest of its batch."""
+"""Photometric transforms (blur, JPEG, noise) of uint8 image batches on the device holding them, per-image strength."""
 
 from __future__ import annotations
 
 import functools
 import io
 import math
+from contextlib import nullcontext
 from statistics import NormalDist
 
 import numpy as np
@@ -27,11 +26,17 @@ def host_to(device: torch.device, array: np.ndarray) -> torch.Tensor:
     return t.to(device)
 
 
+def _edge_extended(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    """`x` with `before` and `after` more samples along `dim` (negative: fewer), the edge sample repeated."""
+    size = x.shape[dim]
+    return x.index_select(dim, torch.arange(-before, size + after, device=x.device).clamp_(0, size - 1))
+
+
 def gaussian_blur(x: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> the same, image i blurred by a Gaussian of `sigmas[i]` pixels (edges extended).
 
     Separable: two passes of shifted copies weighted per image, elementwise only, so an image's result is the
-    same in any batch and on any device up to float rounding. A sigma of 0 leaves the image as it is.
+    same in any batch (bit for bit) and on any device (up to float rounding). A sigma of 0 leaves it as it is.
     """
     sigmas = np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-6)  # (N,)
     reach = np.ceil(BLUR_TRUNCATE * sigmas)  # (N,) each image's own kernel radius: the batch's widest is padded
@@ -43,7 +48,7 @@ def gaussian_blur(x: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
     y = x.float()
     for dim in (2, 1):  # along rows, then along columns
         size = y.shape[dim]
-        padded = y.index_select(dim, torch.arange(-radius, size + radius, device=x.device).clamp_(0, size - 1))
+        padded = _edge_extended(y, dim, radius, radius)
         out = padded.narrow(dim, 0, size) * weights[:, 0].view(n, 1, 1, 1)
         for k in range(1, 2 * radius + 1):
             out.addcmul_(padded.narrow(dim, k, size), weights[:, k].view(n, 1, 1, 1))
@@ -97,18 +102,13 @@ def _code_plane(plane: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return out.view(n, h // 8, w // 8, 8, 8).transpose(2, 3).reshape(n, h, w)
 
 
-def _shifted(c: torch.Tensor, dim: int, by: int) -> torch.Tensor:
-    """`c` moved `by` places along `dim`, the edge sample repeated into the gap."""
-    size = c.shape[dim]
-    return c.index_select(dim, torch.arange(-by, size - by, device=c.device).clamp_(0, size - 1))
-
-
 def _upsample_h2v2(c: torch.Tensor) -> torch.Tensor:
     """(N, h, w) -> (N, 2h, 2w): libjpeg's "fancy" 4:2:0 chroma upsampling (triangular weights 9:3:3:1, edges
     repeated), with its integer rounding."""
-    rows = torch.stack([3 * c + _shifted(c, 1, 1), 3 * c + _shifted(c, 1, -1)], dim=2).flatten(1, 2)  # (N, 2h, w)
-    even = (3 * rows + _shifted(rows, 2, 1)).add_(8).div_(16).floor_()
-    odd = (3 * rows + _shifted(rows, 2, -1)).add_(7).div_(16).floor_()
+    above, below = _edge_extended(c, 1, 1, -1), _edge_extended(c, 1, -1, 1)  # c moved one row down, one up
+    rows = torch.stack([3 * c + above, 3 * c + below], dim=2).flatten(1, 2)  # (N, 2h, w), 4x the sample
+    even = (3 * rows + _edge_extended(rows, 2, 1, -1)).add_(8).div_(16).floor_()
+    odd = (3 * rows + _edge_extended(rows, 2, -1, 1)).add_(7).div_(16).floor_()
     return torch.stack([even, odd], dim=3).flatten(2)
 
 
@@ -137,18 +137,23 @@ def simulated_jpeg(x: torch.Tensor, qualities: np.ndarray) -> torch.Tensor:
 
     The codec's lossy steps as libjpeg (what PIL and torchvision call) takes them with its defaults: RGB -> YCbCr,
     4:2:0 chroma averaged over 2 x 2, 8 x 8 DCT, quantisation by the IJG tables at that quality, the inverse,
-    fancy chroma upsampling, YCbCr -> RGB; sides are extended to whole 16-px blocks as libjpeg does. The entropy
-    coding, which loses nothing, is skipped. The one difference: the DCT is computed in floating point where
-    libjpeg uses an integer approximation, so a coefficient within about 1/16 of a quantisation step from a
-    rounding boundary may round the other way (the test states the agreement with a real round trip).
+    fancy chroma upsampling, YCbCr -> RGB. The entropy coding, which loses nothing, is skipped. Sides are extended
+    to whole 16-px blocks by repeating the last pixel, as libjpeg's encoder does (its decoder upsamples the last
+    chroma row of an even side that is not a multiple of 16 from the real samples only: such edges differ a
+    little more; training patches are 224 px). Otherwise the one difference: the DCT is computed in floating
+    point where libjpeg uses an integer approximation, so a coefficient within about 1/16 of a quantisation
+    step from a rounding boundary may round the other way (the test states the agreement with a real round
+    trip). Always float32, autocast or not: bf16 matrix products would move pixels by levels.
     """
-    n, h, w, _ = x.shape
-    ph, pw = -h % 16, -w % 16
     dev = x.device
-    f = x.float()
-    if ph or pw:
-        f = f.index_select(1, torch.arange(h + ph, device=dev).clamp_(max=h - 1))
-        f = f.index_select(2, torch.arange(w + pw, device=dev).clamp_(max=w - 1))
+    with torch.autocast(dev.type, enabled=False) if torch.amp.is_autocast_available(dev.type) else nullcontext():
+        return _simulated_jpeg(x, qualities)
+
+
+def _simulated_jpeg(x: torch.Tensor, qualities: np.ndarray) -> torch.Tensor:
+    n, h, w, _ = x.shape
+    dev = x.device
+    f = _edge_extended(_edge_extended(x.float(), 1, 0, -h % 16), 2, 0, -w % 16)
     r, g, b = f.unbind(-1)  # each (N, H', W')
     y = _round_half_up(0.299 * r + 0.587 * g + 0.114 * b)
     cb = _round_half_up(-0.168735892 * r - 0.331264108 * g + 0.5 * b + (128 - 2**-16))

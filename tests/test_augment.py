@@ -38,15 +38,16 @@ def _test_images() -> list[np.ndarray]:
 def test_simulated_jpeg_agrees_with_the_codec(quality):
     """Measured here: the simulation's error against the original is the codec's to within 2.3%, and it differs
     from the codec's output by at most 0.47 levels on average (at least 95.9% of values within 2 levels): the
-    float DCT rounds a coefficient the other way where libjpeg's integer DCT sits just across a boundary."""
+    float DCT rounds a coefficient the other way where libjpeg's integer DCT sits just across a boundary. The
+    bounds leave room for another libjpeg build's rounding."""
     for rgb in _test_images():
         sim = simulated_jpeg(torch.from_numpy(rgb)[None], [quality])[0].numpy().astype(int)
         real = jpeg_roundtrip(rgb, quality).astype(int)
         assert sim.shape == real.shape
         codec_error = np.abs(real - rgb).mean()
-        assert abs(np.abs(sim - rgb).mean() / codec_error - 1) < 0.03, "the simulation loses what the codec loses"
+        assert abs(np.abs(sim - rgb).mean() / codec_error - 1) < 0.04, "the simulation loses what the codec loses"
         diff = np.abs(sim - real)
-        assert diff.mean() < 0.5 and (diff <= 2).mean() > 0.95
+        assert diff.mean() < 0.6 and (diff <= 2).mean() > 0.94
 
 
 def test_quality_tables_are_libjpegs():
@@ -70,6 +71,13 @@ def test_jpeg_on_the_cpu_is_the_codec_itself_and_per_image_elsewhere():
     together = simulated_jpeg(x, qualities)
     alone = torch.cat([simulated_jpeg(x[i : i + 1], qualities[i : i + 1]) for i in range(len(x))])
     assert torch.equal(together, alone)
+
+
+def test_simulated_jpeg_stays_float32_under_autocast():
+    x = torch.from_numpy(np.stack([synthetic_photo(64, 48, seed) for seed in range(2)]))
+    plain = simulated_jpeg(x, [60, 85])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products would move pixels by levels
+        assert torch.equal(simulated_jpeg(x, [60, 85]), plain)
 
 
 def _direct_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
@@ -148,6 +156,10 @@ def test_augmentation_on_cuda_never_waits_and_agrees_with_the_cpu():
         torch.cuda.set_sync_debug_mode("default")
     on_cpu = draws.apply(cpu)  # the codec itself for JPEG: the simulation's tolerance
     diff = (out.cpu().int() - on_cpu.int()).abs()
-    assert diff.float().mean() < 0.5 and (diff <= 2).float().mean() > 0.95
+    assert diff.float().mean() < 0.6 and (diff <= 2).float().mean() > 0.94
+    # per image on the GPU too, but for the float rounding of other matrix-product kernels
+    alone = torch.cat([simulated_jpeg(gpu[i : i + 1], draws.quality[i : i + 1]) for i in range(len(images))])
+    apart = (simulated_jpeg(gpu, draws.quality).int() - alone.int()).abs()
+    assert apart.float().mean() < 0.01 and apart.max() <= 2
     noise = noisy.cpu().int() - cpu.int()
     assert abs(noise[(cpu > 40) & (cpu < 215)].float().std().item() - 0.05 * 255) < 0.5

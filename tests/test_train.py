@@ -103,6 +103,14 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_
     assert "nothing to do" in res.output
 
 
+@pytest.mark.parametrize("where,device,on_device", [("auto", "cpu", False), ("auto", "meta", True),
+                                                     ("device", "cpu", True), ("loader", "meta", False)])  # fmt: skip
+def test_where_augmentation_runs(tiny_shards, train_store, tmp_path, where, device, on_device):
+    cfg = load_config(None, [*MICRO, f"AUG.WHERE={where}"])
+    trainer = Trainer(cfg, str(tiny_shards), tmp_path / "t", str(train_store), torch.device(device), "fp32")
+    assert trainer.train_stream.view.aug_on_device is on_device and trainer.val_stream.view.aug is None
+
+
 def test_augmenting_on_the_device_trains_the_same_run(full_run, tiny_shards, train_store, tmp_path):
     """AUG.WHERE=device on the CPU: the loader ships patches as cut with their draws, the trainer applies them to
     the whole batch, and the run is bit for bit the one augmented in the loader (AUG.WHERE=auto on the CPU)."""
