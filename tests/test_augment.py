@@ -140,6 +140,21 @@ def test_on_device_augmentation_gives_the_loader_processes_pixels(tiny_shards, t
     assert torch.equal(deferred.aug.apply(deferred.patches), in_loader.patches)
 
 
+def test_the_accelerator_path_runs_through_on_the_meta_device():
+    """Off the CPU, JPEG is the simulation and every small array travels to the device: run there on PyTorch's
+    `meta` device (shapes and dtypes only, no data), so this path is exercised without a GPU."""
+    draws = AugDraws.draw(6, AugConfig(FLIP_PROB=0.5, BLUR_PROB=0.5, JPEG_PROB=1.0, NOISE_PROB=0.0),
+                          np.random.default_rng(0))  # fmt: skip
+    out = draws.apply(torch.empty(6, 224, 224, 3, dtype=torch.uint8, device="meta"))
+    assert out.shape == (6, 224, 224, 3) and out.dtype == torch.uint8 and out.is_meta
+    assert simulated_jpeg(torch.empty(2, 101, 77, 3, dtype=torch.uint8, device="meta"), [50, 90]).shape == (
+        2,
+        101,
+        77,
+        3,
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_augmentation_on_cuda_never_waits_and_agrees_with_the_cpu():
     images = [synthetic_photo(224, 224, seed) for seed in range(4)]
