@@ -10,7 +10,8 @@
 #                   c  train from store     benchmarks/train_from_store.py  -> $OUT/c_train_from_store.log
 #                   d  CUDA tests           tests/test_{extract,model,data,augment}.py  -> $OUT/d_pytest_extract.log
 #                   e  nvjpeg vs PIL        benchmarks/decode_agreement.py  -> $OUT/e_decode_agreement.log
-#                   f  step c with --compile (not in the default STEPS: compiling takes minutes) -> $OUT/f_train_compiled.log
+#                   f  step c with TRAIN.COMPILE=true (not in the default STEPS: compiling takes minutes)
+#                                                                                  -> $OUT/f_train_compiled.log
 #                   g  step c with the augmentation in the loader processes (AUG.WHERE=loader; c puts it on the GPU)
 #                                                                                  -> $OUT/g_train_aug_in_loader.log
 #   EXTRACT_ARGS  arguments of step b, default "--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"
@@ -118,7 +119,8 @@ for s in $STEPS; do
                tests/test_augment.py -k "$PYTEST_K" ;;
         e) step e_decode_agreement "${T_E:-60}" "$ROOT" "$PY" benchmarks/decode_agreement.py ;;
         # shellcheck disable=SC2086
-        f) step f_train_compiled "${T_F:-240}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS --compile ;;
+        f) step f_train_compiled "${T_F:-240}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \
+               --set TRAIN.COMPILE=true ;;
         # shellcheck disable=SC2086
         g) step g_train_aug_in_loader "${T_G:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \
                --set AUG.WHERE=loader ;;

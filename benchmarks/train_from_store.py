@@ -4,7 +4,7 @@ Both variants run the same default-config training step (global_local fusion, sa
 precision) on the same shards; the online one first computes each image's global vector and each chosen
 cell's local vector with a ViT-B-16 CLIP (random weights, inference mode), as a trainer without the store
 would. Usage: python benchmarks/train_from_store.py [--images 64] [--batch-size 16] [--steps 2] [--warmup 2]
-       [--device cpu] [--num-workers 0] [--breakdown] [--compile]
+       [--device cpu] [--num-workers 0] [--breakdown] [--set KEY=VALUE ...]   (e.g. --set TRAIN.COMPILE=true)
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def flop_bound(trainer: Trainer, embedder: ClipEmbedder, patches_per_image: int)
     measured ratio sits below it by as much as the spectral step runs less efficiently than CLIP inference.
     """
     detector = copy.deepcopy(trainer.module).cpu().float()
+    detector.detector.spectral.__dict__.pop("forward", None)  # TRAIN.COMPILE's compiled method: count the plain one
     for module in detector.modules():  # fused attention kernels are invisible to the counter: count the matmuls
         if hasattr(module, "fused_attn"):  # timm's attention, which reads the flag at each call
             module.fused_attn = False
@@ -203,8 +204,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=0, help="DATA.NUM_WORKERS: loader processes")
     parser.add_argument("--work", default=None, help="folder for shards and store (default: a temporary one)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the spectral branch's forward in "
-                        "both variants: measures what compiling would give (the trainer itself does not compile)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override of both "
                         "variants, e.g. AUG.WHERE=loader (repeatable)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true", help="synchronise after each part of a step and "
@@ -245,9 +244,6 @@ def main() -> None:
                          f"than the {need} asked for: give an empty folder")  # fmt: skip
         embedder = load_embedder(CLIP, device, precision)
         train_gmacs, clip_gmacs = flop_bound(trainer, embedder, (SIDE // 224) ** 2)  # counted before compiling
-        if args.compile:  # the warm-up steps compile it (give --warmup 2 or more: the second step may recompile)
-            spectral = trainer.module.detector.spectral
-            spectral.forward = torch.compile(spectral.forward)
         data_rate = data_path_rate(trainer, trainer.train_stream)
         from_store = timed_steps(trainer, trainer.train_stream, args.steps, args.warmup, None, args.breakdown)
         online_stream = OnlineStream(trainer.train_stream, embedder)
@@ -257,7 +253,7 @@ def main() -> None:
           f"(up to {cfg.DATA.MAX_PATCHES} patches each), encoder {cfg.MODEL.SPECTRAL.ENCODER}, "
           f"mode {cfg.MODEL.SEMANTIC.MODE}, {args.num_workers} loader processes, augmentation "
           f"{'batched on the device' if trainer.train_stream.view.aug_on_device else 'in the loader'} (AUG.WHERE)"
-          f"{', spectral branch compiled' if args.compile else ''}")  # fmt: skip
+          f"{', spectral branch compiled (TRAIN.COMPILE)' if cfg.TRAIN.COMPILE else ''}")  # fmt: skip
     print("| variant | steps/s |\n|---|---|")
     print(f"| from store | {from_store:.3f} |\n| online CLIP ({CLIP}) | {online:.3f} |")
     print(f"ratio store/online: {from_store / online:.2f}x (target >= 3x)")

@@ -101,6 +101,9 @@ class TrainConfig:
     CLIP_GRAD: float = 1.0
     SEED: int = 0
     PRECISION: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # torch.compile the spectral branch (most of a step's kernels): fused, fewer launches; the first steps and the
+    # first validation compile (minutes), so it pays on long runs only
+    COMPILE: bool = False
 
 
 @dataclass

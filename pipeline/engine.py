@@ -261,6 +261,8 @@ class Trainer:
 
         torch.manual_seed(cfg.TRAIN.SEED)  # same initial weights on every rank and in every rerun
         detector = create_detector(cfg.MODEL, self.clip_dim, device=device)
+        if cfg.TRAIN.COMPILE:  # the method, not the module: parameter names (and checkpoints) stay as they are
+            detector.spectral.forward = torch.compile(detector.spectral.forward)
         hidden = cfg.MODEL.HIDDEN_DIM
         loss = DetectionLoss(hidden, self.clip_dim, weight, cfg.LOSS.TEMPERATURE).to(device)
         self.module = TrainModule(detector, loss)

@@ -121,6 +121,27 @@ def test_augmenting_on_the_device_trains_the_same_run(full_run, tiny_shards, tra
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
+@pytest.mark.slow
+def test_a_compiled_spectral_branch_trains_the_same_run(full_run, tiny_shards, train_store, tmp_path, monkeypatch):
+    """TRAIN.COMPILE: inductor fuses the spectral branch's kernels; the run matches the eager one but for float
+    rounding, and its checkpoints load into an uncompiled detector (same parameter names)."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # dropout from eager's generator, as eager
+    out = tmp_path / "compiled"
+    counters.clear()
+    _train(tiny_shards, train_store, out, ("TRAIN.COMPILE=true",))
+    assert counters["stats"]["unique_graphs"] >= 2  # it did compile: training and validation
+    rows, ref = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, full_run))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for r, e in zip(rows, ref, strict=True):
+        assert r["loss"] == pytest.approx(e["loss"], rel=1e-3) and r["val_auc"] == pytest.approx(e["val_auc"], abs=0.1)
+    a, b = load_checkpoint(out / "checkpoints" / "last.pt"), load_checkpoint(full_run / "checkpoints" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-3) for k in b["model"])
+
+
 def test_training_never_builds_clip(full_run, tiny_shards, train_store, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training built a CLIP model")
