@@ -10,6 +10,7 @@ would. Usage: python benchmarks/train_from_store.py [--images 64] [--batch-size 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import logging
@@ -26,11 +27,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from semspai.pipeline.clip import ClipEmbedder, load_embedder, resolve_precision
 from semspai.pipeline.config import load_config
-from semspai.pipeline.data import Sample, ShardStream, TrainBatch, collate, loader_samples
+from semspai.pipeline.data import BATCHES_AHEAD, Sample, ShardStream, TrainBatch, collate, loader_samples
 from semspai.pipeline.demodata import synthetic_photo
 from semspai.pipeline.detector import DetectorBatch, unit_pixels
 from semspai.pipeline.engine import Trainer
-from semspai.pipeline.iterate import batched
+from semspai.pipeline.iterate import Background, batched
 from semspai.stages.extract import ExtractConfig
 from semspai.stages.extract import run as extract
 from semspai.stages.shard import ShardConfig
@@ -135,21 +136,22 @@ def flop_bound(trainer: Trainer, embedder: ClipEmbedder, patches_per_image: int)
     return train, crop * (1 + 1 / patches_per_image)
 
 
-def loader_batches(trainer: Trainer, stream: ShardStream, epoch: int) -> Iterator[tuple[list[Sample], TrainBatch]]:
+def collated(trainer: Trainer, stream: ShardStream, epoch: int) -> Iterator[tuple[list[Sample], TrainBatch]]:
     """The trainer's data path: DATA.NUM_WORKERS loader processes, batches of TRAIN.BATCH_SIZE collated as the
     trainer's loader does (page-locked on CUDA); the samples come along, so each keeps its global view."""
     stream.set_epoch(epoch)
     pin = trainer.device.type == "cuda"
-    for samples in batched(loader_samples(stream, trainer.cfg.DATA.NUM_WORKERS), trainer.cfg.TRAIN.BATCH_SIZE):
-        yield samples, collate(samples, pin)
+    groups = batched(loader_samples(stream, trainer.cfg.DATA.NUM_WORKERS), trainer.cfg.TRAIN.BATCH_SIZE)
+    return ((samples, collate(samples, pin)) for samples in groups)
 
 
 def data_path_rate(trainer: Trainer, stream: ShardStream) -> float:
     """Samples/s of the data path alone (no model) over one epoch of the stream: the most steps the device could
-    be fed. The clock starts at the first batch, when the loader processes are up (their start-up is not the
-    steady rate); the samples they had made beyond that batch by then count as made in the clocked time, so
-    the figure is somewhat high (with 12 processes, batch 64 and 512 images, about 5-8%)."""
-    batches = loader_batches(trainer, stream, epoch=2)
+    be fed. Collated in this thread (the trainer does it in a thread of its own, so its rate is at least this).
+    The clock starts at the first batch, when the loader processes are up (their start-up is not the steady
+    rate); the samples they had made beyond that batch by then count as made in the clocked time, so the
+    figure is somewhat high (with 12 processes, batch 64 and 512 images, about 5-8%)."""
+    batches = collated(trainer, stream, epoch=2)
     next(batches)
     start, n = time.perf_counter(), 0
     for samples, _ in batches:
@@ -168,7 +170,12 @@ def timed_steps(
     part instead, to print where a step's time goes (slower: the overlap is lost).
     """
     trainer.module.train()
-    batches = loader_batches(trainer, stream, epoch=1)
+    # collated in a thread, as the trainer's loader does
+    with contextlib.closing(Background(collated(trainer, stream, epoch=1), BATCHES_AHEAD)) as batches:
+        return _timed(trainer, batches, steps, warmup, embedder, breakdown)
+
+
+def _timed(trainer: Trainer, batches, steps: int, warmup: int, embedder: ClipEmbedder | None, breakdown: bool) -> float:
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     part_sync = sync if breakdown else (lambda: None)
     start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}

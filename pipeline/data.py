@@ -370,6 +370,7 @@ class ShardStream(IterableDataset):
 # shared-memory tensor (main-process CPU per sample measured 0.92-1.05 ms one by one, 0.40 ms in chunks)
 SAMPLES_PER_TRANSFER = 8
 LOADER_PREFETCH = 4  # chunks in flight per loader process
+BATCHES_AHEAD = 2  # batches collated ahead of the step, in a thread of the training process
 
 
 @dataclass

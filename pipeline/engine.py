@@ -11,7 +11,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from torch import nn
 from semspai import __version__
 from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
 from semspai.pipeline.data import (
+    BATCHES_AHEAD,
     STORE_CACHE_DIR,
     ShardStream,
     SplitPlan,
@@ -42,7 +43,7 @@ from semspai.pipeline.detector import (
     trainable_state_dict,
     unit_pixels,
 )
-from semspai.pipeline.iterate import batched
+from semspai.pipeline.iterate import Background, batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -303,11 +304,13 @@ class Trainer:
         # counts stay on the host: nothing in a step then waits for the device, which can run a step behind
         return DetectorBatch(unit_pixels(patches), batch.counts, put(batch.global_vec), put(batch.local_vec))
 
-    def _loader(self, stream: ShardStream, epoch: int) -> Iterator[TrainBatch]:
+    def _loader(self, stream: ShardStream, epoch: int) -> Background[TrainBatch]:
+        """The epoch's batches, collated in a thread (`close` it): packing a batch's patches (38 MB at batch 64)
+        in the step's own thread would hold up the launches that keep the device busy."""
         stream.set_epoch(epoch)
         samples = loader_samples(stream, self.cfg.DATA.NUM_WORKERS)
         pin = self.device.type == "cuda"  # the copy to the device then overlaps the host's next step
-        return (collate(group, pin) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE))
+        return Background((collate(group, pin) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE)), BATCHES_AHEAD)
 
     def _start(self, resume: bool) -> tuple[int, list[dict]]:
         """(first epoch to train, history so far): a fresh run dir, or the state of the last checkpoint."""
@@ -357,17 +360,20 @@ class Trainer:
         self.ddp.train()
         # summed on the device and read once at the end: a per-step read would make the host wait for every step
         total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        batches = self._loader(self.train_stream, epoch)
         scalars = StepScalars(tb) if tb is not None else None
         desc = f"epoch {epoch}/{self.cfg.TRAIN.EPOCHS}"
-        for _, batch in progress(
-            zip(range(self.steps_per_epoch), batches, strict=False), total=self.steps_per_epoch, desc=desc, unit="step"
-        ):
-            parts = self.step(batch)
-            total += parts.total.detach().double()
-            n += 1
-            if scalars is not None:
-                scalars.add(self.scheduler.last_epoch, parts, self.scheduler.get_last_lr()[0])
+        with contextlib.closing(self._loader(self.train_stream, epoch)) as batches:  # a rank may leave one unused
+            for _, batch in progress(
+                zip(range(self.steps_per_epoch), batches, strict=False),
+                total=self.steps_per_epoch,
+                desc=desc,
+                unit="step",
+            ):
+                parts = self.step(batch)
+                total += parts.total.detach().double()
+                n += 1
+                if scalars is not None:
+                    scalars.add(self.scheduler.last_epoch, parts, self.scheduler.get_last_lr()[0])
         if scalars is not None:
             scalars.read()
         if n != self.steps_per_epoch:
@@ -396,11 +402,12 @@ class Trainer:
         """Scores of the whole val split (each rank scores its share; rank 0 gets all), then its metrics."""
         self.module.eval()
         rows = []
-        for batch in self._loader(self.val_stream, epoch):
-            inputs = self._detector_batch(batch)
-            with autocast(self.precision, self.device):
-                logits = self.module.detector(inputs).logits.float().cpu()
-            rows += zip(batch.keys, batch.labels.tolist(), logits.tolist(), strict=True)
+        with contextlib.closing(self._loader(self.val_stream, epoch)) as batches:
+            for batch in batches:
+                inputs = self._detector_batch(batch)
+                with autocast(self.precision, self.device):
+                    logits = self.module.detector(inputs).logits.float().cpu()
+                rows += zip(batch.keys, batch.labels.tolist(), logits.tolist(), strict=True)
         if self.world > 1:
             gathered: list[list] = [[] for _ in range(self.world)]
             dist.all_gather_object(gathered, rows)
