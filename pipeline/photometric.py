@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
-from contextlib import nullcontext
 from statistics import NormalDist
 
 import numpy as np
@@ -75,47 +73,110 @@ def quant_tables(qualities: np.ndarray) -> np.ndarray:
     return np.clip((base * scale.reshape(-1, 1, 1, 1) + 50) // 100, 1, 255)
 
 
+# libjpeg's accurate integer DCT ("islow", its default), with its constants: round(c * 2**13) of the factors
+_CONST_BITS, _PASS1_BITS = 13, 2
+_F0_298, _F0_390, _F0_541, _F0_765, _F0_899, _F1_175 = 2446, 3196, 4433, 6270, 7373, 9633
+_F1_501, _F1_847, _F1_961, _F2_053, _F2_562, _F3_072 = 12299, 15137, 16069, 16819, 20995, 25172
+
+
+def _fix16(c: float) -> int:
+    """libjpeg's FIX(c) for its colour conversion: c in 16-bit fixed point."""
+    return int(c * 65536 + 0.5)
+
+
+_HALF, _CBCR_OFFSET = 1 << 15, 128 << 16
+
+
+def _rotate_odd(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The odd-part butterfly that libjpeg's forward and inverse DCT share (scaled by 2**13)."""
+    z1, z2, z3, z4 = a + d, b + c, a + c, b + d
+    z5 = (z3 + z4) * _F1_175
+    z1, z2, z3, z4 = z1 * -_F0_899, z2 * -_F2_562, z3 * -_F1_961 + z5, z4 * -_F0_390 + z5
+    return a * _F0_298 + z1 + z3, b * _F2_053 + z2 + z4, c * _F3_072 + z2 + z3, d * _F1_501 + z1 + z4
+
+
+def _fdct_butterfly(s: torch.Tensor) -> torch.Tensor:
+    """libjpeg's forward DCT of 8 integers along the last dim, before it descales: integer-linear."""
+    d0, d1, d2, d3, d4, d5, d6, d7 = s.unbind(-1)
+    t0, t1, t2, t3 = d0 + d7, d1 + d6, d2 + d5, d3 + d4
+    t10, t11, t12, t13 = t0 + t3, t1 + t2, t1 - t2, t0 - t3
+    z1 = (t12 + t13) * _F0_541
+    o7, o5, o3, o1 = _rotate_odd(d3 - d4, d2 - d5, d1 - d6, d0 - d7)
+    return torch.stack([t10 + t11, o1, z1 + t13 * _F0_765, o3, t10 - t11, o5, z1 - t12 * _F1_847, o7], dim=-1)
+
+
+def _idct_butterfly(c: torch.Tensor) -> torch.Tensor:
+    """libjpeg's inverse DCT of 8 integers along the last dim, before it descales: integer-linear."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = c.unbind(-1)
+    z1 = (c2 + c6) * _F0_541
+    t2, t3 = z1 - c6 * _F1_847, z1 + c2 * _F0_765
+    t0, t1 = (c0 + c4) << _CONST_BITS, (c0 - c4) << _CONST_BITS
+    t10, t11, t12, t13 = t0 + t3, t1 + t2, t1 - t2, t0 - t3
+    o0, o1, o2, o3 = _rotate_odd(c7, c5, c3, c1)
+    return torch.stack([t10 + o3, t11 + o2, t12 + o1, t13 + o0, t13 - o0, t12 - o1, t11 - o2, t10 - o3], dim=-1)
+
+
+# How libjpeg descales each of a pass's 8 outputs: by 2**bits, rounding half up (negative: scaled up instead)
+_C, _P = _CONST_BITS, _PASS1_BITS
+_PASSES = {
+    "forward rows": (_fdct_butterfly, [-_P, _C - _P, _C - _P, _C - _P, -_P, _C - _P, _C - _P, _C - _P]),
+    "forward columns": (_fdct_butterfly, [_P, _C + _P, _C + _P, _C + _P, _P, _C + _P, _C + _P, _C + _P]),
+    "inverse columns": (_idct_butterfly, [_C - _P] * 8),
+    "inverse rows": (_idct_butterfly, [_C + _P + 3] * 8),
+}
+
+
 @functools.cache
-def _dct_basis(device: torch.device) -> torch.Tensor:
-    """(64, 64) orthonormal 2-D DCT-II of a row-major 8 x 8 block: JPEG's forward DCT is `blocks @ basis.T`, its
-    inverse `coefs @ basis` (one matrix product for all blocks, not two small ones per block)."""
-    k = torch.arange(8, dtype=torch.float64)
-    d = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)
-    d[0] /= math.sqrt(2)
-    return host_to(device, torch.kron(d, d).float().numpy())
+def _dct_pass(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass of libjpeg's integer DCT as (weights (8, 8), bias (8,), scale (8,)), float64 on `device`:
+    `floor((x @ weights + bias) * scale)` is the pass, exactly. Inside a pass libjpeg only adds and multiplies
+    integers, so each output is an integer combination of the 8 inputs, which the butterfly gives when run on
+    the identity; the products and sums stay below 2**53, so float64 matrix products are exact in any order."""
+    butterfly, bits = _PASSES[name]
+    weights = butterfly(torch.eye(8, dtype=torch.int64)).double().numpy()  # row j: the outputs of input j
+    bits = np.asarray(bits, dtype=np.float64)
+    bias, scale = np.where(bits > 0, 2.0 ** (bits - 1), 0.0), 2.0**-bits
+    return host_to(device, weights), host_to(device, bias), host_to(device, scale)
 
 
-def _round_half_up(x: torch.Tensor) -> torch.Tensor:
-    return x.add_(0.5).floor_()
+def _dct(x: torch.Tensor, rows: str, columns: str) -> torch.Tensor:
+    """Two passes of libjpeg's integer DCT on (..., 8, 8) float64 blocks of integers: along rows, then columns."""
+    for name, transposed in ((rows, False), (columns, True)):
+        weights, bias, scale = _dct_pass(name, x.device)
+        x = x.transpose(-1, -2) if transposed else x
+        x = ((x @ weights + bias) * scale).floor_()
+        x = x.transpose(-1, -2) if transposed else x
+    return x
 
 
 def _code_plane(plane: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) float samples 0..255, (N, 64) tables -> the plane after DCT, quantisation (libjpeg's rounding:
-    half away from zero), dequantisation and inverse DCT, rounded to 0..255."""
+    """(N, H, W) int64 samples 0..255 (sides multiples of 8), (N, 64) tables -> the plane after libjpeg's
+    forward DCT, quantisation (half away from zero), dequantisation and inverse DCT, bit for bit."""
     n, h, w = plane.shape
-    basis = _dct_basis(plane.device)
-    blocks = (plane - 128).view(n, h // 8, 8, w // 8, 8).transpose(2, 3).reshape(n, -1, 64)  # (N, blocks, 64)
-    tables = tables.view(n, 1, 64)
-    coef = blocks @ basis.T
-    coef = torch.sign(coef) * _round_half_up(coef.abs() / tables) * tables
-    out = _round_half_up(coef @ basis + 128).clamp_(0, 255)
-    return out.view(n, h // 8, w // 8, 8, 8).transpose(2, 3).reshape(n, h, w)
+    blocks = (plane - 128).double().view(n, h // 8, 8, w // 8, 8).transpose(2, 3)  # (N, H/8, W/8, 8, 8)
+    coef = _dct(blocks, "forward rows", "forward columns")  # scaled by 8
+    q = tables.view(n, 1, 1, 8, 8).double()
+    levels = torch.where(coef < 0, -((4 * q - coef) / (8 * q)).floor_(), ((coef + 4 * q) / (8 * q)).floor_())
+    # libjpeg's inverse runs down the columns first
+    out = _dct((levels * q).transpose(-1, -2), "inverse columns", "inverse rows").transpose(-1, -2)
+    return (out.long() + 128).clamp_(0, 255).transpose(2, 3).reshape(n, h, w)
 
 
 def _upsample_h2v2(c: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) -> (N, 2h, 2w): libjpeg's "fancy" 4:2:0 chroma upsampling (triangular weights 9:3:3:1, edges
-    repeated), with its integer rounding."""
+    """(N, h, w) int64 -> (N, 2h, 2w): libjpeg's "fancy" 4:2:0 chroma upsampling (triangular weights 9:3:3:1,
+    edge samples repeated), with its integer rounding."""
     above, below = _edge_extended(c, 1, 1, -1), _edge_extended(c, 1, -1, 1)  # c moved one row down, one up
     rows = torch.stack([3 * c + above, 3 * c + below], dim=2).flatten(1, 2)  # (N, 2h, w), 4x the sample
-    even = (3 * rows + _edge_extended(rows, 2, 1, -1)).add_(8).div_(16).floor_()
-    odd = (3 * rows + _edge_extended(rows, 2, -1, 1)).add_(7).div_(16).floor_()
+    even = (3 * rows + _edge_extended(rows, 2, 1, -1) + 8) >> 4
+    odd = (3 * rows + _edge_extended(rows, 2, -1, 1) + 7) >> 4
     return torch.stack([even, odd], dim=3).flatten(2)
 
 
 def jpeg(x: torch.Tensor, qualities: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> the same after a JPEG round trip at `qualities[i]`: on the CPU through the codec
-    itself (`jpeg_roundtrip`); on an accelerator simulated there (`simulated_jpeg`), where sending the pixels to
-    the host codec and back would make the host wait for the device."""
+    itself (`jpeg_roundtrip`, faster there); on an accelerator with libjpeg's own arithmetic (`simulated_jpeg`,
+    the same pixels), where sending the pixels to the host codec and back would make the host wait for the
+    device."""
     if x.device.type != "cpu":
         return simulated_jpeg(x, qualities)
     out = torch.empty_like(x)
@@ -133,50 +194,39 @@ def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
 
 
 def simulated_jpeg(x: torch.Tensor, qualities: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> the same after a JPEG round trip at `qualities[i]`, simulated on the pixels' device.
-
-    The codec's lossy steps as libjpeg (what PIL and torchvision call) takes them with its defaults: RGB -> YCbCr,
-    4:2:0 chroma averaged over 2 x 2, 8 x 8 DCT, quantisation by the IJG tables at that quality, the inverse,
-    fancy chroma upsampling, YCbCr -> RGB. The entropy coding, which loses nothing, is skipped. Sides are extended
-    to whole 16-px blocks by repeating the last pixel, as libjpeg's encoder does (its decoder upsamples the last
-    chroma row of an even side that is not a multiple of 16 from the real samples only: such edges differ a
-    little more; training patches are 224 px). Otherwise the one difference: the DCT is computed in floating
-    point where libjpeg uses an integer approximation, so a coefficient within about 1/16 of a quantisation
-    step from a rounding boundary may round the other way (the test states the agreement with a real round
-    trip). Always float32, autocast or not: bf16 matrix products would move pixels by levels.
-    """
-    dev = x.device
-    with torch.autocast(dev.type, enabled=False) if torch.amp.is_autocast_available(dev.type) else nullcontext():
-        return _simulated_jpeg(x, qualities)
-
-
-def _simulated_jpeg(x: torch.Tensor, qualities: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> the same after a JPEG round trip at `qualities[i]`, on the pixels' device, bit for bit
+    what libjpeg(-turbo) gives with the defaults PIL and torchvision use: its fixed-point RGB -> YCbCr, 4:2:0
+    chroma as 2 x 2 means with its alternating rounding bias, sides extended as its encoder extends them, its
+    integer DCT, quantisation by the IJG tables at that quality, the inverse DCT, "fancy" upsampling from the
+    real chroma samples and its fixed-point YCbCr -> RGB. Only the entropy coding, which loses nothing, is left
+    out. Integer arithmetic throughout: autocast cannot touch it, and every device gives the same result."""
     n, h, w, _ = x.shape
     dev = x.device
-    f = _edge_extended(_edge_extended(x.float(), 1, 0, -h % 16), 2, 0, -w % 16)
+    # the encoder repeats the last pixel column out to whole 16-px blocks, and the last row to an even count
+    f = _edge_extended(_edge_extended(x.long(), 2, 0, -w % 16), 1, 0, h % 2)
     r, g, b = f.unbind(-1)  # each (N, H', W')
-    y = _round_half_up(0.299 * r + 0.587 * g + 0.114 * b)
-    cb = _round_half_up(-0.168735892 * r - 0.331264108 * g + 0.5 * b + (128 - 2**-16))
-    cr = _round_half_up(0.5 * r - 0.418687589 * g - 0.081312411 * b + (128 - 2**-16))
-    hw = y.shape[2] // 2
-    bias = (torch.arange(hw, device=dev) % 2 + 1).float()  # libjpeg alternates 1, 2 to round the 2 x 2 mean
+    y = (_fix16(0.299) * r + _fix16(0.587) * g + _fix16(0.114) * b + _HALF) >> 16
+    cb = (-_fix16(0.16874) * r - _fix16(0.33126) * g + _fix16(0.5) * b + _CBCR_OFFSET + _HALF - 1) >> 16
+    cr = (_fix16(0.5) * r - _fix16(0.41869) * g - _fix16(0.08131) * b + _CBCR_OFFSET + _HALF - 1) >> 16
+    bias = torch.arange(f.shape[2] // 2, device=dev) % 2 + 1  # libjpeg alternates 1, 2 to round the 2 x 2 mean
+    tables = host_to(dev, quant_tables(qualities).reshape(n, 2, 64))
 
-    def down(c: torch.Tensor) -> torch.Tensor:
-        return (c[:, 0::2, 0::2] + c[:, 0::2, 1::2] + c[:, 1::2, 0::2] + c[:, 1::2, 1::2] + bias).div_(4).floor_()
+    def coded_chroma(c: torch.Tensor) -> torch.Tensor:
+        c = (c[:, 0::2, 0::2] + c[:, 0::2, 1::2] + c[:, 1::2, 0::2] + c[:, 1::2, 1::2] + bias) >> 2
+        c = _code_plane(_edge_extended(c, 1, 0, -c.shape[1] % 8), tables[:, 1])  # last chroma row repeated
+        return _upsample_h2v2(c[:, : (h + 1) // 2, : (w + 1) // 2])[:, :h, :w] - 128  # from real samples only
 
-    tables = host_to(dev, quant_tables(qualities).astype(np.float32).reshape(n, 2, 64))
-    y = _code_plane(y, tables[:, 0])
-    cb = _upsample_h2v2(_code_plane(down(cb), tables[:, 1])) - 128
-    cr = _upsample_h2v2(_code_plane(down(cr), tables[:, 1])) - 128
+    y = _code_plane(_edge_extended(y, 1, 0, -y.shape[1] % 16), tables[:, 0])[:, :h, :w]
+    cb, cr = coded_chroma(cb), coded_chroma(cr)
     rgb = torch.stack(
         [
-            y + _round_half_up(1.402 * cr),
-            y + _round_half_up(-0.344136286 * cb - 0.714136286 * cr),
-            y + _round_half_up(1.772 * cb),
+            y + ((_fix16(1.402) * cr + _HALF) >> 16),
+            y + ((-_fix16(0.34414) * cb - _fix16(0.71414) * cr + _HALF) >> 16),
+            y + ((_fix16(1.772) * cb + _HALF) >> 16),
         ],
         dim=-1,
     )
-    return rgb[:, :h, :w].clamp_(0, 255).to(torch.uint8).contiguous()
+    return rgb.clamp_(0, 255).to(torch.uint8)
 
 
 NOISE_QUANTILES = 65536  # noise is drawn by inverse CDF from this many equally likely levels
