@@ -107,7 +107,9 @@ def flop_bound(trainer: Trainer, embedder: ClipEmbedder, patches_per_image: int)
     measured ratio sits below it by as much as the spectral step runs less efficiently than CLIP inference.
     """
     detector = copy.deepcopy(trainer.module).cpu().float()
-    detector.detector.spectral.__dict__.pop("forward", None)  # TRAIN.COMPILE's compiled method: count the plain one
+    # with TRAIN.COMPILE the copy shares the compiled method, still bound to the original module: drop it, and the
+    # copy counts its own (plain) forward
+    detector.detector.spectral.__dict__.pop("forward", None)
     for module in detector.modules():  # fused attention kernels are invisible to the counter: count the matmuls
         if hasattr(module, "fused_attn"):  # timm's attention, which reads the flag at each call
             module.fused_attn = False
@@ -147,7 +149,8 @@ def collated(trainer: Trainer, stream: ShardStream, epoch: int) -> Iterator[tupl
 
 def data_path_rate(trainer: Trainer, stream: ShardStream) -> float:
     """Samples/s of the data path alone (no model) over one epoch of the stream: the most steps the device could
-    be fed. Collated in this thread (the trainer does it in a thread of its own, so its rate is at least this).
+    be fed. Collated in this thread: the trainer does it in a thread beside the step, which competes with the
+    step for the host, so this is an upper bound there too.
     The clock starts at the first batch, when the loader processes are up (their start-up is not the steady
     rate); the samples they had made beyond that batch by then count as made in the clocked time, so the
     figure is somewhat high (with 12 processes, batch 64 and 512 images, about 5-8%)."""
@@ -175,7 +178,14 @@ def timed_steps(
         return _timed(trainer, batches, steps, warmup, embedder, breakdown)
 
 
-def _timed(trainer: Trainer, batches, steps: int, warmup: int, embedder: ClipEmbedder | None, breakdown: bool) -> float:
+def _timed(
+    trainer: Trainer,
+    batches: Iterator[tuple[list[Sample], TrainBatch]],
+    steps: int,
+    warmup: int,
+    embedder: ClipEmbedder | None,
+    breakdown: bool,
+) -> float:
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     part_sync = sync if breakdown else (lambda: None)
     start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}
@@ -250,7 +260,7 @@ def main() -> None:
             parser.error(f"--work {work} holds {len(trainer.train_stream)} train images from an earlier run, fewer "
                          f"than the {need} asked for: give an empty folder")  # fmt: skip
         embedder = load_embedder(CLIP, device, precision)
-        train_gmacs, clip_gmacs = flop_bound(trainer, embedder, (SIDE // 224) ** 2)  # counted before compiling
+        train_gmacs, clip_gmacs = flop_bound(trainer, embedder, (SIDE // 224) ** 2)
         data_rate = data_path_rate(trainer, trainer.train_stream)
         from_store = timed_steps(trainer, trainer.train_stream, args.steps, args.warmup, None, args.breakdown)
         online_stream = OnlineStream(trainer.train_stream, embedder)

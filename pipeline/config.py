@@ -102,7 +102,8 @@ class TrainConfig:
     SEED: int = 0
     PRECISION: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     # torch.compile the spectral branch (most of a step's kernels): fused, fewer launches; the first steps and the
-    # first validation compile (minutes), so it pays on long runs only
+    # first validation compile (minutes), so it pays on long runs only. Dropout then draws from inductor's own
+    # generator: a compiled run is not the eager run's numbers
     COMPILE: bool = False
 
 

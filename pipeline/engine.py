@@ -11,7 +11,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +179,18 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
+@contextlib.contextmanager
+def _closing(batches: Background[TrainBatch]) -> Iterator[Background[TrainBatch]]:
+    """Close the loader after use; after an exception (Ctrl-C, say) without waiting for it, which can take the
+    DataLoader's 5 s status check."""
+    try:
+        yield batches
+    except BaseException:
+        batches.close(wait=False)
+        raise
+    batches.close()
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -263,7 +275,10 @@ class Trainer:
         torch.manual_seed(cfg.TRAIN.SEED)  # same initial weights on every rank and in every rerun
         detector = create_detector(cfg.MODEL, self.clip_dim, device=device)
         if cfg.TRAIN.COMPILE:  # the method, not the module: parameter names (and checkpoints) stay as they are
-            detector.spectral.forward = torch.compile(detector.spectral.forward)
+            # dynamic: the patch count changes every batch (a static graph would recompile when it first does,
+            # each DDP rank at its own step while the others wait); it still compiles a few graphs (1 patch,
+            # validation) on first use
+            detector.spectral.forward = torch.compile(detector.spectral.forward, dynamic=True)
         hidden = cfg.MODEL.HIDDEN_DIM
         loss = DetectionLoss(hidden, self.clip_dim, weight, cfg.LOSS.TEMPERATURE).to(device)
         self.module = TrainModule(detector, loss)
@@ -305,9 +320,11 @@ class Trainer:
         return DetectorBatch(unit_pixels(patches), batch.counts, put(batch.global_vec), put(batch.local_vec))
 
     def _loader(self, stream: ShardStream, epoch: int) -> Background[TrainBatch]:
-        """The epoch's batches, collated in a thread (`close` it): packing a batch's patches (38 MB at batch 64)
-        in the step's own thread would hold up the launches that keep the device busy."""
-        stream.set_epoch(epoch)
+        """The epoch's batches, collated in a thread (with DATA.NUM_WORKERS=0 its samples are made there too):
+        packing a batch's patches (38 MB at batch 64) in the step's own thread would hold up the launches that
+        keep the device busy. Use it through `_closing`."""
+        stream.set_epoch(epoch)  # read by the producer: the stream's previous loader is closed by now
+        # the DataLoader processes start here, in this thread: the generator's first iterable is made at once
         samples = loader_samples(stream, self.cfg.DATA.NUM_WORKERS)
         pin = self.device.type == "cuda"  # the copy to the device then overlaps the host's next step
         return Background((collate(group, pin) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE)), BATCHES_AHEAD)
@@ -362,7 +379,7 @@ class Trainer:
         total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         scalars = StepScalars(tb) if tb is not None else None
         desc = f"epoch {epoch}/{self.cfg.TRAIN.EPOCHS}"
-        with contextlib.closing(self._loader(self.train_stream, epoch)) as batches:  # a rank may leave one unused
+        with _closing(self._loader(self.train_stream, epoch)) as batches:  # a rank may leave one batch unused
             for _, batch in progress(
                 zip(range(self.steps_per_epoch), batches, strict=False),
                 total=self.steps_per_epoch,
@@ -402,7 +419,7 @@ class Trainer:
         """Scores of the whole val split (each rank scores its share; rank 0 gets all), then its metrics."""
         self.module.eval()
         rows = []
-        with contextlib.closing(self._loader(self.val_stream, epoch)) as batches:
+        with _closing(self._loader(self.val_stream, epoch)) as batches:
             for batch in batches:
                 inputs = self._detector_batch(batch)
                 with autocast(self.precision, self.device):

@@ -86,3 +86,24 @@ def test_background_starts_at_once_and_close_stops_it_and_drops_what_was_made_ah
     del dropped  # never iterated, never closed: dropping it stops the producer
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_background_closed_without_waiting_stops_and_empties_itself() -> None:
+    """After an interrupt the consumer must not wait for an item in the making: `close(wait=False)` returns at
+    once, and the producer stops after that item and drops what it queued."""
+    release = threading.Event()
+
+    def slow():
+        yield 0
+        yield 1
+        release.wait()  # the item in the making when the consumer is interrupted
+        yield 2
+        yield 3
+
+    ahead = Background(slow(), depth=4)
+    assert next(ahead) == 0
+    ahead.close(wait=False)  # returns although the producer is stuck in `release.wait()`
+    assert ahead._thread.is_alive() and list(ahead) == []
+    release.set()
+    ahead._thread.join(timeout=5)
+    assert not ahead._thread.is_alive() and ahead._buf.empty()  # item 1 and item 2 dropped by the producer

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from click.testing import CliRunner
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.engine import Trainer, lr_at, youden_threshold
+from semspai.pipeline.iterate import Background
 from semspai.stages.cli import cli
 from semspai.stages.train import TrainStageConfig, run
 from semspai.store.checkpoints import load_checkpoint
@@ -109,6 +112,27 @@ def test_where_augmentation_runs(tiny_shards, train_store, tmp_path, where, devi
     cfg = load_config(None, [*MICRO, f"AUG.WHERE={where}"])
     trainer = Trainer(cfg, str(tiny_shards), tmp_path / "t", str(train_store), torch.device(device), "fp32")
     assert trainer.train_stream.view.aug_on_device is on_device and trainer.val_stream.view.aug is None
+
+
+def test_an_epoch_closes_its_loader_used_up_or_not(tiny_shards, train_store, tmp_path, monkeypatch):
+    """A rank may take fewer batches than its stream makes (DDP keeps ranks in step); its loader thread and
+    processes end with the epoch all the same. An interrupted epoch does not wait for them."""
+    cfg = load_config(None, [*MICRO, "DATA.NUM_WORKERS=2"])
+    trainer = Trainer(cfg, str(tiny_shards), tmp_path / "t", str(train_store), CPU, "fp32")
+    assert trainer.steps_per_epoch == 2
+    trainer.steps_per_epoch = 1  # one of the epoch's two batches is left unused
+    assert math.isfinite(trainer._train_epoch(1, None))
+    assert not [t for t in threading.enumerate() if t.name == "producer"] and not multiprocessing.active_children()
+    closes, close = [], Background.close
+    monkeypatch.setattr(Background, "close", lambda self, wait=True: (closes.append(wait), close(self, wait)))
+
+    def interrupted(batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer._train_epoch(2, None)
+    assert closes == [False]
 
 
 def test_augmenting_on_the_device_trains_the_same_run(full_run, tiny_shards, train_store, tmp_path):
