@@ -314,7 +314,7 @@ class Trainer:
             return None if x is None else x.to(self.device, non_blocking=True)
 
         patches = put(batch.patches)
-        if batch.aug is not None:  # float32 work (the JPEG simulation's DCT): called outside autocast
+        if batch.aug is not None:  # before autocast: the transforms keep their own precision (JPEG is exact)
             patches = batch.aug.apply(patches)
         # counts stay on the host: nothing in a step then waits for the device, which can run a step behind
         return DetectorBatch(unit_pixels(patches), batch.counts, put(batch.global_vec), put(batch.local_vec))
