@@ -173,38 +173,27 @@ def timed_steps(
     part instead, to print where a step's time goes (slower: the overlap is lost).
     """
     trainer.module.train()
-    # collated in a thread, as the trainer's loader does
-    with contextlib.closing(Background(collated(trainer, stream, epoch=1), BATCHES_AHEAD)) as batches:
-        return _timed(trainer, batches, steps, warmup, embedder, breakdown)
-
-
-def _timed(
-    trainer: Trainer,
-    batches: Iterator[tuple[list[Sample], TrainBatch]],
-    steps: int,
-    warmup: int,
-    embedder: ClipEmbedder | None,
-    breakdown: bool,
-) -> float:
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     part_sync = sync if breakdown else (lambda: None)
     start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            start, waits = time.perf_counter(), dict.fromkeys(waits, 0.0)
-        t0 = time.perf_counter()
-        samples, batch = next(batches)
-        t1 = time.perf_counter()
-        if embedder is not None:  # the embedder applies the same precision itself
-            clip_vectors(embedder, batch, torch.stack([s.global_pixels for s in samples]))
+    # collated in a thread, as the trainer's loader does
+    with contextlib.closing(Background(collated(trainer, stream, epoch=1), BATCHES_AHEAD)) as batches:
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                start, waits = time.perf_counter(), dict.fromkeys(waits, 0.0)
+            t0 = time.perf_counter()
+            samples, batch = next(batches)
+            t1 = time.perf_counter()
+            if embedder is not None:  # the embedder applies the same precision itself
+                clip_vectors(embedder, batch, torch.stack([s.global_pixels for s in samples]))
+                part_sync()
+            t2 = time.perf_counter()
+            trainer.step(batch)
             part_sync()
-        t2 = time.perf_counter()
-        trainer.step(batch)
-        part_sync()
-        t3 = time.perf_counter()
-        for k, dt in zip(waits, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-            waits[k] += dt
+            t3 = time.perf_counter()
+            for k, dt in zip(waits, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                waits[k] += dt
     sync()
     total = time.perf_counter() - start
     what = "seconds per step" if breakdown else "host seconds per step (the device runs behind)"
