@@ -8,8 +8,9 @@
     4 local crops, nvjpeg decode (--gpu-decode), bf16; prints the card's name beside the figures.
 
 Usage: python benchmarks/extract.py [--images 64] [--batch-size 32] [--repeats 3] [--skip-gpu]
-       python benchmarks/extract.py --host-ceiling   # (b)'s pipeline with the device's work stubbed: what
-                                                     # the host allows one process, on any machine
+       python benchmarks/extract.py --host-ceiling [--writer-ab]   # (b)'s pipeline with the device's work
+            # stubbed: what the host allows one process, on any machine; --writer-ab: alternating runs with the
+            # shard writes by the writer process and in a thread
        QUICK=1 python benchmarks/extract.py   # tiny dry run of both variants on the CPU (tiny-random)
 """
 
@@ -43,6 +44,7 @@ from semspai.pipeline.extraction import (
 from semspai.pipeline.grid import grid_boxes
 from semspai.stages.extract import ExtractConfig, run
 from semspai.store.shards import ShardWriter, iter_shard
+from semspai.store.writer import WRITER_ENV
 
 QUICK = os.environ.get("QUICK") == "1"
 SIZE = 512  # px: a 2 x 2 grid, so global + 4 local = 5 crops per image
@@ -143,7 +145,8 @@ def cpu_variant(args: argparse.Namespace, root: Path) -> dict:
 
 def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
     """Rows for each way of running on the GPU: in process or on Dask workers sharing the card, nvjpeg or the
-    host decode function; and the bare encoder (autocast as extract-clip runs it, and with bf16 weights)."""
+    host decode function, shard writes by the writer process or in a thread; and the bare encoder (autocast as
+    extract-clip runs it, and with bf16 weights)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only for the QUICK dry run
     factory = ClipFactory("tiny-random" if QUICK else "ViT-B-32:random", device, "bf16" if device == "cuda" else "fp32")
     shards, n = gpu_shards(args, root)
@@ -164,28 +167,27 @@ def gpu_variant(args: argparse.Namespace, root: Path) -> Iterator[dict]:
         yield {"variant": "gpu-stage", "how": f"one shard in process: {row.pop('stage')}", **row, **common}
     # rows as they come: a run cut off by a time limit still leaves the figures measured so far
     pure = ClipFactory(factory.clip, factory.device, "bf16-weights")
-    runs = [
-        (args.gpu_workers[0], True, factory),
-        (args.gpu_workers[0], True, pure),
-        (args.gpu_workers[0], False, factory),
-    ]
-    runs += [(w, True, factory) for w in args.gpu_workers[1:]]
-    for k, (workers, nvjpeg, fac) in enumerate(runs):
-        rates = [
-            end_to_end_images_per_s(
-                shards,
-                root,
-                fac,
-                workers=workers,
-                batch_size=args.gpu_batch_size,
-                decode_workers=args.gpu_decode_workers,
-                gpu_decode=nvjpeg,
-                torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers)),
-            )
-            for _ in range(2 if k == 0 and not QUICK else 1)  # the first run also warms the allocator and kernels
-        ]
+    first = args.gpu_workers[0]
+    runs = [(first, True, factory, "process"), (first, True, pure, "process"), (first, True, factory, "thread")]
+    runs += [(first, False, factory, "process")] + [(w, True, factory, "process") for w in args.gpu_workers[1:]]
+    for k, (workers, nvjpeg, fac, writer) in enumerate(runs):
+        with mock.patch.dict(os.environ, {WRITER_ENV: writer}):
+            rates = [
+                end_to_end_images_per_s(
+                    shards,
+                    root,
+                    fac,
+                    workers=workers,
+                    batch_size=args.gpu_batch_size,
+                    decode_workers=args.gpu_decode_workers,
+                    gpu_decode=nvjpeg,
+                    torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers)),
+                )
+                for _ in range(2 if k == 0 and not QUICK else 1)  # the first run also warms the allocator and kernels
+            ]
         how = f"e2e, {'nvjpeg' if nvjpeg else 'host'} decode, {f'{workers} dask workers' if workers else 'in process'}"
         how += ", bf16 weights" if fac.precision == "bf16-weights" else ""
+        how += ", writes in a thread" if writer == "thread" else ""
         yield {
             "variant": "gpu",
             "how": how,
@@ -285,6 +287,11 @@ def main() -> None:
         action="store_true",
         help="only the host ceiling of the --gpu-decode path (device work stubbed; runs without a GPU)",
     )
+    parser.add_argument(
+        "--writer-ab",
+        action="store_true",
+        help="with --host-ceiling: alternate runs with shard writes by the writer process and in a thread",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("semspai.pipeline.extraction").setLevel(logging.INFO)  # a line per shard, with its seconds
@@ -292,22 +299,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.host_ceiling:
             shards, n = gpu_shards(args, Path(tmp))
-            runs = [
-                host_ceiling_images_per_s(shards, Path(tmp), args.gpu_batch_size, args.gpu_decode_workers)
-                for _ in range(args.repeats)
-            ]
-            rows.append(
-                {
-                    "variant": "host",
-                    "how": f"host ceiling: in process, device work stubbed, {os.cpu_count()} cores",
-                    "img_per_s": round(statistics.median(runs)),
-                    "runs": [round(r) for r in runs],
-                    "card": "none",
-                    "model": "stub",
-                    "images": n,
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            writers = ["process", "thread"] if args.writer_ab else [os.environ.get(WRITER_ENV, "process")]
+            runs: dict[str, list[float]] = {w: [] for w in writers}
+            for _ in range(args.repeats):
+                for writer in writers:  # alternating: other jobs on a shared machine move both alike
+                    with mock.patch.dict(os.environ, {WRITER_ENV: writer}):
+                        runs[writer].append(
+                            host_ceiling_images_per_s(shards, Path(tmp), args.gpu_batch_size, args.gpu_decode_workers)
+                        )
+            for writer, rates in runs.items():
+                how = f"host ceiling: in process, device work stubbed, {os.cpu_count()} cores"
+                rows.append(
+                    {
+                        "variant": "host",
+                        "how": how + (", writes in a thread" if writer == "thread" else ""),
+                        "img_per_s": round(statistics.median(rates)),
+                        "runs": [round(r) for r in rates],
+                        "card": "none",
+                        "model": "stub",
+                        "images": n,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
         elif not args.skip_cpu:
             rows.append(cpu_variant(args, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)

@@ -12,8 +12,6 @@ import dataclasses
 import io
 import itertools
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -31,7 +29,7 @@ from PIL import Image
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
-from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
+from semspai.store.features import ShardFeatures
 from semspai.store.images import (
     DECODER_ID,
     DEFAULT_MAX_PIXELS,
@@ -41,12 +39,10 @@ from semspai.store.images import (
     jpeg_frame,
 )
 from semspai.store.shards import ShardSample, file_sha256, iter_shard, shard_name
+from semspai.store.writer import uses_writer_process, write_shard_rows, writer_process
 
 log = logging.getLogger(__name__)
 
-# Set to a shard name: SIGKILL this extraction's process group after that shard's rows are written and
-# before its done marker (the crash the resume logic must survive; used by the tests).
-FAULT_ENV = "SEMSPAI_FAULT_KILL_AFTER_SHARD"
 PROMPT_TEMPLATE = "a photo of a {}."
 # JPEGs decoded by torchvision on the device, crops resized there; other formats and EXIF-rotated JPEGs
 # still go through DECODER_ID. Part of the store identity: its pixels differ slightly from PIL's.
@@ -98,7 +94,10 @@ def worker_embedder(factory: Callable[[], Embedder]) -> Embedder:
 
 
 def warm_up(factory: Callable[[], Embedder]) -> None:
-    """Build this worker's embedder now (returns nothing: the embedder never travels)."""
+    """Build this worker's embedder now (returns nothing: the embedder never travels), and start its store writer
+    process, which imports Zarr meanwhile."""
+    if uses_writer_process():
+        writer_process()
     worker_embedder(factory)
 
 
@@ -527,14 +526,8 @@ class ShardSummary:
     n_images: int
     n_skipped: int
     seconds: float
-    pid: int
+    pid: int  # of the process that wrote the shard
     host: str
-
-
-def _fault_hook(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
-        log.warning("%s=%s: killing the extraction's process group now (fault injection)", FAULT_ENV, name)
-        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 @dataclass
@@ -573,15 +566,12 @@ def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
 
 
 def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSummary:
-    """A shard's rows into the store, then its done marker (exactly once per shard)."""
-    limit_zarr_concurrency(job.zarr_concurrency)
-    writer = FeatureStoreWriter(job.store)
-    writer.write_rows(features)
-    _fault_hook(job.name)
-    writer.mark_done(features)
+    """A shard's rows into the store, then its done marker (exactly once per shard), by this process's writer
+    process (store/writer.py)."""
+    writer_pid = write_shard_rows(job.store, features, job.zarr_concurrency)
     seconds = time.perf_counter() - start
     log.info("shard %s: %d images (%d skipped) in %.1fs", job.name, len(features.keys), len(features.skipped), seconds)
-    return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, os.getpid(), socket.gethostname())
+    return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, writer_pid, socket.gethostname())
 
 
 # one shard at a time is embedded in a process (they would share its device and encoder), and one more begins
@@ -620,8 +610,8 @@ class InlineDistributor:
 
     def map_shards(self, jobs: list[ShardJob]) -> Iterator[Outcome]:
         """Each shard extracted and written, in order. The next shard's reading begins while one is embedded (with
-        gpu_decode its first chunks are then decoded ahead), and a shard's Zarr write runs in a writer thread
-        while the next one is embedded (one write at a time, so shards still become done in order)."""
+        gpu_decode its first chunks are then decoded ahead), and a shard's write (store/writer.py) runs in a
+        thread while the next one is embedded (one write at a time, so shards still become done in order)."""
         with ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer, _ReadAhead(jobs) as readings:
             pending: tuple[ShardJob, Future] | None = None
             for job, reading in readings:

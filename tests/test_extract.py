@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import signal
@@ -29,7 +30,6 @@ from semspai.pipeline import extraction
 from semspai.pipeline.clip import load_embedder
 from semspai.pipeline.config import load_config, prompts_path
 from semspai.pipeline.extraction import (
-    FAULT_ENV,
     ClipFactory,
     CpuCrops,
     CropBatcher,
@@ -44,9 +44,11 @@ from semspai.pipeline.extraction import (
 from semspai.pipeline.grid import grid_boxes, pad_image
 from semspai.stages.cli import cli
 from semspai.stages.extract import ExtractConfig, run, worker_gpus
+from semspai.store import writer as writer_module
 from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
 from semspai.store.shards import ShardError, ShardSample, iter_shard
+from semspai.store.writer import FAULT_ENV, WRITER_ENV, writer_process
 from tests.conftest import encode
 from tests.conftest import random_photo as photo
 
@@ -195,11 +197,50 @@ def test_kill_after_rows_then_resume_is_bitwise_equal(shards: Path, reference: P
     assert arrays(store) == arrays(reference)
 
 
+def writer_pids(store: Path) -> dict[str, int]:
+    """Done shard -> the id of the process that wrote it."""
+    fs = FeatureStore.open(str(store))
+    return {n: fs.shard_info[n]["writer"]["pid"] for n in fs.done_shards}
+
+
 def _dask_matches_reference(shards: Path, reference: Path, store: Path, workers: int, **over) -> set[int]:
     run(cfg(shards, store, workers=workers, **over), embedder_factory=TINY)
     assert arrays(store) == arrays(reference)
-    fs = FeatureStore.open(str(store))
-    return {fs.shard_info[n]["writer"]["pid"] for n in fs.done_shards}
+    return set(writer_pids(store).values())
+
+
+def test_writes_by_a_writer_process_and_in_a_thread_give_the_same_bits(
+    shards: Path, reference: Path, tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture, capfd
+) -> None:
+    """The reference's shards were written by this process's writer process; writes in a thread (WRITER_ENV)
+    give the same bits. The writer process logs at the level this process's semspai loggers let through."""
+    writer_pid = writer_process().proc.pid
+    assert set(writer_pids(reference).values()) == {writer_pid} and writer_pid != os.getpid()
+    store = tmp_path / "thread.zarr"
+    with monkeypatch.context() as m:
+        m.setenv(WRITER_ENV, "thread")
+        run(cfg(shards, store), embedder_factory=TINY)
+    assert set(writer_pids(store).values()) == {os.getpid()}
+    assert arrays(store) == arrays(reference)
+
+    for name in ("train-000001", "train-000002"):  # as a run killed before these shards' markers leaves them
+        group = zarr.open_group(str(store), mode="r+")["shards"][name]
+        group.attrs["done"] = False
+        del group["global"]
+    capfd.readouterr()
+    monkeypatch.setattr(writer_module, "_WRITER", None)  # a writer process started here writes to capfd's stderr
+    try:
+        with caplog.at_level(logging.INFO, logger="semspai.store.features"):
+            result = run(cfg(shards, store), embedder_factory=TINY)
+    finally:
+        new_pid = writer_module._WRITER.proc.pid
+        writer_module._WRITER.close()
+    assert [s.name for s in result.extracted] == ["train-000001", "train-000002"]
+    assert writer_pids(store) == {"train-000000": os.getpid(), "train-000001": new_pid, "train-000002": new_pid}
+    assert arrays(store) == arrays(reference)
+    # logged by the writer process, which rewrote them, on the stderr it shares with this one
+    assert capfd.readouterr().err.count("INFO semspai.store.features: shard train-00000") == 2
+    assert "replacing an unfinished group" not in caplog.text
 
 
 def test_two_dask_workers_give_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
