@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import h5py
@@ -14,6 +16,7 @@ from store_data import CORRUPT_KEY, make_shards
 
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.stages.cli import cli
+from semspai.store import writer as writer_module
 from semspai.store.features import (
     FeatureStore,
     FeatureStoreError,
@@ -23,6 +26,7 @@ from semspai.store.features import (
     verify_store,
 )
 from semspai.store.shards import file_sha256, iter_shard, shard_name
+from semspai.store.writer import WriterProcess, WriterProcessError
 
 D = 8
 
@@ -286,3 +290,41 @@ def test_missing_store_is_one_line_error(tmp_path: Path) -> None:
 def test_help(args: list[str]) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_writer_process_writes_reports_errors_and_restarts_when_it_died(tmp_path: Path, shards: list[Path]) -> None:
+    """The writer process (store/writer.py): rows and marker as a write here gives them; an error raised there
+    arrives here with its type and message; a writer that died fails its call clearly, and the next one starts."""
+    here, there = str(tmp_path / "here.zarr"), str(tmp_path / "there.zarr")
+    write(here, shards)
+    write(there, [])  # the store, no shard yet
+    writer = WriterProcess()
+    try:
+        assert [writer.call(there, features_for(p), 2) for p in shards] == [writer.proc.pid] * len(shards)
+        assert FeatureStore.open(there).done_shards == FeatureStore.open(here).done_shards
+        for name in FeatureStore.open(here).done_shards:
+            a, b = (zarr.open_group(s, mode="r")["shards"][name] for s in (here, there))
+            assert sorted(a.array_keys()) == sorted(b.array_keys())
+            assert all(np.array_equal(a[k][...], b[k][...]) for k in a.array_keys())
+        with pytest.raises(FeatureStoreError, match="is already done in .* it is never rewritten"):
+            writer.call(there, features_for(shards[0]), 2)
+        os.kill(writer.proc.pid, signal.SIGKILL)
+        writer.proc.wait()
+        with pytest.raises(WriterProcessError, match="writer process ended .* before shard train-000000 was written"):
+            writer.call(there, features_for(shards[0]), 2)
+    finally:
+        writer.close()
+    assert not writer.alive()
+
+
+def test_a_dead_writer_process_is_replaced(monkeypatch) -> None:
+    monkeypatch.setattr(writer_module, "_WRITER", None)
+    first = writer_module.writer_process()
+    try:
+        assert writer_module.writer_process() is first
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        second = writer_module.writer_process()
+        assert second is not first and second.alive()
+    finally:
+        writer_module.writer_process().close()
