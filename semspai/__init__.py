@@ -7,10 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["LOG_FORMAT", "__version__", "load_detector"]
-
-# the CLI's log lines, and those of the processes it starts (store/writer.py)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+__all__ = ["__version__", "load_detector"]
 
 
 def __getattr__(name: str):

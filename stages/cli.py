@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from semspai import LOG_FORMAT, __version__
+from semspai import __version__
 
 # command name -> "module:attribute"; imported only when that command runs (or `--help` lists them all),
 # so `semspai shard` does not pay for importing torch models and open_clip
@@ -43,7 +43,7 @@ def cli(verbose: bool) -> None:
     """semspai: detect AI-generated images at any resolution (spectral learning + CLIP semantics)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format=LOG_FORMAT,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 

@@ -41,11 +41,13 @@ from semspai.store.features import (
 )
 from semspai.store.images import ImageDecodeError
 from semspai.store.shards import ShardError, ShardSample, file_sha256, iter_shard, resolve_shards, shard_name
+from semspai.store.writer import WriterProcessError
 
 log = logging.getLogger(__name__)
-register_user_error(FeatureStoreError, ClipLoadError)
-# failures of a shard task that mean bad input (reported in one line), not a bug (re-raised as is)
-INPUT_ERRORS = (ShardError, FeatureStoreError, ImageDecodeError, ClipLoadError)
+register_user_error(FeatureStoreError, ClipLoadError, WriterProcessError)
+# failures of a shard task that mean bad input or a failed writer process (reported in one line, saying what to
+# do), not a bug (re-raised as is)
+INPUT_ERRORS = (ShardError, FeatureStoreError, ImageDecodeError, ClipLoadError, WriterProcessError)
 
 
 @dataclass

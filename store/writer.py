@@ -1,22 +1,25 @@
 """A shard's write into the feature store: its rows, then its done marker, by a writer process of its own.
 
-A shard's Zarr write is mostly Python (about 7 ms of fixed cost an array, twelve arrays a shard): 130-150 ms
-of CPU for 2,048 images on the project's 2-core machine, much of it holding the GIL. In a thread of the
-extracting process (the in-process run, or a Dask worker) that is GIL time taken from the threads that read,
-decode and feed the GPU: with the writes in a thread, the in-process pipeline's host ceiling here was 4,471
-images/s, with them in a writer process 7,324 (benchmarks/extract.py --host-ceiling, medians of 4).
+A shard's Zarr write is mostly Python (about 7 ms of fixed cost an array, twelve arrays a shard): 76-95 us of
+CPU an image on the project's 2-core machine, much of it holding the GIL. In a thread of the extracting
+process (the in-process run, or a Dask worker) that is GIL time taken from the threads that read, decode and
+feed the GPU (README: the host ceiling it bought).
 
-Each extracting process starts one writer process (`writer_process`), `python -m semspai.store.writer`, not a
-multiprocessing child: spawn would re-import the caller's main module (a benchmark script imports torch; an
-unguarded script would run again), and Dask's worker processes are daemonic. It imports no torch, so it starts
-in well under a second. Requests and replies are pickles over its stdin and stdout; a shard's arrays travel as
-one copy (about 12 MB for 2,048 images). It logs to the stderr it shares with its parent, and dies with it
-(Linux: PR_SET_PDEATHSIG), so a killed run leaves at most one unfinished group per writer, as writes in a
-thread do, and no writer still at work once the run's store lock is gone.
+Each extracting process starts one writer process (`writer_process`), a fresh interpreter running `serve`,
+not a multiprocessing child: spawn would re-import the caller's main module (a benchmark script imports
+torch; an unguarded script would run again), and Dask's worker processes are daemonic. It imports no torch,
+so it is ready in well under a second. It gets the parent's import path (not the working folder that `-c`
+would put first), requests and replies are pickles over its stdin and a copy of its stdout that nothing else
+writes to (its stdout proper goes to stderr), and a shard's arrays travel as one copy (about 12 MB for 2,048
+images). It logs to the stderr it shares with its parent, and on Linux dies with its parent
+(PR_SET_PDEATHSIG), so a killed run leaves at most one unfinished group per writer, as writes in a thread do,
+and no writer still at work once the run's store lock is gone; elsewhere it ends at the end of its input,
+after the write under way.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
@@ -26,17 +29,27 @@ import signal
 import subprocess
 import sys
 import threading
+import traceback
+from typing import TYPE_CHECKING, BinaryIO
 
-from semspai import LOG_FORMAT
-from semspai.store.features import FeatureStoreWriter, ShardFeatures, limit_zarr_concurrency
+if TYPE_CHECKING:
+    from semspai.store.features import ShardFeatures
 
 log = logging.getLogger(__name__)
 
 # Set to a shard name: SIGKILL the extraction's process group after that shard's rows are written and
 # before its done marker (the crash the resume logic must survive; used by the tests).
 FAULT_ENV = "SEMSPAI_FAULT_KILL_AFTER_SHARD"
-# "thread": write in the calling process (no writer process), e.g. where starting processes is not allowed
+# "process" (default) or "thread": write in the extracting process, e.g. where it may not start processes
+# (for an existing Dask cluster, set it in the workers' environment)
 WRITER_ENV = "SEMSPAI_STORE_WRITER"
+CHILD_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s (store writer, pid %(process)d): %(message)s"
+# the writer process's first lines: the parent's import path, replies on a copy of stdout, then `serve`
+_BOOT = (
+    "import os, sys; sys.path[:] = {path!r}; replies = os.fdopen(os.dup(1), 'wb'); os.dup2(2, 1); "
+    "from semspai.store.writer import serve; serve(replies, {parent})"
+)
+_READY, _TAKEN = "ready", "taken"
 
 
 def write_shard_rows(store: str, features: ShardFeatures, zarr_concurrency: int) -> int:
@@ -44,15 +57,25 @@ def write_shard_rows(store: str, features: ShardFeatures, zarr_concurrency: int)
     process or, where WRITER_ENV says `thread`, here; the id of the process that wrote them."""
     if not uses_writer_process():
         return write_here(store, features, zarr_concurrency)
-    return writer_process().call(store, features, zarr_concurrency)
+    try:
+        return writer_process().call(store, features, zarr_concurrency)
+    except WriterNotReached:  # it ended before taking the request (nothing was written): once more, with a new one
+        return writer_process().call(store, features, zarr_concurrency)
 
 
 def uses_writer_process() -> bool:
-    return os.environ.get(WRITER_ENV, "process") != "thread"
+    mode = os.environ.get(WRITER_ENV, "process")
+    if mode not in ("process", "thread"):
+        from semspai.store.features import FeatureStoreError
+
+        raise FeatureStoreError(f"{WRITER_ENV}={mode!r}: use process (the default) or thread")
+    return mode == "process"
 
 
 def write_here(store: str, features: ShardFeatures, zarr_concurrency: int) -> int:
     """`write_shard_rows` in this process, whatever WRITER_ENV says (what the writer process runs)."""
+    from semspai.store.features import FeatureStoreWriter, limit_zarr_concurrency
+
     limit_zarr_concurrency(zarr_concurrency)
     writer = FeatureStoreWriter(store)
     writer.write_rows(features)
@@ -64,7 +87,18 @@ def write_here(store: str, features: ShardFeatures, zarr_concurrency: int) -> in
 
 
 class WriterProcessError(RuntimeError):
-    """The writer process ended without answering (killed, or out of memory)."""
+    """The writer process did not start, or ended or broke off during a request (killed, out of memory)."""
+
+
+class WriterNotReached(WriterProcessError):
+    """The writer process ended (or never started) before it took the request: nothing of it was written."""
+
+
+class RemoteTraceback(Exception):
+    """The writer process's traceback of an error it sent back, attached as that error's cause."""
+
+    def __str__(self) -> str:
+        return f"\n(in the store writer process)\n{self.args[0]}"
 
 
 class WriterProcess:
@@ -73,49 +107,112 @@ class WriterProcess:
     def __init__(self) -> None:
         self.pid_here = os.getpid()
         self.lock = threading.Lock()
+        self.ready = self.broken = False
         started = threading.Event()
+        failed: list[BaseException] = []
 
         def own() -> None:
             # the parent-death signal fires when the *thread* that started the process ends: this one lasts as long
             # as the process it started
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", __name__],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
-            started.set()
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _BOOT.format(path=sys.path, parent=os.getpid())],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            except BaseException as exc:
+                failed.append(exc)
+                return
+            finally:
+                started.set()
             self.proc.wait()
 
         threading.Thread(target=own, name="store-writer-process", daemon=True).start()
         started.wait()
-
-    def close(self) -> None:
-        """Ends the process (EOF on its input) once its write under way is done."""
-        with self.lock:
-            if self.proc.stdin is not None:
-                with contextlib.suppress(BrokenPipeError):
-                    self.proc.stdin.close()
-            self.proc.wait()
+        if failed:
+            raise WriterProcessError(
+                f"could not start the feature store's writer process ({failed[0]}); {WRITER_ENV}=thread writes "
+                "in this process instead"
+            ) from failed[0]
+        atexit.register(self._end_at_exit)
 
     def alive(self) -> bool:
-        return self.pid_here == os.getpid() and self.proc.poll() is None
+        return self.pid_here == os.getpid() and not self.broken and self.proc.poll() is None
 
     def call(self, store: str, features: ShardFeatures, zarr_concurrency: int) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        name = features.name
         with self.lock:
             try:
+                if not self.ready:
+                    self._expect_ready()
                 request = (store, features, zarr_concurrency, _most_verbose_level())
-                pickle.dump(request, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                self.proc.stdin.flush()
+                try:
+                    pickle.dump(request, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                    self.proc.stdin.flush()
+                    taken = pickle.load(self.proc.stdout)  # sent before it writes anything
+                except (BrokenPipeError, EOFError):
+                    raise WriterNotReached(
+                        f"the feature store's writer process had ended (exit status {self.proc.wait()}) before "
+                        f"shard {name}'s write"
+                    ) from None
+                if taken != (True, _TAKEN):
+                    raise WriterProcessError(f"the feature store's writer process answered {taken!r} to a request")
                 ok, value = pickle.load(self.proc.stdout)
-            except (BrokenPipeError, EOFError):
+            except BaseException as exc:
+                self._break()  # its pipes may be out of step: no later request goes to it
+                if isinstance(exc, WriterProcessError) or not isinstance(exc, Exception):
+                    raise
+                if isinstance(exc, EOFError):
+                    raise WriterProcessError(
+                        f"the feature store's writer process ended (exit status {self.proc.wait()}) during shard "
+                        f"{name}'s write; rerun: a shard without its done marker is written again"
+                    ) from None
                 raise WriterProcessError(
-                    f"the feature store's writer process ended (exit status {self.proc.wait()}) before shard "
-                    f"{features.name} was written; rerun to write it"
-                ) from None
+                    f"shard {name}'s write broke off ({type(exc).__name__}: {exc}); rerun: a shard without its "
+                    "done marker is written again"
+                ) from exc
         if not ok:
-            raise value
+            error, remote_traceback = value
+            raise error from RemoteTraceback(remote_traceback)
         return value
+
+    def _expect_ready(self) -> None:
+        try:
+            reply = pickle.load(self.proc.stdout)
+        except EOFError:
+            reply = None  # it ended: its exit status follows at once
+        if reply != (True, _READY):
+            if reply is not None:
+                self._break()
+            raise WriterNotReached(
+                f"the feature store's writer process did not start (exit status {self.proc.wait()}; its error is "
+                f"above); {WRITER_ENV}=thread writes in this process instead"
+            )
+        self.ready = True
+
+    def _break(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+
+    def close(self) -> None:
+        """Ends the process (end of its input) once its write under way is done."""
+        with self.lock:
+            self._end()
+
+    def _end(self) -> None:
+        if self.pid_here != os.getpid():
+            return  # a forked copy: the process is its parent's
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self._break()
+
+    def _end_at_exit(self) -> None:
+        self._end()  # without the lock: a daemon thread stopped in a call may hold it (nothing else runs now)
 
 
 _WRITER: WriterProcess | None = None
@@ -123,8 +220,8 @@ _WRITER_LOCK = threading.Lock()
 
 
 def writer_process() -> WriterProcess:
-    """This process's writer process, started at the first call (and again if it died); it ends with this
-    process. Call it early: the process imports Zarr while this one works."""
+    """This process's writer process, started at the first call (and again if it ended); it ends with this
+    process. Call it early: it gets ready while this process works."""
     global _WRITER
     with _WRITER_LOCK:
         if _WRITER is None or not _WRITER.alive():
@@ -134,41 +231,43 @@ def writer_process() -> WriterProcess:
 
 def _most_verbose_level() -> int:
     """The lowest level that this process's root or semspai loggers let through: the writer process logs at it."""
-    ours = [lg for name, lg in logging.root.manager.loggerDict.items() if name.startswith("semspai.")]
-    return min(lg.getEffectiveLevel() for lg in [logging.getLogger(), *ours] if isinstance(lg, logging.Logger))
+    loggers = list(logging.root.manager.loggerDict.items())  # one step: other threads may be adding loggers
+    ours = [lg for name, lg in loggers if name.startswith("semspai.") and isinstance(lg, logging.Logger)]
+    return min(lg.getEffectiveLevel() for lg in [logging.getLogger(), *ours])
 
 
-def _die_with_parent() -> None:
-    parent = os.getppid()
+def serve(replies: BinaryIO, parent: int) -> None:
+    """The writer process: requests from stdin, one at a time, each answered on `replies`, until the end of stdin."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    if os.getppid() != parent:  # the parent died before the call
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux): SIGKILL when the parent ends
+    if os.getppid() != parent:  # it ended before that call
         os._exit(1)
-
-
-def _serve() -> None:
-    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent ends this process
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing else may write to the reply pipe
-    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr)
+    logging.basicConfig(format=CHILD_LOG_FORMAT, stream=sys.stderr)
+    import semspai.store.features  # noqa: F401 - Zarr and numpy, imported before saying ready
+
+    _reply(replies, (True, _READY))
+    requests = sys.stdin.buffer
     while True:
         try:
             store, features, zarr_concurrency, level = pickle.load(requests)
         except EOFError:
             return
+        _reply(replies, (True, _TAKEN))
         logging.getLogger().setLevel(level)  # as the requesting process's loggers are set now
         try:
             reply: tuple[bool, object] = (True, write_here(store, features, zarr_concurrency))
         except Exception as exc:
-            reply = (False, exc)
-        try:
-            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # an exception that does not pickle: its text does
-            data = pickle.dumps((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
-        replies.write(data)
-        replies.flush()
+            reply = (False, (exc, traceback.format_exc()))
+        _reply(replies, reply)
 
 
-if __name__ == "__main__":
-    _serve()
+def _reply(replies: BinaryIO, reply: tuple[bool, object]) -> None:
+    try:
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(data)  # as the parent will: an error that does not come back as itself comes as its text
+    except Exception:
+        error, remote_traceback = reply[1]  # type: ignore[misc]  # only errors fail to travel
+        data = pickle.dumps((False, (RuntimeError(f"{type(error).__name__}: {error}"), remote_traceback)))
+    replies.write(data)
+    replies.flush()

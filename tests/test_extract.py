@@ -239,7 +239,10 @@ def test_writes_by_a_writer_process_and_in_a_thread_give_the_same_bits(
     assert writer_pids(store) == {"train-000000": os.getpid(), "train-000001": new_pid, "train-000002": new_pid}
     assert arrays(store) == arrays(reference)
     # logged by the writer process, which rewrote them, on the stderr it shares with this one
-    assert capfd.readouterr().err.count("INFO semspai.store.features: shard train-00000") == 2
+    assert (
+        capfd.readouterr().err.count(f"INFO semspai.store.features (store writer, pid {new_pid}): shard train-00000")
+        == 2
+    )
     assert "replacing an unfinished group" not in caplog.text
 
 

@@ -26,7 +26,7 @@ from semspai.store.features import (
     verify_store,
 )
 from semspai.store.shards import file_sha256, iter_shard, shard_name
-from semspai.store.writer import WriterProcess, WriterProcessError
+from semspai.store.writer import RemoteTraceback, WriterNotReached, WriterProcess, WriterProcessError
 
 D = 8
 
@@ -292,9 +292,9 @@ def test_help(args: list[str]) -> None:
     assert result.exit_code == 0 and "Usage:" in result.output
 
 
-def test_writer_process_writes_reports_errors_and_restarts_when_it_died(tmp_path: Path, shards: list[Path]) -> None:
+def test_writer_process_writes_reports_errors_and_fails_clearly_when_it_died(tmp_path: Path, shards) -> None:
     """The writer process (store/writer.py): rows and marker as a write here gives them; an error raised there
-    arrives here with its type and message; a writer that died fails its call clearly, and the next one starts."""
+    arrives here with its type, message and remote traceback; a call to a writer that died fails clearly."""
     here, there = str(tmp_path / "here.zarr"), str(tmp_path / "there.zarr")
     write(here, shards)
     write(there, [])  # the store, no shard yet
@@ -306,25 +306,59 @@ def test_writer_process_writes_reports_errors_and_restarts_when_it_died(tmp_path
             a, b = (zarr.open_group(s, mode="r")["shards"][name] for s in (here, there))
             assert sorted(a.array_keys()) == sorted(b.array_keys())
             assert all(np.array_equal(a[k][...], b[k][...]) for k in a.array_keys())
-        with pytest.raises(FeatureStoreError, match="is already done in .* it is never rewritten"):
+        with pytest.raises(FeatureStoreError, match="is already done in .* it is never rewritten") as info:
             writer.call(there, features_for(shards[0]), 2)
+        assert isinstance(info.value.__cause__, RemoteTraceback) and "write_rows" in str(info.value.__cause__)
+        assert writer.alive()
         os.kill(writer.proc.pid, signal.SIGKILL)
-        writer.proc.wait()
-        with pytest.raises(WriterProcessError, match="writer process ended .* before shard train-000000 was written"):
+        with pytest.raises(WriterNotReached, match=r"had ended \(exit status -9\) before shard train-000000's write"):
             writer.call(there, features_for(shards[0]), 2)
+        assert not writer.alive()
     finally:
         writer.close()
-    assert not writer.alive()
 
 
-def test_a_dead_writer_process_is_replaced(monkeypatch) -> None:
+def test_a_writer_process_that_ended_while_idle_is_replaced_at_once(tmp_path: Path, shards, monkeypatch) -> None:
+    write(str(tmp_path / "f.zarr"), [])
     monkeypatch.setattr(writer_module, "_WRITER", None)
     first = writer_module.writer_process()
     try:
         assert writer_module.writer_process() is first
-        os.kill(first.proc.pid, signal.SIGKILL)
-        first.proc.wait()
-        second = writer_module.writer_process()
-        assert second is not first and second.alive()
+        os.kill(first.proc.pid, signal.SIGKILL)  # not yet reaped: it may still look alive
+        pid = writer_module.write_shard_rows(str(tmp_path / "f.zarr"), features_for(shards[0]), 2)
+        assert pid not in (first.proc.pid, os.getpid()) and writer_module.writer_process().proc.pid == pid
+        assert FeatureStore.open(str(tmp_path / "f.zarr")).done_shards == [shard_name(shards[0])]
     finally:
         writer_module.writer_process().close()
+
+
+@pytest.mark.parametrize(
+    ("boot", "message"),
+    [
+        ("import sys; sys.exit(3)", r"writer process did not start \(exit status 3; its error is above\)"),
+        # stray output to stdout, from Python and from C, must not reach the replies
+        (writer_module._BOOT.replace("os.dup2(2, 1); ", "os.dup2(2, 1); print('x'); os.write(1, b'y'); "), None),
+    ],
+)
+def test_writer_process_start(tmp_path: Path, shards, monkeypatch, boot: str, message: str | None) -> None:
+    store = str(tmp_path / "f.zarr")
+    write(store, [])
+    monkeypatch.setattr(writer_module, "_BOOT", boot)
+    writer = WriterProcess()
+    try:
+        if message is None:
+            assert writer.call(store, features_for(shards[0]), 2) == writer.proc.pid
+        else:
+            with pytest.raises(WriterProcessError, match=message):
+                writer.call(store, features_for(shards[0]), 2)
+    finally:
+        writer.close()
+    monkeypatch.setattr(writer_module.sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(WriterProcessError, match="could not start .* SEMSPAI_STORE_WRITER=thread writes in this"):
+        WriterProcess()
+
+
+def test_an_unknown_writer_setting_is_an_error(monkeypatch) -> None:
+    monkeypatch.setenv(writer_module.WRITER_ENV, "threads")
+    with pytest.raises(FeatureStoreError, match="SEMSPAI_STORE_WRITER='threads': use process .* or thread"):
+        writer_module.uses_writer_process()
