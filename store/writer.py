@@ -9,12 +9,12 @@ Each extracting process starts one writer process (`writer_process`), a fresh in
 not a multiprocessing child: spawn would re-import the caller's main module (a benchmark script imports
 torch; an unguarded script would run again), and Dask's worker processes are daemonic. It imports no torch,
 so it is ready in well under a second. It gets the parent's import path (not the working folder that `-c`
-would put first), requests and replies are pickles over its stdin and a copy of its stdout that nothing else
-writes to (its stdout proper goes to stderr), and a shard's arrays travel as one copy (about 12 MB for 2,048
-images). It logs to the stderr it shares with its parent, and on Linux dies with its parent
-(PR_SET_PDEATHSIG), so a killed run leaves at most one unfinished group per writer, as writes in a thread do,
-and no writer still at work once the run's store lock is gone; elsewhere it ends at the end of its input,
-after the write under way.
+would put first). Requests are pickles on its stdin; replies are pickles on a pipe of their own that nothing
+else writes to (its stdout goes to stderr, from the first byte of start-up on); a shard's arrays travel as one
+copy (about 12 MB for 2,048 images). It logs to the stderr it shares with its parent, and on Linux dies with
+its parent (PR_SET_PDEATHSIG), so a killed run leaves at most one unfinished group per writer, as writes in a
+thread do, and no writer still at work once the run's store lock is gone; elsewhere it ends at the end of its
+input, after the write under way.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import weakref
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -44,23 +45,25 @@ FAULT_ENV = "SEMSPAI_FAULT_KILL_AFTER_SHARD"
 # (for an existing Dask cluster, set it in the workers' environment)
 WRITER_ENV = "SEMSPAI_STORE_WRITER"
 CHILD_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s (store writer, pid %(process)d): %(message)s"
-# the writer process's first lines: the parent's import path, replies on a copy of stdout, then `serve`
-_BOOT = (
-    "import os, sys; sys.path[:] = {path!r}; replies = os.fdopen(os.dup(1), 'wb'); os.dup2(2, 1); "
-    "from semspai.store.writer import serve; serve(replies, {parent})"
-)
+# the writer process's first lines: the parent's import path, then `serve` with the replies' pipe
+_BOOT = "import sys; sys.path[:] = {path!r}; from semspai.store.writer import serve; serve({replies}, {parent})"
 _READY, _TAKEN = "ready", "taken"
 
 
 def write_shard_rows(store: str, features: ShardFeatures, zarr_concurrency: int) -> int:
     """A shard's rows into its group, then its done marker (exactly once per shard), in this process's writer
     process or, where WRITER_ENV says `thread`, here; the id of the process that wrote them."""
+    global _UNSTARTABLE
     if not uses_writer_process():
         return write_here(store, features, zarr_concurrency)
     try:
         return writer_process().call(store, features, zarr_concurrency)
     except WriterNotReached:  # it ended before taking the request (nothing was written): once more, with a new one
-        return writer_process().call(store, features, zarr_concurrency)
+        try:
+            return writer_process().call(store, features, zarr_concurrency)
+        except WriterDidNotStart as exc:  # twice: the next shards fail at once, without trying again
+            _UNSTARTABLE = str(exc)
+            raise
 
 
 def uses_writer_process() -> bool:
@@ -94,6 +97,10 @@ class WriterNotReached(WriterProcessError):
     """The writer process ended (or never started) before it took the request: nothing of it was written."""
 
 
+class WriterDidNotStart(WriterNotReached):
+    """The writer process ended before it was ready."""
+
+
 class RemoteTraceback(Exception):
     """The writer process's traceback of an error it sent back, attached as that error's cause."""
 
@@ -108,6 +115,10 @@ class WriterProcess:
         self.pid_here = os.getpid()
         self.lock = threading.Lock()
         self.ready = self.broken = False
+        read_end, write_end = os.pipe()
+        self.replies = os.fdopen(read_end, "rb")
+        path = [os.fsdecode(p) for p in sys.path if isinstance(p, (str, bytes, os.PathLike))]
+        boot = _BOOT.format(path=path, replies=write_end, parent=self.pid_here)
         started = threading.Event()
         failed: list[BaseException] = []
 
@@ -116,33 +127,36 @@ class WriterProcess:
             # as the process it started
             try:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _BOOT.format(path=sys.path, parent=os.getpid())],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
+                    [sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=2, pass_fds=(write_end,)
                 )
             except BaseException as exc:
                 failed.append(exc)
                 return
             finally:
+                os.close(write_end)  # the child's copy is the only one: its end is the replies' end
                 started.set()
             self.proc.wait()
 
         threading.Thread(target=own, name="store-writer-process", daemon=True).start()
         started.wait()
         if failed:
+            self.replies.close()
             raise WriterProcessError(
                 f"could not start the feature store's writer process ({failed[0]}); {WRITER_ENV}=thread writes "
                 "in this process instead"
             ) from failed[0]
+        _ALL.add(self)
         atexit.register(self._end_at_exit)
 
     def alive(self) -> bool:
         return self.pid_here == os.getpid() and not self.broken and self.proc.poll() is None
 
     def call(self, store: str, features: ShardFeatures, zarr_concurrency: int) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         name = features.name
         with self.lock:
+            if self.broken:
+                raise WriterNotReached(f"the feature store's writer process had ended before shard {name}'s write")
             try:
                 if not self.ready:
                     self._expect_ready()
@@ -150,28 +164,30 @@ class WriterProcess:
                 try:
                     pickle.dump(request, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                     self.proc.stdin.flush()
-                    taken = pickle.load(self.proc.stdout)  # sent before it writes anything
+                    taken = pickle.load(self.replies)  # sent before it writes anything
                 except (BrokenPipeError, EOFError):
                     raise WriterNotReached(
-                        f"the feature store's writer process had ended (exit status {self.proc.wait()}) before "
+                        f"the feature store's writer process had ended (exit status {self._exit_status()}) before "
                         f"shard {name}'s write"
                     ) from None
                 if taken != (True, _TAKEN):
-                    raise WriterProcessError(f"the feature store's writer process answered {taken!r} to a request")
-                ok, value = pickle.load(self.proc.stdout)
-            except BaseException as exc:
+                    raise pickle.UnpicklingError(f"{taken!r} where the writer process says it took the request")
+                ok, value = pickle.load(self.replies)
+            except EOFError:
+                self.broken = True
+                raise WriterProcessError(
+                    f"the feature store's writer process ended (exit status {self._exit_status()}) during shard "
+                    f"{name}'s write; rerun: a shard without its done marker is written again"
+                ) from None
+            except (OSError, pickle.UnpicklingError) as exc:
                 self._break()  # its pipes may be out of step: no later request goes to it
-                if isinstance(exc, WriterProcessError) or not isinstance(exc, Exception):
-                    raise
-                if isinstance(exc, EOFError):
-                    raise WriterProcessError(
-                        f"the feature store's writer process ended (exit status {self.proc.wait()}) during shard "
-                        f"{name}'s write; rerun: a shard without its done marker is written again"
-                    ) from None
                 raise WriterProcessError(
                     f"shard {name}'s write broke off ({type(exc).__name__}: {exc}); rerun: a shard without its "
                     "done marker is written again"
                 ) from exc
+            except BaseException:
+                self._break()  # whatever it is (a bug, a signal's exception) goes on as it is
+                raise
         if not ok:
             error, remote_traceback = value
             raise error from RemoteTraceback(remote_traceback)
@@ -179,22 +195,30 @@ class WriterProcess:
 
     def _expect_ready(self) -> None:
         try:
-            reply = pickle.load(self.proc.stdout)
-        except EOFError:
-            reply = None  # it ended: its exit status follows at once
+            reply = pickle.load(self.replies)
+        except Exception:  # the end of its replies (or, from a broken start, anything else)
+            reply = None
         if reply != (True, _READY):
-            if reply is not None:
-                self._break()
-            raise WriterNotReached(
-                f"the feature store's writer process did not start (exit status {self.proc.wait()}; its error is "
-                f"above); {WRITER_ENV}=thread writes in this process instead"
+            raise WriterDidNotStart(
+                f"the feature store's writer process did not start (exit status {self._exit_status()}; what it "
+                f"printed is above); {WRITER_ENV}=thread writes in this process instead"
             )
         self.ready = True
 
+    def _exit_status(self) -> int:
+        """Its exit status, once it has ended (it closed its replies: it is ending); killed if it does not end."""
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._break()
+            return self.proc.wait()
+
     def _break(self) -> None:
+        """No request goes to it any more; it is killed and gone when this returns."""
         self.broken = True
         with contextlib.suppress(OSError):
             self.proc.kill()
+        self.proc.wait()
 
     def close(self) -> None:
         """Ends the process (end of its input) once its write under way is done."""
@@ -204,12 +228,15 @@ class WriterProcess:
     def _end(self) -> None:
         if self.pid_here != os.getpid():
             return  # a forked copy: the process is its parent's
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
+            if not self.broken:
+                pickle.dump(None, self.proc.stdin)  # the end (a forked copy of its stdin would keep EOF away)
             self.proc.stdin.close()
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self._break()
+        self.replies.close()
 
     def _end_at_exit(self) -> None:
         self._end()  # without the lock: a daemon thread stopped in a call may hold it (nothing else runs now)
@@ -217,6 +244,19 @@ class WriterProcess:
 
 _WRITER: WriterProcess | None = None
 _WRITER_LOCK = threading.Lock()
+_UNSTARTABLE = ""  # why no writer process starts here, once two in a row did not
+_ALL: weakref.WeakSet[WriterProcess] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts its own writer if it writes: its parent's (locks maybe held) are not its own."""
+    global _WRITER_LOCK, _WRITER
+    _WRITER_LOCK, _WRITER = threading.Lock(), None
+    for writer in list(_ALL):
+        writer.lock, writer.broken = threading.Lock(), True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def writer_process() -> WriterProcess:
@@ -224,6 +264,8 @@ def writer_process() -> WriterProcess:
     process. Call it early: it gets ready while this process works."""
     global _WRITER
     with _WRITER_LOCK:
+        if _UNSTARTABLE:
+            raise WriterDidNotStart(_UNSTARTABLE)
         if _WRITER is None or not _WRITER.alive():
             _WRITER = WriterProcess()
         return _WRITER
@@ -236,9 +278,12 @@ def _most_verbose_level() -> int:
     return min(lg.getEffectiveLevel() for lg in [logging.getLogger(), *ours])
 
 
-def serve(replies: BinaryIO, parent: int) -> None:
-    """The writer process: requests from stdin, one at a time, each answered on `replies`, until the end of stdin."""
-    with contextlib.suppress(OSError, AttributeError):
+def serve(replies_fd: int, parent: int) -> None:
+    """The writer process: requests from stdin, one at a time, each answered on the pipe `replies_fd`, until the
+    end of stdin."""
+    os.set_inheritable(replies_fd, False)
+    replies = os.fdopen(replies_fd, "wb")
+    with contextlib.suppress(OSError, AttributeError, TypeError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux): SIGKILL when the parent ends
     if os.getppid() != parent:  # it ended before that call
         os._exit(1)
@@ -250,9 +295,12 @@ def serve(replies: BinaryIO, parent: int) -> None:
     requests = sys.stdin.buffer
     while True:
         try:
-            store, features, zarr_concurrency, level = pickle.load(requests)
+            request = pickle.load(requests)
         except EOFError:
             return
+        if request is None:  # the parent is done
+            return
+        store, features, zarr_concurrency, level = request
         _reply(replies, (True, _TAKEN))
         logging.getLogger().setLevel(level)  # as the requesting process's loggers are set now
         try:

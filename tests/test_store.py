@@ -26,7 +26,13 @@ from semspai.store.features import (
     verify_store,
 )
 from semspai.store.shards import file_sha256, iter_shard, shard_name
-from semspai.store.writer import RemoteTraceback, WriterNotReached, WriterProcess, WriterProcessError
+from semspai.store.writer import (
+    RemoteTraceback,
+    WriterDidNotStart,
+    WriterNotReached,
+    WriterProcess,
+    WriterProcessError,
+)
 
 D = 8
 
@@ -335,9 +341,9 @@ def test_a_writer_process_that_ended_while_idle_is_replaced_at_once(tmp_path: Pa
 @pytest.mark.parametrize(
     ("boot", "message"),
     [
-        ("import sys; sys.exit(3)", r"writer process did not start \(exit status 3; its error is above\)"),
-        # stray output to stdout, from Python and from C, must not reach the replies
-        (writer_module._BOOT.replace("os.dup2(2, 1); ", "os.dup2(2, 1); print('x'); os.write(1, b'y'); "), None),
+        ("import sys; sys.exit(3)", r"writer process did not start \(exit status 3; what it printed is above\)"),
+        # stray output to stdout from the first line on (site hooks, C), which once was read as a reply and hung
+        ("print('Using cache', flush=True); import os; os.write(1, b'U'); " + writer_module._BOOT, None),
     ],
 )
 def test_writer_process_start(tmp_path: Path, shards, monkeypatch, boot: str, message: str | None) -> None:
@@ -362,3 +368,32 @@ def test_an_unknown_writer_setting_is_an_error(monkeypatch) -> None:
     monkeypatch.setenv(writer_module.WRITER_ENV, "threads")
     with pytest.raises(FeatureStoreError, match="SEMSPAI_STORE_WRITER='threads': use process .* or thread"):
         writer_module.uses_writer_process()
+
+
+def test_a_writer_that_twice_did_not_start_fails_the_next_shards_at_once(tmp_path: Path, shards, monkeypatch) -> None:
+    store = str(tmp_path / "f.zarr")
+    write(store, [])
+    monkeypatch.setattr(writer_module, "_WRITER", None)
+    monkeypatch.setattr(writer_module, "_UNSTARTABLE", "")
+    monkeypatch.setattr(writer_module, "_BOOT", "import sys; sys.exit(3)")
+    with pytest.raises(WriterDidNotStart, match="did not start"):
+        writer_module.write_shard_rows(store, features_for(shards[0]), 2)
+    monkeypatch.setattr(writer_module.subprocess, "Popen", None)  # no third start
+    with pytest.raises(WriterDidNotStart, match=r"did not start \(exit status 3.* SEMSPAI_STORE_WRITER=thread"):
+        writer_module.write_shard_rows(store, features_for(shards[1]), 2)
+
+
+def test_a_forked_copy_of_this_process_does_not_keep_the_writer_from_ending() -> None:
+    writer = WriterProcess()
+    release_r, release_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds copies of the writer's pipes until released
+        os.read(release_r, 1)
+        os._exit(0)
+    try:
+        writer.close()  # would wait for its input's end, which the child's copy holds back, then kill it
+        assert writer.proc.returncode == 0
+        assert os.waitpid(child, os.WNOHANG) == (0, 0)  # the child still holds them
+    finally:
+        os.write(release_w, b"x")
+        os.waitpid(child, 0)
