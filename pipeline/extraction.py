@@ -567,7 +567,7 @@ def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
 
 def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSummary:
     """A shard's rows into the store, then its done marker (exactly once per shard), by this process's writer
-    process (store/writer.py; or here, with SEMSPAI_STORE_WRITER=thread)."""
+    process (store/writer.py; or here, with SEMSPAI_STORE_WRITER=thread or a memory:// store)."""
     writer_pid = write_shard_rows(job.store, features, job.zarr_concurrency)
     seconds = time.perf_counter() - start
     log.info("shard %s: %d images (%d skipped) in %.1fs", job.name, len(features.keys), len(features.skipped), seconds)

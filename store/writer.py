@@ -44,6 +44,8 @@ FAULT_ENV = "SEMSPAI_FAULT_KILL_AFTER_SHARD"
 # "process" (default) or "thread": write in the extracting process, e.g. where it may not start processes
 # (for an existing Dask cluster, set it in the workers' environment)
 WRITER_ENV = "SEMSPAI_STORE_WRITER"
+# stores that live in this process's memory: another process would write into a store of its own
+PROCESS_LOCAL = ("memory://",)
 CHILD_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s (store writer, pid %(process)d): %(message)s"
 # the writer process's first lines: the parent's import path, then `serve` with the replies' pipe
 _BOOT = "import sys; sys.path[:] = {path!r}; from semspai.store.writer import serve; serve({replies}, {parent})"
@@ -52,9 +54,10 @@ _READY, _TAKEN = "ready", "taken"
 
 def write_shard_rows(store: str, features: ShardFeatures, zarr_concurrency: int) -> int:
     """A shard's rows into its group, then its done marker (exactly once per shard), in this process's writer
-    process or, where WRITER_ENV says `thread`, here; the id of the process that wrote them."""
+    process or, where WRITER_ENV says `thread` or the store is in this process's memory, here; the id of the
+    process that wrote them."""
     global _UNSTARTABLE
-    if not uses_writer_process():
+    if not uses_writer_process() or store.startswith(PROCESS_LOCAL):
         return write_here(store, features, zarr_concurrency)
     try:
         return writer_process().call(store, features, zarr_concurrency)

@@ -314,6 +314,9 @@ def test_fsspec_url_store_gives_the_same_bits(shards: Path, reference: Path, tmp
     store = tmp_path / "url.zarr"
     run(cfg(shards, store.as_uri()), embedder_factory=TINY)  # file://: Zarr's FsspecStore, as for s3:// or gs://
     assert arrays(store) == arrays(reference)
+    # memory:// lives in this process only: its shards are written here, not by the writer process
+    run(cfg(shards, f"memory://{tmp_path.name}.zarr"), embedder_factory=TINY)
+    assert arrays(f"memory://{tmp_path.name}.zarr") == arrays(reference)
 
 
 def one_line_error(args: list[str]) -> str:
