@@ -163,7 +163,8 @@ class WriterProcess:
             try:
                 if not self.ready:
                     self._expect_ready()
-                request = (store, features, zarr_concurrency, _most_verbose_level())
+                where = store if "://" in store else os.path.abspath(store)  # its working folder may not be ours
+                request = (where, features, zarr_concurrency, _most_verbose_level())
                 try:
                     pickle.dump(request, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                     self.proc.stdin.flush()

@@ -397,3 +397,11 @@ def test_a_forked_copy_of_this_process_does_not_keep_the_writer_from_ending() ->
     finally:
         os.write(release_w, b"x")
         os.waitpid(child, 0)
+
+
+def test_a_relative_store_path_means_the_same_store_to_the_writer_process(tmp_path: Path, shards, monkeypatch) -> None:
+    writer_module.writer_process()  # started in the working folder the tests began in
+    monkeypatch.chdir(tmp_path)
+    write("rel.zarr", [])
+    writer_module.write_shard_rows("rel.zarr", features_for(shards[0]), 2)
+    assert FeatureStore.open(str(tmp_path / "rel.zarr")).done_shards == [shard_name(shards[0])]
