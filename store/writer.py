@@ -164,7 +164,7 @@ class WriterProcess:
                 if not self.ready:
                     self._expect_ready()
                 where = store if "://" in store else os.path.abspath(store)  # its working folder may not be ours
-                request = (where, features, zarr_concurrency, _most_verbose_level())
+                request = (where, features, zarr_concurrency, _most_verbose_level(), dict(os.environ))
                 try:
                     pickle.dump(request, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                     self.proc.stdin.flush()
@@ -304,9 +304,12 @@ def serve(replies_fd: int, parent: int) -> None:
             return
         if request is None:  # the parent is done
             return
-        store, features, zarr_concurrency, level = request
+        store, features, zarr_concurrency, level, environ = request
         _reply(replies, (True, _TAKEN))
-        logging.getLogger().setLevel(level)  # as the requesting process's loggers are set now
+        logging.getLogger().setLevel(level)  # as the requesting process's loggers and environment are now
+        if environ != os.environ:  # e.g. credentials of a remote store, set after this process started
+            os.environ.clear()
+            os.environ.update(environ)
         try:
             reply: tuple[bool, object] = (True, write_here(store, features, zarr_concurrency))
         except Exception as exc:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -405,3 +408,23 @@ def test_a_relative_store_path_means_the_same_store_to_the_writer_process(tmp_pa
     write("rel.zarr", [])
     writer_module.write_shard_rows("rel.zarr", features_for(shards[0]), 2)
     assert FeatureStore.open(str(tmp_path / "rel.zarr")).done_shards == [shard_name(shards[0])]
+
+
+def test_the_writer_process_writes_with_the_environment_of_the_request(tmp_path: Path, shards) -> None:
+    """The fault hook, set after the writer started, still fires there: rows written, no marker, group killed."""
+    store = str(tmp_path / "f.zarr")
+    write(store, [])
+    script = f"""
+import os, pickle, sys
+from semspai.store import writer
+w = writer.writer_process()
+features = pickle.loads(sys.stdin.buffer.read())
+os.environ[writer.FAULT_ENV] = features.name
+writer.write_shard_rows({store!r}, features, 2)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], input=pickle.dumps(features_for(shards[0])), start_new_session=True
+    )
+    assert proc.returncode == -signal.SIGKILL
+    group = zarr.open_group(store, mode="r")["shards"][shard_name(shards[0])]
+    assert group.attrs["done"] is False and "global" in group
