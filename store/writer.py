@@ -10,12 +10,12 @@ not a multiprocessing child: spawn would re-import the caller's main module (a b
 torch; an unguarded script would run again), and Dask's worker processes are daemonic. It imports no torch,
 so it is ready in well under a second. It gets the parent's import path (not the working folder that `-c`
 would put first), and with each request the parent's environment and an absolute store path; a store in the
-parent's memory (`memory://`) is written by the parent itself. Requests are pickles on its stdin; replies are pickles on a pipe of their own that nothing
-else writes to (its stdout goes to stderr, from the first byte of start-up on); a shard's arrays travel as one
-copy (about 12 MB for 2,048 images). It logs to the stderr it shares with its parent, and on Linux dies with
-its parent (PR_SET_PDEATHSIG), so a killed run leaves at most one unfinished group per writer, as writes in a
-thread do, and no writer still at work once the run's store lock is gone; elsewhere it ends at the end of its
-input, after the write under way.
+parent's memory (`memory://`) is written by the parent itself. Requests are pickles on its stdin; replies
+are pickles on a pipe of their own that nothing else writes to (its stdout goes to stderr from the first byte
+of start-up on); a shard's arrays travel as one copy (about 12 MB for 2,048 images). It logs to the stderr
+it shares with its parent, and on Linux dies with its parent (PR_SET_PDEATHSIG), so a killed run leaves at
+most one unfinished group per writer, as writes in a thread do, and no writer still at work once the run's
+store lock is gone; elsewhere it ends at the end of its input, after the write under way.
 """
 
 from __future__ import annotations
