@@ -150,7 +150,6 @@ class WriterProcess:
                 "in this process instead"
             ) from failed[0]
         _ALL.add(self)
-        atexit.register(self._end_at_exit)
 
     def alive(self) -> bool:
         return self.pid_here == os.getpid() and not self.broken and self.proc.poll() is None
@@ -243,14 +242,17 @@ class WriterProcess:
             self._break()
         self.replies.close()
 
-    def _end_at_exit(self) -> None:
-        self._end()  # without the lock: a daemon thread stopped in a call may hold it (nothing else runs now)
-
 
 _WRITER: WriterProcess | None = None
 _WRITER_LOCK = threading.Lock()
 _UNSTARTABLE = ""  # why no writer process starts here, once two in a row did not
-_ALL: weakref.WeakSet[WriterProcess] = weakref.WeakSet()
+_ALL: weakref.WeakSet[WriterProcess] = weakref.WeakSet()  # a writer is kept alive by its owner thread until it ends
+
+
+@atexit.register
+def _end_all() -> None:
+    for writer in list(_ALL):
+        writer._end()  # without the lock: a daemon thread stopped in a call may hold it (nothing else runs now)
 
 
 def _after_fork_in_child() -> None:
