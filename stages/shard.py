@@ -20,7 +20,14 @@ from semspai import __version__
 from semspai.pipeline.progress import progress
 from semspai.stages.common import register_user_error, user_errors
 from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, probe_image
-from semspai.store.manifest import StageManifest, check_stage, fingerprint_paths, manifest_path, write_manifest
+from semspai.store.manifest import (
+    StageManifest,
+    check_stage,
+    fingerprint_paths,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from semspai.store.shards import INDEX_NAME, SHARD_SCHEMA_VERSION, SPLITS, ShardWriter, write_json_atomic
 from semspai.store.sources import (
     SourceError,
@@ -92,6 +99,8 @@ def collect_records(cfg: ShardConfig) -> list[SourceRecord]:
             raise SourceError(f"source {src} does not exist")
         else:
             raise SourceError(f"source {src} is neither a folder nor a .csv manifest")
+    if not cfg.sources and not cfg.manifests:
+        raise SourceError("nothing to shard: give source folders or CSV manifests (as arguments or --manifest)")
     if not records:
         raise SourceError(f"no images (.jpg .png .webp .tif .bmp) found in {', '.join(cfg.sources + cfg.manifests)}")
     seen: dict[str, SourceRecord] = {}
@@ -147,6 +156,15 @@ def run(cfg: ShardConfig) -> ShardResult:
     hint = {"sources": f"`semspai shard ... --out {out} --force`"}
     if not check_stage(out, wanted, hint, cfg.force):
         return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
+    if not cfg.force and read_manifest(out) is None:
+        # a rebuild replaces shard-named files and index.json: never ones this stage did not record making
+        names = [p.name for p in out.iterdir()] if out.is_dir() else []
+        foreign = sorted(n for n in names if SHARD_FILE.match(n) or n == INDEX_NAME)
+        if foreign:
+            raise SourceError(
+                f"{out} already holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''} "
+                "that `semspai shard` did not record making; pick an empty folder, or pass --force to replace them"
+            )
 
     unlabeled = [r for r in records if r.label is None]
     if unlabeled and not cfg.skip_unlabeled:
@@ -184,35 +202,28 @@ def run(cfg: ShardConfig) -> ShardResult:
         split = r.split or hash_split(r.group or r.origin, ratios)
         by_split[split].append((sample_key(r.origin), p))
 
+    if not kept:
+        # refused before the output is touched: a failed run keeps the shards a previous run made
+        why = [f"{n} {what}" for n, what in ((len(skipped), "unreadable"), (len(unlabeled), "unlabeled")) if n]
+        raise SourceError(f"no image could be sharded ({', '.join(why)} skipped); {out} is left as it was")
+
     out.mkdir(parents=True, exist_ok=True)
+    # tars are written into a staging folder and moved out only when all are complete: a crash or an error
+    # while writing leaves the previous output as it was, and never a folder of plausible tars that a
+    # shard-folder SPEC would pick up
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        shards, counts = _write_tars(staging, by_split, cfg.shard_size)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous output, if any, stays untouched
+        raise
+
     # the manifest and index go first: a crash below must not leave them vouching for missing tars
     manifest_path(out).unlink(missing_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # an index only ever describes complete tars
     _clear_old_shards(out)
-    # tars are written into a staging folder and moved out only when all are complete, so a crash never
-    # leaves a folder of plausible tars that a shard-folder SPEC would pick up
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
-    for split in SPLITS:
-        items = sorted(by_split[split], key=lambda kp: kp[0])
-        for n, lo in enumerate(range(0, len(items), cfg.shard_size)):
-            name = f"{split}-{n:06d}.tar"
-            writer = ShardWriter(staging / name)
-            try:
-                for key, p in items[lo : lo + cfg.shard_size]:
-                    _write_sample(writer, key, p, split)
-            except BaseException:
-                writer.abort()
-                raise
-            shards.append({"name": name, "split": split, "count": writer.count, "sha256": writer.close()})
-        for _, p in items:
-            counts["split"][split] += 1
-            counts["label"]["fake" if p.record.label else "real"] += 1
-            counts["generator"][p.record.generator] += 1
-            counts["split_label"][f"{split}/{'fake' if p.record.label else 'real'}"] += 1
-
     for entry in shards:
         os.replace(staging / entry["name"], out / entry["name"])
     staging.rmdir()
@@ -242,6 +253,29 @@ def run(cfg: ShardConfig) -> ShardResult:
     )
 
 
+def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], shard_size: int):
+    """Each split's samples, in key order, into tars of `shard_size` in `staging`; their index entries and counts."""
+    shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
+    for split in SPLITS:
+        items = sorted(by_split[split], key=lambda kp: kp[0])
+        for n, lo in enumerate(range(0, len(items), shard_size)):
+            name = f"{split}-{n:06d}.tar"
+            writer = ShardWriter(staging / name)
+            try:
+                for key, p in items[lo : lo + shard_size]:
+                    _write_sample(writer, key, p, split)
+            except BaseException:
+                writer.abort()
+                raise
+            shards.append({"name": name, "split": split, "count": writer.count, "sha256": writer.close()})
+        for _, p in items:
+            counts["split"][split] += 1
+            counts["label"]["fake" if p.record.label else "real"] += 1
+            counts["generator"][p.record.generator] += 1
+            counts["split_label"][f"{split}/{'fake' if p.record.label else 'real'}"] += 1
+    return shards, counts
+
+
 def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None:
     r = p.record
     data = r.path.read_bytes()
@@ -262,7 +296,7 @@ def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None
 
 
 @click.command("shard")
-@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.argument("sources", nargs=-1, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for tars + index.json.")
 @click.option(
     "--manifest",
@@ -285,7 +319,7 @@ def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None
     help="Refuse images with more pixels (decompression-bomb guard).",
 )
 @click.option("--skip-unlabeled", is_flag=True, help="Skip and count files with no derivable label instead of failing.")
-@click.option("--workers", default=0, help="Decode threads (0 = one per core).")
+@click.option("--workers", default=0, type=click.IntRange(min=0), help="Decode threads (0 = one per core).")
 @click.option("--force", is_flag=True, help="Rebuild even if the output is up to date or stale.")
 @user_errors
 def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabeled, workers, force) -> None:
@@ -319,8 +353,6 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
             f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate, "
             f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
         )
-    if not result.shards:
-        raise click.ClickException("no image could be sharded")
 
 
 __all__ = ["ShardConfig", "ShardResult", "run", "command"]

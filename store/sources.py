@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,14 @@ def label_from_parts(parts: tuple[str, ...]) -> tuple[int | None, str]:
 
 def scan_folder(root: Path) -> list[SourceRecord]:
     root = Path(root)
+    # the folder's own name however it was spelled (`.`, `../ds`, `ds/`): origins, and with them keys and hash
+    # splits, must not depend on the working folder; symlinks are not followed (their name is what was given)
+    name = Path(os.path.abspath(root)).name
     records = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
         rel = path.relative_to(root)
-        label, generator = label_from_parts((root.name, *rel.parts))
-        records.append(
-            SourceRecord(path=path, origin=f"{root.name}/{rel.as_posix()}", label=label, generator=generator)
-        )
+        label, generator = label_from_parts((name, *rel.parts))
+        records.append(SourceRecord(path=path, origin=f"{name}/{rel.as_posix()}", label=label, generator=generator))
     return records
 
 

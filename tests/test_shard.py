@@ -232,6 +232,14 @@ def test_manifest_split_and_caption_win(tmp_path):
     run(ShardConfig(sources=[str(src / "m.csv")], out=str(tmp_path / "out"), split="1,0,0"))
     got = {s.meta["path"]: (s.meta["split"], s.meta["caption"], s.label) for _, s in samples(tmp_path / "out").values()}
     assert got == {f"m/{i}.png": (("train", "val", "test")[i % 3], f"caption {i}", i % 2) for i in range(6)}
+    # the CLI takes a manifest as --manifest alone, with no positional source, and gives the same tars
+    res = CliRunner().invoke(
+        cli, ["shard", "--manifest", str(src / "m.csv"), "--out", str(tmp_path / "cli"), "--split", "1,0,0"]
+    )
+    assert res.exit_code == 0, res.output
+    assert tar_bytes(tmp_path / "cli") == tar_bytes(tmp_path / "out")
+    res = CliRunner().invoke(cli, ["shard", "--out", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "nothing to shard" in res.output
 
 
 def test_tiny_shards_fixture(tiny_shards):
@@ -378,18 +386,62 @@ def test_crash_mid_run_leaves_no_complete_looking_output(image_tree, tmp_path, m
     assert len(samples(out)) == 16
 
 
-def test_crash_during_forced_rebuild_is_not_up_to_date_afterwards(image_tree, tmp_path, monkeypatch):
+def test_failed_forced_rebuild_keeps_the_previous_output(image_tree, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shard(image_tree, out, shard_size=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     crash_after(monkeypatch, 2)
     with pytest.raises(Boom):
-        shard(image_tree, out, shard_size=4, force=True)
-    assert_no_complete_looking_output(out)
+        shard(image_tree, out, shard_size=3, force=True)
     monkeypatch.undo()
-    # the old manifest must not survive the old tars: a plain rerun has to rebuild, not say "up to date"
-    result = shard(image_tree, out, shard_size=4)
-    assert not result.up_to_date
-    assert len(samples(out)) == 16 and read_index(out)["n_samples"] == 16
+    # the new tars were still in the staging folder: it is gone, and the old output is as it was, so a rerun of
+    # the old command is rightly up to date
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert shard(image_tree, out, shard_size=4).up_to_date
+
+
+def test_run_that_shards_nothing_keeps_the_previous_output(image_tree, tmp_path):
+    out = tmp_path / "out"
+    shard(image_tree, out, shard_size=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    junk = tmp_path / "junk"
+    (junk / "real" / "cam").mkdir(parents=True)
+    (junk / "real" / "cam" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(SourceError, match=r"no image could be sharded \(1 unreadable skipped\).*left as it was"):
+        shard(junk, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(StaleOutputError):  # the old output still says what it was made from
+        shard(junk, out)
+
+
+def test_tars_it_did_not_make_are_refused_without_force(image_tree, tmp_path):
+    made = tmp_path / "made"
+    shard(image_tree, made, shard_size=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train-000001.tar", "train-000002.tar"):
+        shutil.copy(made / name, out / name)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SourceError, match=r"train-000001.tar and 1 more.*did not record making.*--force"):
+        shard(small_tree(tmp_path / "other", 6), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = shard(small_tree(tmp_path / "other", 6), out, force=True)
+    assert not result.up_to_date and len(samples(out)) == 6
+    assert (out / "notes.txt").read_text() == "mine"  # only shard-named files and index.json are replaced
+
+
+def test_keys_and_splits_do_not_depend_on_how_the_folder_is_spelled(image_tree, tmp_path, monkeypatch):
+    shard(image_tree, tmp_path / "named")
+    monkeypatch.chdir(image_tree)
+    shard(Path("."), tmp_path / "dot")
+    monkeypatch.chdir(image_tree / "real")
+    shard(Path(".."), tmp_path / "dotdot")
+    named = {k: (t, s.meta["path"]) for k, (t, s) in samples(tmp_path / "named").items()}
+    assert named and all(path.startswith(f"{image_tree.name}/") for _, path in named.values())
+    for spelled in ("dot", "dotdot"):
+        assert {k: (t, s.meta["path"]) for k, (t, s) in samples(tmp_path / spelled).items()} == named
+    assert tar_bytes(tmp_path / "dot") == tar_bytes(tmp_path / "named")
 
 
 def test_shard_writer_abort_and_dotted_keys(tmp_path):
