@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # 16384 x 16384: far above any photo or generator output, far below what exhausts memory on decode.
 DEFAULT_MAX_PIXELS = 268_435_456
 # The decoder's identity, recorded wherever pixels feed a cached result (a change here invalidates caches).
-DECODER_ID = "pil-exif-rgb8-v1"
+DECODER_ID = "pil-exif-rgb8-v2"  # v2: 32-bit integer and float images by their range
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 
@@ -87,13 +87,8 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
         img.load()
         img = ImageOps.exif_transpose(img)
         mode = img.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            a = np.asarray(img, dtype=np.int64)
-            # 16-bit greyscale: keep the top byte; 32-bit "I" from 16-bit PNGs holds 0..65535 too
-            a8 = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
-            return np.ascontiguousarray(np.repeat(a8[..., None], 3, axis=2))
-        if mode == "F":
-            a8 = np.clip(np.asarray(img, dtype=np.float32), 0, 255).astype(np.uint8)
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            a8 = _grey_to_8bit(np.asarray(img), sixteen_bit=mode.startswith("I;16"))
             return np.ascontiguousarray(np.repeat(a8[..., None], 3, axis=2))
         if mode == "P" or mode == "PA":
             img = img.convert("RGBA")
@@ -107,6 +102,25 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageDecodeError(f"decoded to an unusable array of shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def _grey_to_8bit(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """One channel of 16-bit, 32-bit integer or float samples -> uint8.
+
+    16-bit samples keep their top byte. 32-bit integers ("I", whose depth the file does not say) by the range
+    their values use: all within 0..255 are taken as 8-bit values, anything larger as 16-bit (top byte).
+    Floats: all within 0..1 are scaled by 255 (the usual convention of float TIFFs), anything else is taken
+    as 0..255; both are rounded; NaN is 0. Out-of-range values are clipped. The range rule looks at one
+    image's own values, so a file always decodes the same way.
+    """
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    a = a.astype(np.int64)
+    if not sixteen_bit and a.size and a.max() <= 255:
+        return np.clip(a, 0, 255).astype(np.uint8)
+    return (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
 
 
 @dataclass(frozen=True)

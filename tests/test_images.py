@@ -151,11 +151,36 @@ def test_i_mode_tiff_keeps_top_byte_of_16_bits():
     check_rgb(decode_image(data), grey3((a >> 8).astype(np.uint8)))
 
 
-def test_f_mode_tiff_is_clipped_to_0_255():
+def test_f_mode_tiff_above_1_is_rounded_and_clipped_to_0_255():
     a = np.random.default_rng(4).uniform(-50, 300, (H, W)).astype(np.float32)
+    a[0, 0] = np.nan
     data = save(Image.fromarray(a, "F"), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "F"
-    check_rgb(decode_image(data), grey3(np.clip(a, 0, 255).astype(np.uint8)))
+    want = np.clip(np.rint(a.astype(np.float64)), 0, 255)
+    want[0, 0] = 0
+    check_rgb(decode_image(data), grey3(want.astype(np.uint8)))
+
+
+def test_f_mode_tiff_within_0_1_is_scaled_by_255():
+    a = np.random.default_rng(7).uniform(0, 1, (H, W)).astype(np.float32)
+    data = save(Image.fromarray(a, "F"), "TIFF")
+    got = decode_image(data)
+    check_rgb(got, grey3(np.rint(a.astype(np.float64) * 255).astype(np.uint8)))
+    assert got.mean() > 100  # not the black image a 0..255 reading gives
+
+
+def test_i_mode_tiff_holding_8_bit_values_is_not_black():
+    a = np.random.default_rng(8).integers(0, 256, (H, W)).astype(np.int32)
+    data = save(Image.fromarray(a, "I"), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    check_rgb(decode_image(data), grey3(a.astype(np.uint8)))
+
+
+def test_dark_16_bit_png_still_keeps_top_byte():
+    a16 = np.random.default_rng(9).integers(0, 256, (H, W)).astype(np.uint16)  # a 16-bit image that is dark
+    data = save(Image.fromarray(a16), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    check_rgb(decode_image(data), grey3((a16 >> 8).astype(np.uint8)))
 
 
 @pytest.mark.parametrize("channels,colour_type", [(3, 2), (4, 6)])

@@ -55,7 +55,7 @@ def header(**over) -> StoreHeader:
         clip_identity={"model": "tiny-random", "sha256": "ab" * 32, "quick_gelu": False},
         has_text=True,
         embed_dim=D,
-        decoder={"cpu": "pil-exif-rgb8-v1", "gpu": None},
+        decoder={"cpu": "pil-exif-rgb8-v2", "gpu": None},
         patch_rule={"id": DEFAULT_RULE.id, **DEFAULT_RULE.to_dict()},
         prompts=["a photo of a cat.", "a photo of a dog."],
     )
@@ -161,7 +161,7 @@ def test_file_url_reads_the_same(tmp_path: Path, shards: list[Path]) -> None:
     ("over", "side"),
     [
         ({"clip_identity": {"model": "ViT-B-32", "sha256": "cd" * 32, "quick_gelu": False}}, "clip.model"),
-        ({"decoder": {"cpu": "pil-exif-rgb8-v1", "gpu": "torchvision-nvjpeg"}}, "decoder.gpu"),
+        ({"decoder": {"cpu": "pil-exif-rgb8-v2", "gpu": "torchvision-nvjpeg"}}, "decoder.gpu"),
         ({"patch_rule": {"id": "grid256-stride256"}}, "patch_rule"),
         ({"prompts": ["a photo of a bird."]}, "prompts_sha256"),
     ],
