@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
+from semspai.pipeline.config import ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.store.features import ShardFeatures
@@ -38,7 +39,7 @@ from semspai.store.images import (
     decode_image,
     jpeg_frame,
 )
-from semspai.store.shards import ShardSample, file_sha256, iter_shard, shard_name
+from semspai.store.shards import INDEX_NAME, ShardError, ShardSample, file_sha256, iter_shard, shard_name
 from semspai.store.writer import uses_writer_process, write_shard_rows, writer_process
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,7 @@ class ShardJob:
     torch_threads: int = 1  # fixed, so the bits do not depend on how many cores a worker happens to have
     zarr_concurrency: int = 4
     read: Callable[[str | Path], Iterable[ShardSample]] = iter_shard
+    expected_sha256: str = ""  # what `semspai shard` recorded for this tar in index.json; empty: not known
 
     @property
     def name(self) -> str:
@@ -562,7 +564,13 @@ def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
         features = features_of(reading.prepared, worker_embedder(job.embedder), job.name, "", job.opts)
     finally:
         reading.close()
-    return dataclasses.replace(features, sha256=reading.sha256.result()), start
+    sha = reading.sha256.result()
+    if job.expected_sha256 and sha != job.expected_sha256:  # checked before anything of it is written
+        raise ShardError(
+            f"shard {job.name}: its sha256 is not the one {INDEX_NAME} recorded when it was sharded (damaged or "
+            f"replaced since); rebuild it with `semspai shard ... --force`"
+        )
+    return dataclasses.replace(features, sha256=sha), start
 
 
 def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSummary:
@@ -682,7 +690,10 @@ class DaskDistributor(InlineDistributor):
 
         self.cluster = None
         if scheduler:
-            self.client = Client(scheduler)
+            try:
+                self.client = Client(scheduler)
+            except (OSError, ValueError) as exc:  # refused, timed out, or not an address
+                raise ConfigError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({exc})") from exc
         else:
             # processes; a task's torch threads are set by the task itself. Two task threads: one shard is
             # embedded while the one before is written (`extract_shard` lets one compute at a time)

@@ -63,9 +63,26 @@ def config_options(fn: Callable) -> Callable:
 
 
 def resolve_device(device: str) -> str:
-    """`auto` -> the first GPU when there is one, else the CPU; anything else as given. Decided once, here."""
-    if device == "auto":
-        import torch  # here, not at the top: `semspai shard` should not pay for importing torch
+    """`auto` -> the first GPU when there is one, else the CPU; anything else as given, once it is known to
+    exist here (a ConfigError naming `--device` otherwise, before any model is built). Decided once, here."""
+    import torch  # here, not at the top: `semspai shard` should not pay for importing torch
 
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} here "
+                f"({'a CPU-only build' if torch.version.cuda is None else 'no driver or no device'}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type not in ("cpu", "meta"):
+        modules = (getattr(torch.backends, dev.type, None), getattr(torch, dev.type, None))  # mps, xpu, ...
+        if not any(callable(getattr(m, "is_available", None)) and m.is_available() for m in modules):
+            raise ConfigError(f"--device {device}: no {dev.type} device is available here; use cpu, cuda or auto")
     return device

@@ -40,7 +40,15 @@ from semspai.store.features import (
     writer_lock,
 )
 from semspai.store.images import ImageDecodeError
-from semspai.store.shards import ShardError, ShardSample, file_sha256, iter_shard, resolve_shards, shard_name
+from semspai.store.shards import (
+    ShardError,
+    ShardSample,
+    file_sha256,
+    indexed_sha256,
+    iter_shard,
+    resolve_shards,
+    shard_name,
+)
 from semspai.store.writer import WriterProcessError
 
 log = logging.getLogger(__name__)
@@ -136,9 +144,9 @@ def _run(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ShardError(f"{cfg.shards}: two tars are named {dup}.tar; a store keys its shards by name")
-    device = resolve_device(cfg.device)
+    # an attached cluster's workers, not this client, say which devices exist (a login node may have no GPU)
+    device = cfg.device if cfg.scheduler else resolve_device(cfg.device)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
-    factory = embedder_factory or ClipFactory(cfg.clip, device, cfg.precision)
     prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
     existing = read_store_attrs(cfg.store)
     if distributor_factory is not None:
@@ -146,6 +154,9 @@ def _run(
     else:  # with several GPUs, each local worker gets its own
         dist = make_distributor(workers, cfg.scheduler, None if cfg.scheduler else worker_gpus(device))
     try:
+        if cfg.scheduler:
+            device = dist.call(resolve_device, cfg.device)
+        factory = embedder_factory or ClipFactory(cfg.clip, device, cfg.precision)
         # every worker builds its embedder before any shard is handed out, so no worker idles while another
         # one is still loading; prompt vectors only for a new store
         dist.on_every_worker(warm_up, factory)
@@ -175,8 +186,11 @@ def _run(
                 check_shard_unchanged(cfg.store, name, done[name], file_sha256(path), path)
         writer.record_shards({n: str(p) for p, n in zip(paths, names, strict=True)})
         opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, cfg.gpu_decode, device)
+        recorded = indexed_sha256(paths)
         jobs = [
-            ShardJob(str(p), cfg.store, factory, opts, cfg.torch_threads, read=read)
+            ShardJob(
+                str(p), cfg.store, factory, opts, cfg.torch_threads, read=read, expected_sha256=recorded.get(str(p), "")
+            )
             for p, n in zip(paths, names, strict=True)
             if n not in done
         ]
@@ -246,7 +260,12 @@ def _run(
     help="auto: bf16 autocast on CUDA, fp32 on CPU. bf16-weights: the encoder's weights in bf16, no autocast "
     "(faster on GPUs; recorded in the store).",
 )
-@click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the device (nvjpeg); recorded in the store.")
+@click.option(
+    "--gpu-decode",
+    is_flag=True,
+    help="Decode JPEGs with torchvision on --device (nvjpeg on CUDA; on the CPU it runs but gains nothing); "
+    "recorded in the store.",
+)
 @click.option("--prompts", default="", help="Class-name file for the prompt bank (default: ImageNet class names).")
 @user_errors
 def command(

@@ -243,24 +243,54 @@ def resolve_shards(spec: str | Path) -> list[Path]:
     """
     text = str(spec)
     if os.path.isdir(text):
-        paths = sorted(Path(text).glob("*.tar"))
-        if not paths:
-            raise ShardError(f"shard folder {text} holds no .tar files; run `semspai shard ... --out {text}` first")
-        return paths
+        return _folder_tars(Path(text))
     if "{" in text:
         paths = [Path(p) for p in braceexpand.braceexpand(text)]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise ShardError(f"{len(missing)} shard(s) of {text} do not exist, e.g. {missing[0]}")
-        return sorted(paths)
+        return sorted(t for p in paths for t in (_folder_tars(p) if p.is_dir() else [p]))
     if any(c in text for c in "*?["):
         paths = sorted(Path(p) for p in glob.glob(text))
         if not paths:
             raise ShardError(f"no shard matches {text}")
-        return paths
+        return sorted(t for p in paths for t in (_folder_tars(p) if p.is_dir() else [p]))
     if os.path.isfile(text):
         return [Path(text)]
     raise ShardError(f"shard spec {text} is neither a folder, a tar, a glob nor a brace pattern that exists")
+
+
+def _folder_tars(folder: Path) -> list[Path]:
+    """A shard folder's tars; every tar its index.json lists (when it has one) must be there."""
+    paths = sorted(folder.glob("*.tar"))
+    if not paths:
+        raise ShardError(f"shard folder {folder} holds no .tar files; run `semspai shard ... --out {folder}` first")
+    if (folder / INDEX_NAME).exists():
+        found = {p.name for p in paths}
+        missing = [e["name"] for e in read_index(folder).get("shards", []) if e.get("name") not in found]
+        if missing:
+            raise ShardError(
+                f"{folder}: {len(missing)} tar(s) that {INDEX_NAME} lists are missing, e.g. {missing[0]}; "
+                f"restore them or rebuild with `semspai shard ... --out {folder} --force`"
+            )
+    return paths
+
+
+def indexed_sha256(paths: list[Path]) -> dict[str, str]:
+    """Tar path -> the sha256 `semspai shard` recorded for it in its folder's index.json (tars without one,
+    or that it does not list, are left out: tars may come from elsewhere)."""
+    recorded: dict[Path, dict[str, str]] = {}
+    out = {}
+    for p in paths:
+        folder = Path(p).parent
+        if folder not in recorded:
+            has_index = (folder / INDEX_NAME).exists()
+            entries = read_index(folder).get("shards", []) if has_index else []
+            recorded[folder] = {e.get("name"): e.get("sha256") for e in entries}
+        sha = recorded[folder].get(Path(p).name)
+        if sha:
+            out[str(p)] = sha
+    return out
 
 
 def shard_split(path: str | Path) -> str:

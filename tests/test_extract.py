@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,7 +48,7 @@ from semspai.stages.extract import ExtractConfig, run, worker_gpus
 from semspai.store import writer as writer_module
 from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
-from semspai.store.shards import ShardError, ShardSample, iter_shard
+from semspai.store.shards import INDEX_NAME, ShardError, ShardSample, file_sha256, iter_shard, write_json_atomic
 from semspai.store.writer import FAULT_ENV, WRITER_ENV, writer_process
 from tests.conftest import encode
 from tests.conftest import random_photo as photo
@@ -251,6 +252,56 @@ def test_two_dask_workers_give_the_same_bits(shards: Path, reference: Path, tmp_
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes wrote
 
 
+def test_an_attached_cluster_decides_the_device_and_gives_the_same_bits(
+    shards: Path, reference: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """--scheduler: `auto` is resolved by the cluster's workers, not by the client (a client without a GPU may
+    drive GPU workers; here the client claims a GPU its CPU-only worker lacks), and the store is bit for bit
+    the in-process one."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # in this process only, after the spawn
+        store = tmp_path / "attached.zarr"
+        run(cfg(shards, store, workers=None, scheduler=address, device="auto"))  # the embedder built from cfg
+    assert arrays(store) == arrays(reference)
+    pids = set(writer_pids(store).values())
+    assert len(pids) == 1 and os.getpid() not in pids
+    assert zarr.open_group(str(store), mode="r").attrs["preprocessing"]["device"] == "cpu"
+
+
+def test_an_unreachable_scheduler_is_one_line_error(shards: Path, tmp_path: Path) -> None:
+    import dask
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["extract-clip", "--shards", str(shards), "--store", str(tmp_path / "s.zarr"), "--clip", "tiny-random"]
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        line = one_line_error([*args, "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert f"--scheduler tcp://127.0.0.1:{port}: cannot reach a Dask scheduler" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "device,match",
+    [
+        ("foo", "--device 'foo' is not a device"),
+        pytest.param(
+            "cuda",
+            "--device cuda: no CUDA GPU is visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+        ),
+        ("mps" if not torch.backends.mps.is_available() else "foo:0", "is not a device|no mps device"),
+    ],
+)
+def test_a_device_that_is_not_here_is_one_line_error(shards: Path, tmp_path: Path, device: str, match: str) -> None:
+    args = ["extract-clip", "--shards", str(shards), "--store", str(tmp_path / "s.zarr"), "--clip", "tiny-random"]
+    assert re.search(match, one_line_error([*args, "--device", device, "--workers", "0"]))
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_two_dask_workers_reading_ahead_on_the_device_path_give_the_same_bits(shards: Path, tmp_path: Path) -> None:
     """--gpu-decode (here on the CPU device): each worker's second task thread reads and decodes ahead in a
     producer thread while the first embeds; the store is bit for bit the in-process one."""
@@ -361,6 +412,28 @@ def test_changed_shard_is_refused(reference: Path, tmp_path: Path) -> None:
     make_shards(tmp_path / "changed", n_shards=1, per_shard=3)
     line = one_line_error(cli_args(tmp_path / "changed", reference))
     assert "shard train-000000 (" in line and "changed since it was extracted" in line
+
+
+def test_tar_unlike_its_index_fails_naming_it_and_keeps_the_others(
+    shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    """A tar whose sha256 is not the one its folder's index.json recorded (a flipped byte inside an image still
+    reads as a valid tar) is not extracted; the other shards are, and after a repair the rerun adds it."""
+    folder = Path(shutil.copytree(shards, tmp_path / "indexed"))
+    entries = [{"name": p.name, "sha256": file_sha256(p)} for p in sorted(folder.glob("*.tar"))]
+    write_json_atomic(folder / INDEX_NAME, {"shards": entries})
+    tar = folder / "train-000002.tar"
+    good = tar.read_bytes()
+    data = bytearray(good)
+    data[1024 + 200] ^= 0xFF  # inside the first member's bytes, past its header block
+    tar.write_bytes(bytes(data))
+    store = tmp_path / "s.zarr"
+    line = one_line_error(cli_args(folder, store, "tiny-random", "--batch-size", str(BATCH)))
+    assert "shard train-000002: its sha256 is not the one index.json recorded" in line
+    assert FeatureStore.open(str(store)).done_shards == ["train-000000", "train-000001"]
+    tar.write_bytes(good)
+    run(cfg(folder, store), embedder_factory=TINY)
+    assert arrays(store) == arrays(reference)
 
 
 def test_truncated_tar_fails_naming_it_and_keeps_the_others(shards: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from semspai.store.shards import (
     ShardError,
     ShardWriter,
     file_sha256,
+    indexed_sha256,
     iter_shard,
     read_index,
     resolve_shards,
@@ -33,6 +34,7 @@ from semspai.store.shards import (
 )
 from semspai.store.sources import SourceError, sample_key
 from tests.conftest import TREE, encode, make_tree, random_photo, write_image
+from tests.store_data import make_shards
 
 CNN_RANKING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cnndetection-ranking"
 
@@ -650,6 +652,21 @@ def test_resolve_shards_spec_forms(tiny_shards, tmp_path):
         resolve_shards(tmp_path / "nope")
     with pytest.raises(ShardError, match="index.json is missing"):
         read_index(tmp_path / "empty")
+
+
+def test_spec_naming_folders_takes_their_tars_and_a_folder_missing_an_indexed_tar_is_refused(tiny_shards, tmp_path):
+    a, b = (Path(shutil.copytree(tiny_shards, tmp_path / n)) for n in ("shA", "shB"))
+    both = sorted([*a.glob("*.tar"), *b.glob("*.tar")])
+    assert resolve_shards(f"{tmp_path}/sh{{A,B}}") == both  # a brace pattern or glob may name shard folders
+    assert resolve_shards(f"{tmp_path}/sh?") == both
+    gone = sorted(b.glob("*.tar"))[1]
+    gone.unlink()
+    for spec in (b, f"{tmp_path}/sh{{A,B}}"):
+        with pytest.raises(ShardError, match=rf"1 tar\(s\) that index.json lists are missing, e.g. {gone.name}"):
+            resolve_shards(spec)
+    assert resolve_shards(f"{b}/train-*.tar")  # naming tars, not the folder, picks a subset on purpose
+    assert indexed_sha256(sorted(a.glob("*.tar"))) == {str(a / e["name"]): e["sha256"] for e in read_index(a)["shards"]}
+    assert indexed_sha256(make_shards(tmp_path / "no-index", 1, 1, corrupt=False)) == {}
 
 
 # -------------------------------------------------------------------------------------------- shared data
