@@ -238,8 +238,11 @@ class ClipEmbedder:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
         return self._global_transform(Image.fromarray(rgb))
 
-    def preprocess_patches(self, patches: np.ndarray) -> torch.Tensor:
-        """(P, 224, 224, 3) uint8 -> (P, 3, S, S) float32: resized only when S != 224, then normalised."""
+    def preprocess_patches(self, patches: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, 224, 224, 3) uint8 -> (P, 3, S, S) float32: resized only when S != 224, then normalised.
+
+        Into `out` when given (a contiguous float32 CPU tensor of that shape, e.g. a slice of a larger batch),
+        and in place: one float copy of the patches, whatever their number (a 4K image has 150)."""
         if patches.ndim != 4 or patches.shape[3] != 3 or patches.dtype != np.uint8:
             raise ValueError(f"expected (P, H, W, 3) uint8 patches, got {patches.shape} {patches.dtype}")
         s = self.spec.image_size
@@ -247,8 +250,11 @@ class ClipEmbedder:
             # PIL, as open_clip's own resize uses it (torch's bicubic differs: a=-0.75 vs PIL's -0.5)
             resample = Image.Resampling[self.spec.interpolation.upper()]
             patches = np.stack([np.asarray(Image.fromarray(p).resize((s, s), resample)) for p in patches])
-        x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float()  # (P, 3, S, S), 0..255
-        return ((x / 255.0 - self._mean) / self._std).contiguous()
+        x = torch.empty((len(patches), 3, s, s)) if out is None else out
+        if x.shape != (len(patches), 3, s, s) or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 ({len(patches)}, 3, {s}, {s}) tensor")
+        x.copy_(torch.from_numpy(patches).permute(0, 3, 1, 2))  # 0..255 as float; the same ops as out of place
+        return x.div_(255.0).sub_(self._mean).div_(self._std)
 
     def get_image_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, D) L2-normalised float32 vectors on self.device."""

@@ -62,7 +62,7 @@ class Embedder(Protocol):
 
     def preprocess_global(self, rgb: np.ndarray) -> torch.Tensor: ...
 
-    def preprocess_patches(self, patches: np.ndarray) -> torch.Tensor: ...
+    def preprocess_patches(self, patches: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def get_image_embedding(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -169,8 +169,10 @@ class CpuCrops:
         except ImageDecodeError as exc:
             return Prepared(sample.key, sample.meta, error=str(exc))
         patches, boxes = crop_patches(rgb, self.rule)  # (P, 224, 224, 3), (P, 4)
-        glob = self.embedder.preprocess_global(rgb)[None]  # (1, 3, S, S)
-        crops = torch.cat([glob, self.embedder.preprocess_patches(patches)])
+        glob = self.embedder.preprocess_global(rgb)  # (3, S, S)
+        crops = torch.empty((1 + len(patches), *glob.shape))  # filled in place: one float copy of a large image
+        crops[0] = glob
+        self.embedder.preprocess_patches(patches, out=crops[1:])
         return Prepared(sample.key, sample.meta, crops, boxes, rgb.shape[0], rgb.shape[1])
 
 

@@ -163,6 +163,11 @@ def test_patches_preprocess_like_the_global_path(tiny: ClipEmbedder, size: int) 
     x = emb.preprocess_patches(patches)
     assert x.shape == (3, 3, size, size) and x.dtype == torch.float32
     assert torch.equal(x, torch.stack([emb.preprocess_global(p) for p in patches]))
+    batch = torch.full((5, 3, size, size), float("nan"))  # into a slice of a larger batch: the same bits there
+    assert emb.preprocess_patches(patches, out=batch[1:4]).data_ptr() == batch[1].data_ptr()
+    assert torch.equal(batch[1:4], x) and batch[0].isnan().all() and batch[4].isnan().all()
+    with pytest.raises(ValueError, match="out must be"):
+        emb.preprocess_patches(patches, out=torch.empty((3, 3, size, size), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
