@@ -285,9 +285,7 @@ class ClipEmbedder:
         return F.normalize(feats.float(), dim=-1)
 
 
-def _build_open_clip(
-    arg: str, name: str, weights: str
-) -> tuple[torch.nn.Module, dict, Callable[[Image.Image], torch.Tensor]]:
+def _open_clip_config(arg: str, name: str) -> dict:
     _register_project_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
@@ -295,6 +293,13 @@ def _build_open_clip(
             f"--clip {arg}: unknown open_clip model {name!r}; use one of open_clip.list_models() (e.g. ViT-B-32), "
             f"{TINY_RANDOM}, or timm/MODEL:/path/weights.safetensors"
         )
+    return cfg
+
+
+def _build_open_clip(
+    arg: str, name: str, weights: str
+) -> tuple[torch.nn.Module, dict, Callable[[Image.Image], torch.Tensor]]:
+    cfg = _open_clip_config(arg, name)
     quick_gelu = bool(cfg.get("quick_gelu", False))
     if weights == RANDOM_WEIGHTS:
         model = _seeded(lambda: open_clip.create_model(name, pretrained=None))
@@ -404,6 +409,7 @@ def load_embedder(arg: str, device: str | torch.device = "cpu", precision: str =
         model, info, transform = _build_timm(arg, name, weights)
     else:
         if not weights and name != TINY_RANDOM:
+            _open_clip_config(arg, name)  # an unknown model is named as such before its missing weights
             raise ClipLoadError(
                 f"--clip {arg}: name the weights: {name}:TAG (hub, needs network), {name}:/path/weights.safetensors, "
                 f"or {name}:{RANDOM_WEIGHTS} (meaningless vectors, for benchmarks)"

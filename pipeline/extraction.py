@@ -104,7 +104,12 @@ def warm_up(factory: Callable[[], Embedder]) -> None:
 
 def prompt_bank(path: str | Path) -> list[str]:
     """Class names (one a line) -> prompt texts `a photo of a {name}.`."""
-    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompts {path}: cannot read the class-name file ({exc})") from exc
+    if not names:
+        raise ConfigError(f"--prompts {path}: the class-name file is empty")
     return [PROMPT_TEMPLATE.format(n) for n in names]
 
 

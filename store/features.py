@@ -604,6 +604,8 @@ def export_h5(store: FeatureStore, out: str | Path) -> Path:
     import h5py
 
     out = Path(out)
+    if not out.parent.is_dir():
+        raise FeatureStoreError(f"export-h5: the folder of {out} does not exist; create it first")
     tmp = out.with_name(out.name + ".partial")
     store.preload_local()
     parts = [store._shard_local(s) for s in range(len(store.done_shards))]

@@ -282,6 +282,7 @@ def test_hub_tag_path_records_the_tags_quick_gelu(
         ("ViT-B-32:nosuchtag", "neither a weights file nor a tag of ViT-B-32 .*openai"),
         ("ViT-B-32", "name the weights: ViT-B-32:TAG"),
         ("NoSuchNet:openai", "unknown open_clip model 'NoSuchNet'"),
+        ("NoSuchNet", "unknown open_clip model 'NoSuchNet'"),  # the model first, before its missing weights
         ("timm/no_such_net:/x/w.safetensors", "timm has no model 'no_such_net'"),
         ("timm/efficientnet_lite0", "needs a local weights file"),
     ],

@@ -795,6 +795,16 @@ def test_default_prompt_bank_is_imagenet() -> None:
     assert len(bank) == 1000 and bank[0] == "a photo of a tench."
 
 
+def test_unreadable_or_empty_prompt_file_is_one_line_error(shards: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for path, why in (
+        (tmp_path / "none.txt", "cannot read the class-name file"),
+        (tmp_path / "empty.txt", "the class-name file is empty"),
+    ):
+        line = one_line_error([*cli_args(shards, tmp_path / "s.zarr")[:-2], "--prompts", str(path)])
+        assert line.startswith(f"Error: --prompts {path}: {why}")
+
+
 def test_help() -> None:
     result = CliRunner().invoke(cli, ["extract-clip", "--help"])
     assert result.exit_code == 0

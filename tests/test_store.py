@@ -284,6 +284,10 @@ def test_info_and_export_h5(tmp_path: Path, shards: list[Path]) -> None:
             assert np.array_equal(f["boxes"][offsets[i] : offsets[i + 1]], fs.boxes(i))
         assert json.loads(f.attrs["semspai_store"])["clip"]["model"] == "tiny-random"
         assert f["text"].shape == (2, D)
+    result = runner.invoke(cli, ["store", "export-h5", store, str(tmp_path / "no-such-folder" / "x.h5")])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: export-h5: the folder of {tmp_path / 'no-such-folder' / 'x.h5'} does not exist; create it first"
+    ]
 
 
 def test_missing_store_is_one_line_error(tmp_path: Path) -> None:
