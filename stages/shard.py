@@ -72,6 +72,7 @@ class ShardResult:
     n_written: int = 0
     n_skipped: int = 0
     n_duplicates: int = 0
+    n_conflicting: int = 0  # duplicates whose label differs from the kept copy's
     n_unlabeled_skipped: int = 0
     shards: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
@@ -191,7 +192,17 @@ def run(cfg: ShardConfig) -> ShardResult:
         if p.error:
             continue
         if p.sha256 in first_by_sha:
-            duplicates.append({"path": str(p.record.path), "duplicate_of": str(first_by_sha[p.sha256].record.path)})
+            kept_one = first_by_sha[p.sha256].record
+            entry = {"path": str(p.record.path), "duplicate_of": str(kept_one.path)}
+            if p.record.label != kept_one.label:  # the same bytes called real and fake: the data has a mistake
+                entry["conflicting_label"] = True
+                log.warning(
+                    "%s and %s are the same file labelled %s and %s; kept once, as %s (see index.json duplicates)",
+                    kept_one.path,
+                    p.record.path,
+                    *(("real", "fake")[r.label] for r in (kept_one, p.record, kept_one)),
+                )
+            duplicates.append(entry)
             continue
         first_by_sha[p.sha256] = p
         kept.append(p)
@@ -246,6 +257,7 @@ def run(cfg: ShardConfig) -> ShardResult:
         n_written=len(kept),
         n_skipped=len(skipped),
         n_duplicates=len(duplicates),
+        n_conflicting=sum(1 for d in duplicates if d.get("conflicting_label")),
         n_unlabeled_skipped=len(unlabeled),
         shards=[s["name"] for s in shards],
         counts=index["counts"],
@@ -349,8 +361,9 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
     click.echo("splits: " + ", ".join(f"{k}={v}" for k, v in result.counts["split"].items()))
     click.echo("labels: " + ", ".join(f"{k}={v}" for k, v in result.counts["label"].items()))
     if result.n_skipped or result.n_duplicates or result.n_unlabeled_skipped:
+        conflicting = f" ({result.n_conflicting} of them labelled both real and fake)" if result.n_conflicting else ""
         click.echo(
-            f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate, "
+            f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate{conflicting}, "
             f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
         )
 

@@ -290,16 +290,21 @@ def test_unlabeled_file_is_an_error_naming_it(image_tree, tmp_path):
     assert [Path(p).name for p in read_index(out)["unlabeled_skipped"]] == ["stray.png"]
 
 
-def test_duplicates_kept_once_and_reported(image_tree, tmp_path):
+def test_duplicates_kept_once_and_reported(image_tree, tmp_path, caplog):
     original = image_tree / "real" / "camera" / "000.jpg"
     copy = image_tree / "fake" / "gan_b" / "copy.jpg"
     copy.write_bytes(original.read_bytes())
+    (image_tree / "fake" / "gan_b" / "same.jpg").write_bytes(original.read_bytes())  # a copy with the kept label
     out = tmp_path / "out"
-    result = shard(image_tree, out)
-    assert result.n_duplicates == 1 and result.n_written == 16
-    (dup,) = read_index(out)["duplicates"]
+    with caplog.at_level("WARNING", logger="semspai"):
+        result = shard(image_tree, out)
+    assert result.n_duplicates == 2 and result.n_conflicting == 1 and result.n_written == 16
+    dups = {Path(d["path"]).name: d for d in read_index(out)["duplicates"]}
     # records are taken in origin order, so the copy under fake/ comes first and is the one kept
-    assert {Path(dup["path"]).name, Path(dup["duplicate_of"]).name} == {"000.jpg", "copy.jpg"}
+    assert {n: Path(d["duplicate_of"]).name for n, d in dups.items()} == {"000.jpg": "copy.jpg", "same.jpg": "copy.jpg"}
+    assert dups["000.jpg"].get("conflicting_label") is True and "conflicting_label" not in dups["same.jpg"]
+    (warning,) = [r.getMessage() for r in caplog.records if "same file labelled" in r.getMessage()]
+    assert "labelled fake and real; kept once, as fake" in warning
     digests = Counter(s.meta["sha256"] for _, s in samples(out).values())
     assert max(digests.values()) == 1
 
