@@ -23,6 +23,37 @@ FUSION_KINDS = ("concat", "film", "gate", "cross_attn")
 AUG_PLACES = ("auto", "loader", "device")
 
 
+# numeric keys and their inclusive bounds (None: unbounded); a list's every item is checked
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "MODEL.DROPOUT": (0, 1),
+    "MODEL.HIDDEN_DIM": (1, None),
+    "MODEL.SCA_HEADS": (1, None),
+    "MODEL.SEMANTIC.PROJ_DIM": (1, None),
+    "MODEL.SPECTRAL.MASK_RADIUS": (0, None),
+    "MODEL.SPECTRAL.CHUNK_SIZE": (1, None),
+    "DATA.MAX_PATCHES": (1, None),
+    "DATA.NUM_WORKERS": (0, None),
+    "DATA.SHUFFLE_BUFFER": (1, None),
+    "DATA.STORE_MEMORY_GB": (0, None),
+    "AUG.FLIP_PROB": (0, 1),
+    "AUG.JPEG_PROB": (0, 1),
+    "AUG.JPEG_QUALITY": (1, 100),
+    "AUG.BLUR_PROB": (0, 1),
+    "AUG.BLUR_SIGMA": (0, None),
+    "AUG.NOISE_PROB": (0, 1),
+    "AUG.NOISE_STD": (0, None),
+    "TRAIN.EPOCHS": (1, None),
+    "TRAIN.BATCH_SIZE": (1, None),
+    "TRAIN.BASE_LR": (0, None),
+    "TRAIN.MIN_LR": (0, None),
+    "TRAIN.WEIGHT_DECAY": (0, None),
+    "TRAIN.WARMUP_EPOCHS": (0, None),
+    "TRAIN.CLIP_GRAD": (0, None),
+    "LOSS.SEMANTIC_WEIGHT": (0, None),
+    "LOSS.TEMPERATURE": (0, None),
+}
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -148,6 +179,23 @@ class RunConfig:
         ):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise ConfigError(f"{key}: expected [low, high] with low <= high, got {pair}")
+        for key, (lo, hi) in RANGES.items():
+            section, *rest = key.split(".")
+            value = getattr(self, section)
+            for name in rest:
+                value = getattr(value, name)
+            for v in value if isinstance(value, list) else [value]:
+                if (lo is not None and v < lo) or (hi is not None and v > hi):
+                    want = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"within [{lo}, {hi}]"
+                    raise ConfigError(f"{key}: {value!r} is out of range (expected {want})")
+        if self.MODEL.HIDDEN_DIM % self.MODEL.SCA_HEADS:
+            raise ConfigError(
+                f"MODEL.SCA_HEADS: {self.MODEL.SCA_HEADS} does not divide MODEL.HIDDEN_DIM={self.MODEL.HIDDEN_DIM}"
+            )
+        if self.MODEL.DROPOUT >= 1:
+            raise ConfigError(f"MODEL.DROPOUT: {self.MODEL.DROPOUT} drops everything (expected 0 <= p < 1)")
+        if self.LOSS.TEMPERATURE <= 0:
+            raise ConfigError(f"LOSS.TEMPERATURE: {self.LOSS.TEMPERATURE} (expected > 0)")
         return self
 
     def to_dict(self) -> dict:
@@ -264,6 +312,17 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def config_from_dict(data: dict) -> RunConfig:
+    """A config from a (partial) dict over the defaults. Of the two keys that say "spectral only", the one
+    given decides the other when only one is (USE_SEMANTIC_CONTEXT false <-> SEMANTIC.MODE none); both given
+    and disagreeing is an error (in validate)."""
+    model = data.get("MODEL")
+    if isinstance(model, dict):
+        semantic = model.get("SEMANTIC")
+        has_mode = isinstance(semantic, dict) and "MODE" in semantic
+        if "USE_SEMANTIC_CONTEXT" in model and not has_mode and model["USE_SEMANTIC_CONTEXT"] is False:
+            data = _merge(data, {"MODEL": {"SEMANTIC": {"MODE": "none"}}})
+        elif has_mode and "USE_SEMANTIC_CONTEXT" not in model and semantic["MODE"] == "none":
+            data = _merge(data, {"MODEL": {"USE_SEMANTIC_CONTEXT": False}})
     return _build(RunConfig, data).validate()
 
 

@@ -151,10 +151,13 @@ def plan_split(
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
+    fake_generators: set[str] = set()  # in any split: a name in DATA.GENERATORS that is none of these is a typo
     for path in shards:
         kept = []
         for key, meta in shard_sidecars(path):
             label = int(meta["label"])
+            if label == 1:
+                fake_generators.add(meta.get("generator", ""))
             if meta.get("split") != split or (label == 1 and wanted and meta.get("generator") not in wanted):
                 continue
             if join is not None and key not in join.index:
@@ -172,10 +175,16 @@ def plan_split(
         )
     if missing:
         log.warning("%s: skipped %d sample(s) absent from the store (DATA.SKIP_MISSING)", split, len(missing))
+    unknown = sorted(wanted - fake_generators)
+    if unknown:
+        raise DataError(
+            f"DATA.GENERATORS: no fake image of the given shards comes from {unknown[0]!r} "
+            f"(their generators: {', '.join(sorted(fake_generators)) or 'none'})"
+        )
     plan = SplitPlan(split=split, keys=keys, labels=labels, n_missing=len(missing))
     if not len(plan):
         which = f" with DATA.GENERATORS={','.join(generators)}" if generators else ""
-        raise DataError(f"split {split!r} is empty{which} in the given shards; training needs {split} samples")
+        raise DataError(f"split {split!r} is empty{which} in the given shards")
     if len(set(labels.values())) < 2:
         only = "real" if 0 in labels.values() else "fake"
         raise DataError(f"split {split!r} holds only {only} images; it needs both reals and fakes")

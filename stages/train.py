@@ -15,11 +15,12 @@ from semspai.pipeline.clip import resolve_precision
 from semspai.pipeline.config import load_config
 from semspai.pipeline.data import DataError
 from semspai.pipeline.engine import CONFIG_NAME, Trainer, TrainResult
+from semspai.pipeline.spectral import EncoderConfigError
 from semspai.stages.common import config_options, register_user_error, user_errors
 from semspai.store.features import FeatureStoreError
 
 log = logging.getLogger(__name__)
-register_user_error(DataError, FeatureStoreError)
+register_user_error(DataError, FeatureStoreError, EncoderConfigError)
 
 
 @dataclass

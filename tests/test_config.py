@@ -218,6 +218,24 @@ def test_semantic_context_and_mode_must_agree(use, mode, ok):
     assert "set MODEL." in msg  # says how to fix it
 
 
+@pytest.mark.parametrize("given", ["MODEL.USE_SEMANTIC_CONTEXT=false", "MODEL.SEMANTIC.MODE=none"])
+def test_either_spectral_only_key_alone_implies_the_other(tmp_path, given):
+    cfg = load_config(None, [given])
+    assert (cfg.MODEL.USE_SEMANTIC_CONTEXT, cfg.MODEL.SEMANTIC.MODE) == (False, "none")
+    key, value = given.split("=")
+    section, *rest = key.split(".")
+    nested: object = yaml.safe_load(value)
+    for name in reversed(rest):
+        nested = {name: nested}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({section: nested}))  # the same from a file
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.MODEL.USE_SEMANTIC_CONTEXT, cfg.MODEL.SEMANTIC.MODE) == (False, "none")
+    # a mode a file gives still contradicts USE_SEMANTIC_CONTEXT=false given on the command line
+    (tmp_path / "m.yaml").write_text("MODEL:\n  SEMANTIC:\n    MODE: global\n")
+    with pytest.raises(ConfigError, match="MODEL.USE_SEMANTIC_CONTEXT is false but MODEL.SEMANTIC.MODE is 'global'"):
+        load_config(tmp_path / "m.yaml", ["MODEL.USE_SEMANTIC_CONTEXT=false"])
+
+
 @pytest.mark.parametrize(
     "override,key",
     [
@@ -227,6 +245,19 @@ def test_semantic_context_and_mode_must_agree(use, mode, ok):
         ("AUG.JPEG_QUALITY=[90, 50]", "AUG.JPEG_QUALITY"),
         ("AUG.NOISE_STD=[0.1]", "AUG.NOISE_STD"),
         ("AUG.WHERE=gpu", "AUG.WHERE"),
+        ("TRAIN.EPOCHS=0", "TRAIN.EPOCHS"),
+        ("TRAIN.BATCH_SIZE=0", "TRAIN.BATCH_SIZE"),
+        ("TRAIN.BASE_LR=-1", "TRAIN.BASE_LR"),
+        ("MODEL.HIDDEN_DIM=0", "MODEL.HIDDEN_DIM"),
+        ("MODEL.SCA_HEADS=3", "MODEL.SCA_HEADS"),
+        ("MODEL.DROPOUT=2", "MODEL.DROPOUT"),
+        ("MODEL.DROPOUT=1", "MODEL.DROPOUT"),
+        ("MODEL.SEMANTIC.PROJ_DIM=0", "MODEL.SEMANTIC.PROJ_DIM"),
+        ("DATA.MAX_PATCHES=0", "DATA.MAX_PATCHES"),
+        ("DATA.NUM_WORKERS=-1", "DATA.NUM_WORKERS"),
+        ("AUG.JPEG_QUALITY=[10, 200]", "AUG.JPEG_QUALITY"),
+        ("AUG.FLIP_PROB=1.5", "AUG.FLIP_PROB"),
+        ("LOSS.TEMPERATURE=0", "LOSS.TEMPERATURE"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

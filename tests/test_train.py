@@ -253,6 +253,24 @@ def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("TRAIN.EPOCHS=0", "Error: TRAIN.EPOCHS: 0 is out of range (expected >= 1)"),
+        ("TRAIN.BATCH_SIZE=0", "Error: TRAIN.BATCH_SIZE: 0 is out of range (expected >= 1)"),
+        ("MODEL.SPECTRAL.ENCODER=nosuch", "Error: MODEL.SPECTRAL.ENCODER: no model JSON 'nosuch'"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_anything_is_written(
+    tiny_shards, train_store, tmp_path, override, message
+):
+    args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(cli, [*args, "--set", override])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(message)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
     ("extra", "store", "message"),
     [
         ((), False, "--from-store"),
@@ -294,7 +312,8 @@ def test_generator_filter_reaching_an_empty_class_is_an_error(tiny_shards, train
             "DATA.GENERATORS=nope",
         ],
     )
-    assert res.exit_code == 1 and "holds only real images" in res.output
+    assert res.exit_code == 1 and "DATA.GENERATORS: no fake image of the given shards comes from 'nope'" in res.output
+    assert "(their generators: gan_a, gan_b)" in res.output  # a typo is named as one, with the names there are
     with pytest.raises(DataError):
         _train(tiny_shards, train_store, tmp_path / "r", ("DATA.GENERATORS=nope",))
 
