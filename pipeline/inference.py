@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semspai.pipeline.clip import ClipEmbedder, ClipLoadError, ClipSpec, load_embedder, resolve_precision
+from semspai.pipeline.clip import (
+    RANDOM_WEIGHTS,
+    TINY_RANDOM,
+    ClipEmbedder,
+    ClipLoadError,
+    ClipSpec,
+    load_embedder,
+    resolve_precision,
+)
 from semspai.pipeline.config import RunConfig, config_from_dict
 from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, pack_images
 from semspai.pipeline.engine import autocast
@@ -249,13 +257,16 @@ def _load_recorded_embedder(recorded: dict | None, override: str | None, file: P
         raise CheckpointError(f"checkpoint {file} uses CLIP vectors but records no CLIP spec")
     spec = ClipSpec.from_dict(recorded)
     arg = override or spec.arg
+    if spec.meaningless:  # weights drawn from a seed: no file to point at
+        hint = f"Pass --clip {spec.arg.split(':')[0]}" + ("" if spec.model == TINY_RANDOM else f":{RANDOM_WEIGHTS}")
+    else:
+        hint = f"Pass --clip {spec.model}:/path/to/{spec.weights_id} (the same weights at another path)"
     try:
         embedder = load_embedder(arg, device, precision)
     except ClipLoadError as exc:
         raise ClipLoadError(
             f"checkpoint {file} needs its CLIP encoder {spec.model} ({spec.weights_id}, sha256 {spec.sha256[:12]}…), "
-            f"which cannot be loaded from {arg!r}: {exc}. Pass --clip {spec.model}:/path/to/{spec.weights_id} "
-            "(the same weights at another path)"
+            f"which cannot be loaded from {arg!r}: {exc}. {hint}"
         ) from exc
     have, want = embedder.spec.identity(), spec.identity()
     if have != want:

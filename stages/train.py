@@ -97,9 +97,11 @@ def command(store, shards, out, config_path, overrides, resume) -> None:
         click.echo(f"{out}: all {len(result.history)} epochs are done; nothing to do")
         return
     last = result.history[-1]
+    best = max(result.history, key=lambda h: h["val_auc"])  # the first of equals, as best.pt keeps it
     click.echo(
-        f"trained {result.epochs_run} epoch(s) into {out}: val AUC {last['val_auc']:.4f}, "
-        f"AP {last['val_ap']:.4f}, threshold {result.threshold:.3f}"
+        f"trained {result.epochs_run} epoch(s) into {out}: last epoch val AUC {last['val_auc']:.4f}, "
+        f"AP {last['val_ap']:.4f}; best.pt (what eval and predict take for RUN) is epoch {best['epoch']}: "
+        f"val AUC {best['val_auc']:.4f}, AP {best['val_ap']:.4f}, threshold {best['threshold']:.3f}"
     )
     if result.dropped_batches:
         click.echo(f"dropped {result.dropped_batches} batch(es) to keep the DDP ranks in step")

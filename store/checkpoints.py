@@ -54,7 +54,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
-        raise CheckpointError(f"checkpoint {file} cannot be read ({type(exc).__name__}: {exc})") from exc
+        why = (str(exc).strip().splitlines() or [""])[0]  # torch's first line; its weights_only advice runs on
+        why = why if len(why) <= 200 else why[:200] + "…"
+        raise CheckpointError(f"checkpoint {file} cannot be read ({type(exc).__name__}: {why})") from exc
     if not isinstance(state, dict) or state.get("schema_version") != CHECKPOINT_SCHEMA_VERSION:
         raise CheckpointError(f"checkpoint {file} is not a semspai checkpoint of schema {CHECKPOINT_SCHEMA_VERSION}")
     return state

@@ -152,8 +152,12 @@ def test_missing_clip_weights_name_the_fix_and_clip_overrides(checkpoint, tmp_pa
     state["clip_spec"] = state["clip_spec"] | {"arg": "tiny-random:/gone/tiny.safetensors"}
     moved = tmp_path / "moved.pt"
     save_checkpoint(moved, state)
-    with pytest.raises(ClipLoadError, match="--clip tiny-random:/path/to/seed:0"):
+    with pytest.raises(ClipLoadError, match=r"\. Pass --clip tiny-random$"):  # seeded weights: no file to name
         load_detector(moved)
+    file_spec = state["clip_spec"] | {"meaningless": False, "weights_id": "tiny.safetensors"}
+    save_checkpoint(tmp_path / "file.pt", state | {"clip_spec": file_spec})
+    with pytest.raises(ClipLoadError, match=r"Pass --clip tiny-random:/path/to/tiny.safetensors \(the same weights"):
+        load_detector(tmp_path / "file.pt")
     det = load_detector(moved, clip="tiny-random")  # same weights found elsewhere: accepted
     assert det.predict(rgb)[0].score == load_detector(checkpoint).predict(rgb)[0].score
     state["clip_spec"] = state["clip_spec"] | {"arg": "tiny-random", "sha256": "0" * 64}
@@ -207,6 +211,15 @@ def test_json_output_and_heatmaps(checkpoint, tmp_path, rgb):
     rows = json.loads((tmp_path / "o.json").read_text())
     assert [set(r) for r in rows] == [set(CSV_HEADER)] * 4 and result.n_failed == 1
     assert len(result.heatmaps) == 3 and all(p.exists() and p.stat().st_size > 10_000 for p in result.heatmaps)
+
+
+def test_a_file_that_is_no_checkpoint_is_a_short_one_line_error(tmp_path, rgb):
+    (tmp_path / "config.yaml").write_text("MODEL:\n  DROPOUT: 0.1\n")
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "config.yaml")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"Error: checkpoint {tmp_path / 'config.yaml'} cannot be read (")
+    assert len(res.output) < 400
 
 
 def test_cli_fails_only_when_every_file_fails(checkpoint, tmp_path):

@@ -252,6 +252,21 @@ def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
     assert load_checkpoint(tmp_path / "none")["clip_spec"] == {}
 
 
+def test_cli_summary_names_the_best_epoch_that_eval_and_predict_use(tiny_shards, train_store, tmp_path):
+    args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(cli, [*args, *(a for o in [*MICRO, "TRAIN.EPOCHS=3"] for a in ("--set", o))])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    best = load_checkpoint(tmp_path / "r")  # RUN -> best.pt
+    (row,) = [r for r in rows if r["epoch"] == best["epoch"]]
+    assert row["val_auc"] == max(r["val_auc"] for r in rows)
+    assert (
+        f"best.pt (what eval and predict take for RUN) is epoch {row['epoch']}: val AUC {row['val_auc']:.4f}, "
+        f"AP {row['val_ap']:.4f}, threshold {best['threshold']:.3f}"
+    ) in res.output
+    assert f"last epoch val AUC {rows[-1]['val_auc']:.4f}" in res.output
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
