@@ -400,19 +400,26 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
         doc.text(f"No image is on the wrong side of the threshold {run.threshold:.3f}.")
 
     doc.heading("Files")
-    doc.text("`metrics.json` (all numbers above), `predictions.csv` (every image's scores), `eval.json` (settings "
+    doc.text("`metrics.json` (all numbers above), `predictions.csv` (every image's scores, by every checkpoint), `eval.json` (settings "
              "and every checkpoint's metrics), `config.yaml` (the resolved config).")  # fmt: skip
     return doc.write(out)
 
 
-def write_predictions(run: CheckpointEval, path: Path) -> None:
+def write_predictions(runs: list[CheckpointEval], path: Path) -> None:
+    """Every image's scores: the first checkpoint's as `score` and one column per perturbation, then each other
+    checkpoint's as `score@LABEL` and `PERTURBATION@LABEL` (an ablation's per-image scores side by side)."""
+    run, others = runs[0], runs[1:]
+    rows = [{k: i for i, k in enumerate(r.keys)} for r in others]  # joined by key, whatever each one's order
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["key", "path", "label", "generator", "score", *run.perturbed])
+        writer.writerow(["key", "path", "label", "generator", "score", *run.perturbed,
+                         *[f"{name}@{r.label}" for r in others for name in ("score", *r.perturbed)]])  # fmt: skip
         for i, key in enumerate(run.keys):
+            extra = [f"{v[row[key]]:.6f}" for r, row in zip(others, rows, strict=True)
+                     for v in (r.scores, *r.perturbed.values())]  # fmt: skip
             writer.writerow([key, run.paths[i], "fake" if run.labels[i] else "real", run.generators[i],
-                             f"{run.scores[i]:.6f}",
-                             *[f"{v[i]:.6f}" for v in run.perturbed.values()]])  # fmt: skip
+                             f"{run.scores[i]:.6f}", *[f"{v[i]:.6f}" for v in run.perturbed.values()],
+                             *extra])  # fmt: skip
 
 
 def run(cfg: EvalConfig) -> EvalResult:
@@ -437,7 +444,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     shards = sorted(split_shards(cfg.shards, cfg.split))
     heatmaps = render_heatmaps(primary, shards, pick_examples(primary, cfg.n_heatmaps), out / "heatmaps")
     save_config(primary.config, out / "config.yaml")
-    write_predictions(primary, out / "predictions.csv")
+    write_predictions(runs, out / "predictions.csv")
     md, page = write_report(cfg, runs, out, cfg.store is not None, heatmaps)
     settings = {k: getattr(cfg, k) for k in ("checkpoints", "shards", "store", "split", "perturb", "overrides", "clip",
                                              "bootstrap", "seed")}  # fmt: skip

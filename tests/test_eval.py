@@ -72,6 +72,12 @@ def test_eval_scores_equal_predict_scores(evaluated, checkpoints, tiny_shards):
     preds = load_detector(checkpoints["global_local"]).predict([images[k] for k in keys])
     for key, pred in zip(keys, preds, strict=True):
         assert float(rows[key]["score"]) == pytest.approx(pred.score, abs=1e-6)
+    # the ablation's second checkpoint has its own columns, each image's scores by that checkpoint
+    second = evaluated.runs[1].label
+    assert f"score@{second}" in rows[keys[0]] and f"noise:0.05@{second}" in rows[keys[0]]
+    preds = load_detector(checkpoints["none"]).predict([images[k] for k in keys])
+    for key, pred in zip(keys, preds, strict=True):
+        assert float(rows[key][f"score@{second}"]) == pytest.approx(pred.score, abs=1e-6)
     # perturbed scores differ from clean ones: the perturbation reached the model
     assert any(abs(float(r["noise:0.05"]) - float(r["score"])) > 1e-6 for r in rows.values())
 
