@@ -24,7 +24,7 @@ from semspai.pipeline.data import (
 from semspai.pipeline.grid import pad_image
 from semspai.store.features import FeatureStore
 from semspai.store.images import decode_image
-from semspai.store.shards import iter_shard, resolve_shards
+from semspai.store.shards import ShardWriter, iter_shard, resolve_shards
 
 HEAVY_AUG = AugConfig(FLIP_PROB=1.0, JPEG_PROB=1.0, BLUR_PROB=1.0, NOISE_PROB=1.0, NOISE_STD=[0.02, 0.05])
 
@@ -159,12 +159,19 @@ def test_generator_filter_keeps_reals_and_named_fakes(tiny_shards, train_store):
     assert {meta[k]["generator"] for k in everything.labels} == {"camera", "gan_a", "gan_b"}
 
 
-def test_empty_or_one_class_split_is_an_error_naming_it(tiny_shards):
+def test_empty_or_one_class_split_is_an_error_naming_it(tiny_shards, tmp_path):
     train_only = [p for p in resolve_shards(tiny_shards) if p.name.startswith("train")]
     with pytest.raises(DataError, match="split 'val' is empty"):
         plan_split(train_only, "val", [], None, skip_missing=False)
+    with pytest.raises(DataError, match="DATA.GENERATORS: no fake image of the given shards comes from 'no-such-gen'"):
+        plan_split(train_only, "train", ["no-such-gen"], None, skip_missing=False)
+    reals = ShardWriter(tmp_path / "train-000000.tar")
+    for s in iter_shard(train_only[0]):
+        if s.label == 0:
+            reals.write(s.key, bytes(s.image), s.ext, s.meta)
+    reals.close()
     with pytest.raises(DataError, match="'train' holds only real"):
-        plan_split(train_only, "train", ["no-such-generator"], None, skip_missing=False)
+        plan_split([tmp_path / "train-000000.tar"], "train", [], None, skip_missing=False)
 
 
 def test_sample_missing_from_store_names_shard_and_key(tiny_shards, tmp_path):
