@@ -67,7 +67,7 @@ def format_info(s: dict) -> list[str]:
         f"by label: {_counts(s['by_label'])}",
         f"by generator: {_counts(s['by_generator'])}",
         f"shards: {len(s['done_shards'])} done, {len(s['missing_shards'])} missing"
-        + (f" ({', '.join(s['missing_shards'])})" if s["missing_shards"] else ""),
+        + (f" ({', '.join(s['missing_shards'])}: asked for by a run, not done)" if s["missing_shards"] else ""),
         f"skipped images (unreadable): {len(s['skipped'])}",
     ]
     lines += [f"  {k['shard']}/{k['key']}: {k['reason']}" for k in s["skipped"][:SKIPPED_SHOWN]]
