@@ -33,7 +33,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "MODEL.SPECTRAL.CHUNK_SIZE": (1, None),
     "DATA.MAX_PATCHES": (1, None),
     "DATA.NUM_WORKERS": (0, None),
-    "DATA.SHUFFLE_BUFFER": (1, None),
+    "DATA.SHUFFLE_BUFFER": (0, None),  # 0 or 1: the stored order
     "DATA.STORE_MEMORY_GB": (0, None),
     "AUG.FLIP_PROB": (0, 1),
     "AUG.JPEG_PROB": (0, 1),
@@ -179,23 +179,6 @@ class RunConfig:
         ):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise ConfigError(f"{key}: expected [low, high] with low <= high, got {pair}")
-        for key, (lo, hi) in RANGES.items():
-            section, *rest = key.split(".")
-            value = getattr(self, section)
-            for name in rest:
-                value = getattr(value, name)
-            for v in value if isinstance(value, list) else [value]:
-                if (lo is not None and v < lo) or (hi is not None and v > hi):
-                    want = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"within [{lo}, {hi}]"
-                    raise ConfigError(f"{key}: {value!r} is out of range (expected {want})")
-        if self.MODEL.HIDDEN_DIM % self.MODEL.SCA_HEADS:
-            raise ConfigError(
-                f"MODEL.SCA_HEADS: {self.MODEL.SCA_HEADS} does not divide MODEL.HIDDEN_DIM={self.MODEL.HIDDEN_DIM}"
-            )
-        if self.MODEL.DROPOUT >= 1:
-            raise ConfigError(f"MODEL.DROPOUT: {self.MODEL.DROPOUT} drops everything (expected 0 <= p < 1)")
-        if self.LOSS.TEMPERATURE <= 0:
-            raise ConfigError(f"LOSS.TEMPERATURE: {self.LOSS.TEMPERATURE} (expected > 0)")
         return self
 
     def to_dict(self) -> dict:
@@ -204,6 +187,36 @@ class RunConfig:
     def digest(self) -> str:
         """sha256 of the canonical JSON form: equal configs hash equal whatever file they came from."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> RunConfig:
+    """Out-of-range values (RANGES, and what makes no model) -> ConfigError naming the key. Only `keys` when
+    given. Applied to what a user gives (files, `--set`), not to configs read back from checkpoints: a bound
+    added later must not lock a user out of a model trained before it."""
+
+    def wanted(key: str) -> bool:
+        return keys is None or key in keys
+
+    for key, (lo, hi) in RANGES.items():
+        if not wanted(key):
+            continue
+        section, *rest = key.split(".")
+        value = getattr(cfg, section)
+        for name in rest:
+            value = getattr(value, name)
+        for v in value if isinstance(value, list) else [value]:
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                want = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"within [{lo}, {hi}]"
+                raise ConfigError(f"{key}: {value!r} is out of range (expected {want})")
+    if (wanted("MODEL.SCA_HEADS") or wanted("MODEL.HIDDEN_DIM")) and cfg.MODEL.HIDDEN_DIM % cfg.MODEL.SCA_HEADS:
+        raise ConfigError(
+            f"MODEL.SCA_HEADS: {cfg.MODEL.SCA_HEADS} does not divide MODEL.HIDDEN_DIM={cfg.MODEL.HIDDEN_DIM}"
+        )
+    if wanted("MODEL.DROPOUT") and cfg.MODEL.DROPOUT >= 1:
+        raise ConfigError(f"MODEL.DROPOUT: {cfg.MODEL.DROPOUT} drops everything (expected 0 <= p < 1)")
+    if wanted("LOSS.TEMPERATURE") and cfg.LOSS.TEMPERATURE <= 0:
+        raise ConfigError(f"LOSS.TEMPERATURE: {cfg.LOSS.TEMPERATURE} (expected > 0)")
+    return cfg
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -311,10 +324,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return config_from_dict(data)
 
 
-def config_from_dict(data: dict) -> RunConfig:
+def config_from_dict(data: dict, saved: bool = False) -> RunConfig:
     """A config from a (partial) dict over the defaults. Of the two keys that say "spectral only", the one
     given decides the other when only one is (USE_SEMANTIC_CONTEXT false <-> SEMANTIC.MODE none); both given
-    and disagreeing is an error (in validate)."""
+    and disagreeing is an error (in validate). `saved`: a config read back from a checkpoint, whose values
+    are not range-checked again (check_ranges)."""
     model = data.get("MODEL")
     if isinstance(model, dict):
         semantic = model.get("SEMANTIC")
@@ -323,7 +337,8 @@ def config_from_dict(data: dict) -> RunConfig:
             data = _merge(data, {"MODEL": {"SEMANTIC": {"MODE": "none"}}})
         elif has_mode and "USE_SEMANTIC_CONTEXT" not in model and semantic["MODE"] == "none":
             data = _merge(data, {"MODEL": {"USE_SEMANTIC_CONTEXT": False}})
-    return _build(RunConfig, data).validate()
+    cfg = _build(RunConfig, data).validate()
+    return cfg if saved else check_ranges(cfg)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

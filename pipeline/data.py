@@ -143,10 +143,17 @@ def local_spill_dir(store: FeatureStore, memory_gb: float, where: Path) -> Path 
 
 
 def plan_split(
-    shards: list[Path], split: str, generators: list[str], join: StoreJoin | None, skip_missing: bool
+    shards: list[Path],
+    split: str,
+    generators: list[str],
+    join: StoreJoin | None,
+    skip_missing: bool,
+    known_generators: bool = False,
 ) -> SplitPlan:
     """List the samples of `split` from the shards' sidecars (no image is read): reals always, fakes of
-    `generators` only (all when empty); each must be in the store when one is given."""
+    `generators` only (all when empty); each must be in the store when one is given. `known_generators`: each
+    of `generators` must have fakes somewhere in `shards` (training, where a name nothing has is a typo; eval
+    takes a checkpoint's list to shards that may lack some of its generators)."""
     wanted = set(generators)
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
@@ -176,7 +183,7 @@ def plan_split(
     if missing:
         log.warning("%s: skipped %d sample(s) absent from the store (DATA.SKIP_MISSING)", split, len(missing))
     unknown = sorted(wanted - fake_generators)
-    if unknown:
+    if unknown and known_generators:
         raise DataError(
             f"DATA.GENERATORS: no fake image of the given shards comes from {unknown[0]!r} "
             f"(their generators: {', '.join(sorted(fake_generators)) or 'none'})"

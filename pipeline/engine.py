@@ -251,7 +251,7 @@ class Trainer:
             blob = json.dumps({"clip": self.store.clip_spec["sha256"], "shards": done}, sort_keys=True)
             self.inputs["store"] = hashlib.sha256(blob.encode()).hexdigest()
         data = cfg.DATA
-        plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
+        plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING, True) for s in ("train", "val")}
         on_device = cfg.AUG.WHERE == "device" or (cfg.AUG.WHERE == "auto" and device.type != "cpu")
         log.info("augmentation (AUG.WHERE=%s): %s", cfg.AUG.WHERE, f"on {device}" if on_device else "in the loader")
         view = View(data.MAX_PATCHES, cfg.AUG, data.SHUFFLE_BUFFER, aug_on_device=on_device)
@@ -355,7 +355,7 @@ class Trainer:
         if not last.exists():
             raise FileNotFoundError(f"{self.out} has no checkpoints/last.pt to resume from; run without --resume")
         state = load_checkpoint(last, map_location=self.device)
-        saved = config_from_dict(state["config"])
+        saved = config_from_dict(state["config"], saved=True)
         if saved.digest() != self.cfg.digest():
             raise ConfigError(
                 f"--resume: the config differs from the one {self.out} was trained with "

@@ -234,7 +234,7 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
     for key in ("model", "config", "clip_dim", "threshold"):
         if key not in state:
             raise CheckpointError(f"checkpoint {file} has no {key!r}; it was not written by `semspai train`")
-    config = config_from_dict(state["config"])
+    config = config_from_dict(state["config"], saved=True)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     model = create_detector(config.MODEL, int(state["clip_dim"]))

@@ -16,7 +16,14 @@ import torch
 
 from semspai import __version__
 from semspai.pipeline.clip import ClipLoadError
-from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, parse_override, save_config
+from semspai.pipeline.config import (
+    ConfigError,
+    RunConfig,
+    check_ranges,
+    config_from_dict,
+    parse_override,
+    save_config,
+)
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError, SplitPlan, StoreJoin, local_spill_dir, plan_split
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.pipeline.inference import Detector, PatchMaps, load_detector, patch_batches
@@ -103,8 +110,10 @@ class EvalResult:
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """The checkpoint's resolved config with eval's allowed `--set` overrides applied."""
     data = cfg.to_dict()
+    keys = []
     for text in overrides:
         key = text.partition("=")[0].strip()
+        keys.append(key)
         if key not in EVAL_OVERRIDES:
             raise ConfigError(f"--set {key}: eval takes only {', '.join(EVAL_OVERRIDES)}; the model and its "
                               "training settings come from the checkpoint")  # fmt: skip
@@ -113,7 +122,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         for k in parents:
             node, value = node[k], value[k]
         node[leaf] = value[leaf]
-    return config_from_dict(data)
+    return check_ranges(config_from_dict(data, saved=True), keys)  # the checkpoint's own values as they were
 
 
 def split_shards(spec: str, split: str) -> list[Path]:
@@ -406,8 +415,9 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
 
 
 def write_predictions(runs: list[CheckpointEval], path: Path) -> None:
-    """Every image's scores: the first checkpoint's as `score` and one column per perturbation, then each other
-    checkpoint's as `score@LABEL` and `PERTURBATION@LABEL` (an ablation's per-image scores side by side)."""
+    """Every image the first checkpoint scored: its scores as `score` and one column per perturbation, then each
+    other checkpoint's as `score@LABEL` and `PERTURBATION@LABEL` (an ablation's per-image scores side by side;
+    empty where that checkpoint's DATA.GENERATORS left the image out)."""
     run, others = runs[0], runs[1:]
     rows = [{k: i for i, k in enumerate(r.keys)} for r in others]  # joined by key, whatever each one's order
     with open(path, "w", newline="") as fh:
@@ -415,7 +425,8 @@ def write_predictions(runs: list[CheckpointEval], path: Path) -> None:
         writer.writerow(["key", "path", "label", "generator", "score", *run.perturbed,
                          *[f"{name}@{r.label}" for r in others for name in ("score", *r.perturbed)]])  # fmt: skip
         for i, key in enumerate(run.keys):
-            extra = [f"{v[row[key]]:.6f}" for r, row in zip(others, rows, strict=True)
+            # empty where a checkpoint did not score the image (its DATA.GENERATORS left that fake out)
+            extra = [f"{v[row[key]]:.6f}" if key in row else "" for r, row in zip(others, rows, strict=True)
                      for v in (r.scores, *r.perturbed.values())]  # fmt: skip
             writer.writerow([key, run.paths[i], "fake" if run.labels[i] else "real", run.generators[i],
                              f"{run.scores[i]:.6f}", *[f"{v[i]:.6f}" for v in run.perturbed.values()],

@@ -11,6 +11,7 @@ from semspai.pipeline.config import (
     SEMANTIC_MODES,
     ConfigError,
     RunConfig,
+    check_ranges,
     config_from_dict,
     load_config,
     parse_override,
@@ -311,3 +312,18 @@ def test_prompt_bank_from_a_file_and_errors(tmp_path):
         prompt_bank(load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'none.txt'}"]))
     with pytest.raises(ConfigError, match="DATA.PROMPT_TEMPLATE"):
         prompt_bank(load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE=plain"]))
+
+
+def test_saved_configs_are_not_range_checked_again():
+    """A bound added later must not lock a user out of a checkpoint trained before it; eval's own overrides
+    are still checked."""
+    data = load_config().to_dict()
+    data["DATA"]["NUM_WORKERS"] = -1
+    with pytest.raises(ConfigError, match="DATA.NUM_WORKERS"):
+        config_from_dict(data)
+    saved = config_from_dict(data, saved=True)
+    assert saved.DATA.NUM_WORKERS == -1
+    assert check_ranges(saved, ["MODEL.SPECTRAL.CHUNK_SIZE"]) is saved
+    saved.MODEL.SPECTRAL.CHUNK_SIZE = 0
+    with pytest.raises(ConfigError, match="MODEL.SPECTRAL.CHUNK_SIZE"):
+        check_ranges(saved, ["MODEL.SPECTRAL.CHUNK_SIZE"])

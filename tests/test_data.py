@@ -164,6 +164,8 @@ def test_empty_or_one_class_split_is_an_error_naming_it(tiny_shards, tmp_path):
     with pytest.raises(DataError, match="split 'val' is empty"):
         plan_split(train_only, "val", [], None, skip_missing=False)
     with pytest.raises(DataError, match="DATA.GENERATORS: no fake image of the given shards comes from 'no-such-gen'"):
+        plan_split(train_only, "train", ["no-such-gen"], None, skip_missing=False, known_generators=True)
+    with pytest.raises(DataError, match="'train' holds only real"):  # eval's view: those shards lack its fakes
         plan_split(train_only, "train", ["no-such-gen"], None, skip_missing=False)
     reals = ShardWriter(tmp_path / "train-000000.tar")
     for s in iter_shard(train_only[0]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from semspai.pipeline.inference import load_detector
 from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
 from semspai.pipeline.photometric import add_noise as add_noise_batch
 from semspai.stages.cli import cli
-from semspai.stages.evaluate import CheckpointEval, EvalConfig, pick_examples, run
+from semspai.stages.evaluate import CheckpointEval, EvalConfig, pick_examples, run, write_predictions
 from semspai.stages.extract import ExtractConfig
 from semspai.stages.extract import run as extract
 from semspai.store.features import FeatureStoreError
@@ -80,6 +81,23 @@ def test_eval_scores_equal_predict_scores(evaluated, checkpoints, tiny_shards):
         assert float(rows[key][f"score@{second}"]) == pytest.approx(pred.score, abs=1e-6)
     # perturbed scores differ from clean ones: the perturbation reached the model
     assert any(abs(float(r["noise:0.05"]) - float(r["score"])) > 1e-6 for r in rows.values())
+
+
+def test_predictions_leave_cells_empty_where_a_checkpoint_did_not_score(evaluated, tmp_path):
+    """An ablation whose checkpoints kept other generators scores other images: the file still gets written."""
+    first, second = evaluated.runs[:2]
+    keep = list(range(1, len(second.keys)))
+    fewer = dataclasses.replace(
+        second,
+        keys=[second.keys[i] for i in keep],
+        scores=second.scores[keep],
+        perturbed={k: v[keep] for k, v in second.perturbed.items()},
+    )
+    write_predictions([first, fewer], tmp_path / "p.csv")
+    rows = {r["key"]: r for r in csv.DictReader((tmp_path / "p.csv").open())}
+    assert list(rows) == first.keys
+    assert rows[second.keys[0]][f"score@{second.label}"] == "" and rows[second.keys[0]]["score"] != ""
+    assert all(rows[k][f"score@{second.label}"] != "" for k in fewer.keys)
 
 
 def test_report_files_exist_and_html_references_only_existing_files(evaluated):
