@@ -42,6 +42,7 @@ from semspai.store.sources import (
 log = logging.getLogger(__name__)
 STAGE = "shard"
 STAGING = ".staging"
+PREVIOUS = ".previous"  # the tars a rebuild replaces, until its output is recorded complete
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.partial)?$")
 register_user_error(SourceError)
 
@@ -129,10 +130,14 @@ def _probe(record: SourceRecord, max_pixels: int) -> _Probed:
     return probed
 
 
-def _clear_old_shards(out: Path) -> None:
+def _set_old_shards_aside(out: Path) -> None:
+    """Move the previous run's tars into PREVIOUS (deleted once the new output is recorded complete), so a
+    crash while the new tars move in still leaves the old ones on disk."""
+    aside = out / PREVIOUS
+    aside.mkdir(exist_ok=True)
     for p in out.iterdir():
         if SHARD_FILE.match(p.name):
-            p.unlink()
+            os.replace(p, aside / p.name)
 
 
 def run(cfg: ShardConfig) -> ShardResult:
@@ -158,10 +163,11 @@ def run(cfg: ShardConfig) -> ShardResult:
     if not check_stage(out, wanted, hint, cfg.force):
         return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
     if not cfg.force and read_manifest(out) is None:
-        # a rebuild replaces shard-named files and index.json: never ones this stage did not record making
+        # a rebuild replaces shard-named files and index.json: never ones this stage did not record making (a
+        # run of its own that died while swapping outputs left PREVIOUS behind: those are its own)
         names = [p.name for p in out.iterdir()] if out.is_dir() else []
         foreign = sorted(n for n in names if SHARD_FILE.match(n) or n == INDEX_NAME)
-        if foreign:
+        if foreign and PREVIOUS not in names:
             raise SourceError(
                 f"{out} already holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''} "
                 "that `semspai shard` did not record making; pick an empty folder, or pass --force to replace them"
@@ -231,10 +237,11 @@ def run(cfg: ShardConfig) -> ShardResult:
         shutil.rmtree(staging, ignore_errors=True)  # the previous output, if any, stays untouched
         raise
 
-    # the manifest and index go first: a crash below must not leave them vouching for missing tars
+    # the manifest and index go first: a crash below must not leave them vouching for missing tars; the old
+    # tars are set aside (the disk holds old and new output at once) and deleted only after the new manifest
     manifest_path(out).unlink(missing_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # an index only ever describes complete tars
-    _clear_old_shards(out)
+    _set_old_shards_aside(out)
     for entry in shards:
         os.replace(staging / entry["name"], out / entry["name"])
     staging.rmdir()
@@ -251,6 +258,7 @@ def run(cfg: ShardConfig) -> ShardResult:
     }
     write_json_atomic(out / INDEX_NAME, index)
     write_manifest(out, wanted)
+    shutil.rmtree(out / PREVIOUS, ignore_errors=True)
     return ShardResult(
         out=out,
         up_to_date=False,

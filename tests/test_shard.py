@@ -407,6 +407,36 @@ def test_failed_forced_rebuild_keeps_the_previous_output(image_tree, tmp_path, m
     assert shard(image_tree, out, shard_size=4).up_to_date
 
 
+@pytest.mark.parametrize("where", ["moving the new tars in", "between index and manifest"])
+def test_crash_while_swapping_keeps_the_old_tars_and_a_plain_rerun_finishes(image_tree, tmp_path, monkeypatch, where):
+    import semspai.stages.shard as shard_stage
+
+    out = tmp_path / "out"
+    shard(image_tree, out, shard_size=4)
+    old = tar_bytes(out)
+    if where == "moving the new tars in":
+        real_replace, moved = os.replace, []
+
+        def replace(src, dst):
+            if Path(src).parent.name == shard_stage.STAGING and Path(dst).parent == out:  # a new tar moving in
+                if moved:
+                    raise Boom("power cut")
+                moved.append(dst)
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(shard_stage.os, "replace", replace)
+    else:
+        monkeypatch.setattr(shard_stage, "write_manifest", lambda *a: (_ for _ in ()).throw(Boom("power cut")))
+    with pytest.raises(Boom):
+        shard(image_tree, out, shard_size=3, force=True)
+    monkeypatch.undo()
+    aside = out / shard_stage.PREVIOUS
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == old  # the old output is still on disk
+    assert not (out / MANIFEST_NAME).exists()
+    result = shard(image_tree, out, shard_size=3)  # no --force: what is there is this stage's own
+    assert not result.up_to_date and len(samples(out)) == 16 and not aside.exists()
+
+
 def test_run_that_shards_nothing_keeps_the_previous_output(image_tree, tmp_path):
     out = tmp_path / "out"
     shard(image_tree, out, shard_size=4)
