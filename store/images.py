@@ -85,10 +85,13 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """An opened PIL image -> (H, W, 3) uint8 RGB, by the same rules as `decode_image`."""
     try:
         img.load()
+        fmt = img.format  # before the transpose, whose copy has none
         img = ImageOps.exif_transpose(img)
         mode = img.mode
         if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            a8 = _grey_to_8bit(np.asarray(img), sixteen_bit=mode.startswith("I;16"))
+            # a PNG's integer samples are 16-bit whichever mode a Pillow release opens them as ("I" or "I;16")
+            sixteen_bit = mode.startswith("I;16") or (mode == "I" and fmt == "PNG")
+            a8 = _grey_to_8bit(np.asarray(img), sixteen_bit=sixteen_bit)
             return np.ascontiguousarray(np.repeat(a8[..., None], 3, axis=2))
         if mode == "P" or mode == "PA":
             img = img.convert("RGBA")
@@ -109,14 +112,15 @@ def _grey_to_8bit(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
 
     16-bit samples keep their top byte. 32-bit integers ("I", whose depth the file does not say) by the range
     their values use: all within 0..255 are taken as 8-bit values, anything larger as 16-bit (top byte).
-    Floats: all within 0..1 are scaled by 255 (the usual convention of float TIFFs), anything else is taken
-    as 0..255; both are rounded; NaN is 0. Out-of-range values are clipped. The range rule looks at one
-    image's own values, so a file always decodes the same way.
+    Floats: all finite values within 0..1 are scaled by 255 (the usual convention of float TIFFs), anything
+    else is taken as 0..255; both are rounded; NaN is 0, +inf 255; out-of-range values are clipped. The
+    range rule looks at one image's own values, so a file always decodes the same way.
     """
     if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
-        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        a = a.astype(np.float64)
+        finite = a[np.isfinite(a)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0  # infinities do not decide the range
+        return np.clip(np.rint(np.nan_to_num(a * scale, nan=0.0, posinf=255.0, neginf=0.0)), 0, 255).astype(np.uint8)
     a = a.astype(np.int64)
     if not sixteen_bit and a.size and a.max() <= 255:
         return np.clip(a, 0, 255).astype(np.uint8)

@@ -165,8 +165,29 @@ def test_f_mode_tiff_within_0_1_is_scaled_by_255():
     a = np.random.default_rng(7).uniform(0, 1, (H, W)).astype(np.float32)
     data = save(Image.fromarray(a, "F"), "TIFF")
     got = decode_image(data)
-    check_rgb(got, grey3(np.rint(a.astype(np.float64) * 255).astype(np.uint8)))
+    want = np.rint(a.astype(np.float64) * 255).astype(np.uint8)
+    check_rgb(got, grey3(want))
     assert got.mean() > 100  # not the black image a 0..255 reading gives
+    a[0, 0], a[0, 1] = np.inf, -np.inf  # infinities do not move the range: still 0..1, scaled
+    want[0, 0], want[0, 1] = 255, 0
+    check_rgb(decode_image(save(Image.fromarray(a, "F"), "TIFF")), grey3(want))
+
+
+def test_i_mode_png_is_16_bit_even_when_dark(monkeypatch):
+    """Older Pillow releases open 16-bit PNGs as "I", not "I;16": still the top byte, however dark."""
+    a16 = np.random.default_rng(10).integers(0, 256, (H, W)).astype(np.uint16)
+    data = save(Image.fromarray(a16), "PNG")
+    real_open = Image.open
+
+    def open_as_i(*args, **kwargs):  # what such a release hands back
+        img = real_open(*args, **kwargs)
+        img.load()
+        as_i = img.convert("I")
+        as_i.format = img.format
+        return as_i
+
+    monkeypatch.setattr(Image, "open", open_as_i)
+    check_rgb(decode_image(data), grey3((a16 >> 8).astype(np.uint8)))
 
 
 def test_i_mode_tiff_holding_8_bit_values_is_not_black():
