@@ -15,6 +15,8 @@ from semspai.pipeline.config import shipped_config
 from semspai.pipeline.demodata import make_demo_set
 from semspai.stages import evaluate, extract, predict, shard, train
 from semspai.stages.common import user_errors
+from semspai.store.features import FeatureStoreError
+from semspai.store.manifest import StaleOutputError
 
 log = logging.getLogger(__name__)
 
@@ -126,4 +128,8 @@ def run(cfg: DemoConfig, echo=click.echo) -> evaluate.EvalResult:
 def command(out: str, force: bool) -> None:
     """Make a small synthetic demo set (photos from scikit-image and generator-like re-syntheses of them)
     and run every stage on it, offline. A stand-in that shows the pipeline working, not a benchmark."""
-    run(DemoConfig(out=out, force=force))
+    try:
+        run(DemoConfig(out=out, force=force))
+    except (StaleOutputError, FeatureStoreError) as exc:  # e.g. OUT made by another semspai version
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise click.ClickException(f"{first} (for the demo: `semspai demo --out {out} --force` redoes it all)") from exc

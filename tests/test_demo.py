@@ -38,3 +38,22 @@ def test_demo_set_is_deterministic():
 def test_shipped_demo_config_loads():
     cfg = load_config(shipped_config("demo"))
     assert cfg.MODEL.SEMANTIC.MODE == "global_local" and cfg.MODEL.SPECTRAL.ENCODER == "spectral-vit-micro"
+
+
+def test_a_demo_folder_from_another_version_names_demo_force(tmp_path):
+    """A stage of OUT that is stale (here: its shards made with another shard size, as another semspai
+    version's would be) stops the demo with the command that redoes it, before any extraction."""
+    from click.testing import CliRunner
+
+    from semspai.stages import shard
+    from semspai.stages.cli import cli
+    from semspai.stages.demo import DemoConfig, write_demo_images
+
+    out = tmp_path / "demo"
+    manifest = write_demo_images(DemoConfig(out=str(out)))
+    shard.run(shard.ShardConfig(sources=[], manifests=[str(manifest)], out=str(out / "shards"), shard_size=7))
+    res = CliRunner().invoke(cli, ["demo", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert "is stale" in line and line.endswith(f"(for the demo: `semspai demo --out {out} --force` redoes it all)")
+    assert not (out / "features.zarr").exists()
