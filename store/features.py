@@ -119,9 +119,11 @@ def _differences(have: dict, want: dict, prefix: str = "") -> list[str]:
 def check_identity(path: str, have: dict, want: dict) -> None:
     diffs = _differences(have, want)
     if diffs:
+        # the CPU decoder and the patch rule are this semspai version's own: no option asks for another one
+        fixed = any(d.startswith(("decoder.cpu", "patch_rule")) for d in diffs)
         raise FeatureStoreError(
-            f"feature store {path} was made with another setup ({'; '.join(diffs)}); "
-            "extract into a new --store, or ask for the store's own setup"
+            f"feature store {path} was made with another setup ({'; '.join(diffs)}); extract into a new --store"
+            + ("" if fixed else ", or ask for the store's own setup")
         )
 
 

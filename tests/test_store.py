@@ -172,6 +172,8 @@ def test_another_setup_is_refused_naming_both_sides(tmp_path: Path, shards: list
     with pytest.raises(FeatureStoreError, match=f"{side}: store has .*, asked for ") as info:
         FeatureStoreWriter.create_or_check(store, header(**over), None)
     assert "\n" not in str(info.value)
+    # an option can ask for another CLIP, GPU decoder or prompt bank, not for another CPU decoder or patch rule
+    assert str(info.value).endswith("or ask for the store's own setup") == (side != "patch_rule")
 
 
 def test_reader_checks_the_expected_clip_and_rule(tmp_path: Path, shards: list[Path]) -> None:
