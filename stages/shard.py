@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 STAGE = "shard"
 STAGING = ".staging"
 PREVIOUS = ".previous"  # the tars a rebuild replaces, until its output is recorded complete
-SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.partial)?$")
+SHARD_FILE = re.compile(r"^([A-Za-z0-9_]+-)?(train|val|test)-\d{6}\.tar(\.partial)?$")
+PREFIX = re.compile(r"^[A-Za-z0-9_]+$")  # dot-free and dash-free: the split stays the name's next-to-last part
 register_user_error(SourceError)
 
 
@@ -58,10 +59,11 @@ class ShardConfig:
     skip_unlabeled: bool = False
     force: bool = False
     workers: int = 0  # decode threads; 0 = one per core
+    prefix: str = ""  # tars named PREFIX-train-000000.tar: shards made apart (a later batch) can share one store
 
     def digest(self) -> str:
         """Hash of what changes the output (not `force`, `workers` or where the sources are listed)."""
-        keys = ("shard_size", "split", "max_pixels", "skip_unlabeled")
+        keys = ("shard_size", "split", "max_pixels", "skip_unlabeled", "prefix")
         payload = {k: getattr(self, k) for k in keys} | {"schema": SHARD_SCHEMA_VERSION, "decoder": DECODER_ID}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -146,6 +148,8 @@ def run(cfg: ShardConfig) -> ShardResult:
     ratios = parse_split_ratios(cfg.split)
     if cfg.shard_size < 1:
         raise SourceError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.prefix and not PREFIX.match(cfg.prefix):
+        raise SourceError(f"--prefix {cfg.prefix!r}: use letters, digits and underscores only")
     records = collect_records(cfg)
     out = Path(cfg.out)
     input_files = [r.path for r in records if r.path.exists()] + [
@@ -232,7 +236,7 @@ def run(cfg: ShardConfig) -> ShardResult:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        shards, counts = _write_tars(staging, by_split, cfg.shard_size)
+        shards, counts = _write_tars(staging, by_split, cfg.shard_size, cfg.prefix)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the previous output, if any, stays untouched
         raise
@@ -273,13 +277,13 @@ def run(cfg: ShardConfig) -> ShardResult:
     )
 
 
-def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], shard_size: int):
+def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], shard_size: int, prefix: str = ""):
     """Each split's samples, in key order, into tars of `shard_size` in `staging`; their index entries and counts."""
     shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
     for split in SPLITS:
         items = sorted(by_split[split], key=lambda kp: kp[0])
         for n, lo in enumerate(range(0, len(items), shard_size)):
-            name = f"{split}-{n:06d}.tar"
+            name = f"{prefix + '-' if prefix else ''}{split}-{n:06d}.tar"
             writer = ShardWriter(staging / name)
             try:
                 for key, p in items[lo : lo + shard_size]:
@@ -341,8 +345,14 @@ def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None
 @click.option("--skip-unlabeled", is_flag=True, help="Skip and count files with no derivable label instead of failing.")
 @click.option("--workers", default=0, type=click.IntRange(min=0), help="Decode threads (0 = one per core).")
 @click.option("--force", is_flag=True, help="Rebuild even if the output is up to date or stale.")
+@click.option(
+    "--prefix",
+    default="",
+    help="Name the tars PREFIX-train-000000.tar, so a batch of images sharded later into its own folder can be "
+    "extracted into the same feature store (letters, digits, underscores).",
+)
 @user_errors
-def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabeled, workers, force) -> None:
+def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabeled, workers, force, prefix) -> None:
     """Pack images (folders with real/fake label folders, or CSV manifests) into WebDataset tars.
 
     Original bytes are stored, never re-encoded; the same input gives byte-identical tars.
@@ -357,6 +367,7 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
         skip_unlabeled=skip_unlabeled,
         force=force,
         workers=workers,
+        prefix=prefix,
     )
     result = run(cfg)
     if result.up_to_date:

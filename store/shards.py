@@ -294,8 +294,8 @@ def indexed_sha256(paths: list[Path]) -> dict[str, str]:
 
 
 def shard_split(path: str | Path) -> str:
-    """The split a shard holds, from its name (`val-000002.tar` -> `val`)."""
-    return shard_name(path).rsplit("-", 1)[0]
+    """The split a shard holds, from its name (`val-000002.tar` or `PREFIX-val-000002.tar` -> `val`)."""
+    return shard_name(path).rsplit("-", 2)[-2] if "-" in shard_name(path) else ""
 
 
 def read_index(shard_dir: str | Path) -> dict:

@@ -468,6 +468,36 @@ def test_tars_it_did_not_make_are_refused_without_force(image_tree, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # only shard-named files and index.json are replaced
 
 
+def test_a_later_batch_sharded_with_a_prefix_joins_the_same_store(tmp_path):
+    """Images that arrive later are sharded apart with --prefix: the first batch's tars (and their extracted
+    vectors) stay as they are, and one store takes both folders."""
+    from semspai.stages.extract import ExtractConfig
+    from semspai.stages.extract import run as extract
+    from semspai.store.features import FeatureStore
+
+    first = shard(small_tree(tmp_path / "a" / "data", 9), tmp_path / "s1", shard_size=2)
+    later = shard(small_tree(tmp_path / "b" / "data", 9, start=9), tmp_path / "s2", shard_size=2, prefix="batch_2")
+    assert all(n.startswith("batch_2-") for n in later.shards) and not set(first.shards) & set(later.shards)
+    for out in (tmp_path / "s1", tmp_path / "s2"):
+        for tar, sample in samples(out).values():
+            assert shard_split(tar) == sample.meta["split"]
+    store = tmp_path / "f.zarr"
+    extract(ExtractConfig(shards=f"{tmp_path}/s1", store=str(store), clip="tiny-random", workers=0))
+    first_fs = FeatureStore.open(str(store))
+    before = dict(zip(first_fs.keys, first_fs.global_vectors().tolist(), strict=True))
+    result = extract(ExtractConfig(shards=f"{tmp_path}/s{{1,2}}", store=str(store), clip="tiny-random", workers=0))
+    assert sorted(result.shards_already_done) == sorted(Path(n).stem for n in first.shards)
+    fs = FeatureStore.open(str(store))
+    assert fs.n_images == 18 and sorted(fs.done_shards) == sorted(Path(n).stem for n in first.shards + later.shards)
+    after = dict(zip(fs.keys, fs.global_vectors().tolist(), strict=True))
+    assert {k: after[k] for k in before} == before  # the first batch's rows are as they were
+    assert shard(tmp_path / "b" / "data", tmp_path / "s2", shard_size=2, prefix="batch_2").up_to_date
+    with pytest.raises(StaleOutputError):  # another prefix renames every tar: a rebuild, not a no-op
+        shard(tmp_path / "b" / "data", tmp_path / "s2", shard_size=2, prefix="batch_3")
+    with pytest.raises(SourceError, match="--prefix 'batch-2': use letters, digits and underscores only"):
+        shard(tmp_path / "b" / "data", tmp_path / "s3", prefix="batch-2")
+
+
 def test_keys_and_splits_do_not_depend_on_how_the_folder_is_spelled(image_tree, tmp_path, monkeypatch):
     shard(image_tree, tmp_path / "named")
     monkeypatch.chdir(image_tree)
