@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from semspai.store.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 REAL_NAMES = {"real", "0_real"}
 FAKE_NAMES = {"fake", "1_fake"}
@@ -136,7 +139,10 @@ def parse_split_ratios(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
         raise SourceError(f"--split {text!r}: expected three non-negative numbers with a positive sum")
     total = sum(parts)
-    return parts[0] / total, parts[1] / total, parts[2] / total
+    ratios = parts[0] / total, parts[1] / total, parts[2] / total
+    if abs(total - 1) > 1e-6:
+        log.warning("--split %s sums to %g: taken as %s", text, total, ",".join(f"{r:.3g}" for r in ratios))
+    return ratios
 
 
 def hash_split(group: str, ratios: tuple[float, float, float]) -> str:

@@ -198,6 +198,15 @@ def test_split_stability_when_files_are_added(tmp_path):
     assert {k: after[k] for k in before} == before
 
 
+def test_split_ratios_not_summing_to_one_are_normalised_and_said(caplog):
+    from semspai.store.sources import parse_split_ratios
+
+    with caplog.at_level("WARNING", logger="semspai"):
+        assert parse_split_ratios("8,1,1") == pytest.approx((0.8, 0.1, 0.1))
+        assert parse_split_ratios("0.8,0.1,0.1") == pytest.approx((0.8, 0.1, 0.1))
+    assert [r.getMessage() for r in caplog.records] == ["--split 8,1,1 sums to 10: taken as 0.8,0.1,0.1"]
+
+
 def test_split_option_changes_ratios(tmp_path):
     src = small_tree(tmp_path / "src", 30)
     shard(src, tmp_path / "out", split="0,0,1")
