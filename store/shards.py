@@ -295,7 +295,8 @@ def indexed_sha256(paths: list[Path]) -> dict[str, str]:
 
 def shard_split(path: str | Path) -> str:
     """The split a shard holds, from its name (`val-000002.tar` or `PREFIX-val-000002.tar` -> `val`)."""
-    return shard_name(path).rsplit("-", 2)[-2] if "-" in shard_name(path) else ""
+    parts = shard_name(path).rsplit("-", 2)
+    return parts[-2] if len(parts) > 1 else ""
 
 
 def read_index(shard_dir: str | Path) -> dict:
