@@ -7,7 +7,7 @@ import hashlib
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ class SplitPlan:
     keys: dict[Path, list[str]]  # shard tar -> keys of this split (after DATA.GENERATORS), stored order
     labels: dict[str, int]  # key -> 0 real / 1 fake
     n_missing: int = 0  # samples skipped because the store lacks them (DATA.SKIP_MISSING)
+    generators: dict[str, int] = field(default_factory=dict)  # generator -> its fakes in the plan
 
     def __len__(self) -> int:
         return sum(len(k) for k in self.keys.values())
@@ -142,6 +143,11 @@ def local_spill_dir(store: FeatureStore, memory_gb: float, where: Path) -> Path 
     return where
 
 
+def count_text(generators: dict[str, int]) -> str:
+    """'biggan 12, stylegan 9' (a fake with no generator counts as '(none)')."""
+    return ", ".join(f"{g or '(none)'} {n}" for g, n in generators.items()) or "none"
+
+
 def plan_split(
     shards: list[Path],
     split: str,
@@ -158,6 +164,7 @@ def plan_split(
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
+    counts: dict[str, int] = {}
     fake_generators: set[str] = set()  # in any split: a name in DATA.GENERATORS that is none of these is a typo
     for path in shards:
         kept = []
@@ -172,6 +179,8 @@ def plan_split(
                 continue
             kept.append(key)
             labels[key] = label
+            if label == 1:
+                counts[meta.get("generator", "")] = counts.get(meta.get("generator", ""), 0) + 1
         if kept:
             keys[path] = kept
     if missing and not skip_missing:
@@ -188,7 +197,9 @@ def plan_split(
             f"DATA.GENERATORS: no fake image of the given shards comes from {unknown[0]!r} "
             f"(their generators: {', '.join(sorted(fake_generators)) or 'none'})"
         )
-    plan = SplitPlan(split=split, keys=keys, labels=labels, n_missing=len(missing))
+    plan = SplitPlan(
+        split=split, keys=keys, labels=labels, n_missing=len(missing), generators=dict(sorted(counts.items()))
+    )
     if not len(plan):
         which = f" with DATA.GENERATORS={','.join(generators)}" if generators else ""
         raise DataError(f"split {split!r} is empty{which} in the given shards")

@@ -32,6 +32,7 @@ from semspai.pipeline.data import (
     TrainBatch,
     View,
     collate,
+    count_text,
     loader_samples,
     local_spill_dir,
     plan_split,
@@ -252,6 +253,8 @@ class Trainer:
             self.inputs["store"] = hashlib.sha256(blob.encode()).hexdigest()
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING, True) for s in ("train", "val")}
+        self.train_generators = plans["train"].generators  # kept in checkpoints: eval tells seen from unseen
+        log.info("train fakes by generator: %s", count_text(self.train_generators))
         on_device = cfg.AUG.WHERE == "device" or (cfg.AUG.WHERE == "auto" and device.type != "cpu")
         log.info("augmentation (AUG.WHERE=%s): %s", cfg.AUG.WHERE, f"on {device}" if on_device else "in the loader")
         view = View(data.MAX_PATCHES, cfg.AUG, data.SHUFFLE_BUFFER, aug_on_device=on_device)
@@ -441,6 +444,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "clip_spec": dict(self.store.clip_spec) if self.store is not None else {},
             "clip_dim": self.clip_dim,
+            "train_generators": dict(self.train_generators),
             "threshold": history[-1]["threshold"],
             "epoch": epoch,
             "step": self.scheduler.last_epoch,

@@ -123,8 +123,10 @@ class Detector:
     with (its vectors are computed on the fly here; training read them from the store)."""
 
     def __init__(self, model: SemSpaiDetector, config: RunConfig, embedder: ClipEmbedder | None, threshold: float,
-                 device: torch.device, precision: str, checkpoint: str = "") -> None:  # fmt: skip
+                 device: torch.device, precision: str, checkpoint: str = "",
+                 train_generators: dict[str, int] | None = None) -> None:  # fmt: skip
         self.model = model.to(device).eval()
+        self.train_generators = train_generators  # generator -> fakes it was trained on; None: not recorded
         self.config = config
         self.embedder = embedder
         self.threshold = threshold
@@ -248,7 +250,9 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
     if model.semantic_mode != "none":
         recorded = state.get("clip_spec")
         embedder = _load_recorded_embedder(recorded, clip, file, device, precision)
-    return Detector(model, config, embedder, float(state["threshold"]), device, precision, str(file))
+    gens = state.get("train_generators")  # absent from checkpoints written before it was recorded
+    return Detector(model, config, embedder, float(state["threshold"]), device, precision, str(file),
+                    None if gens is None else {str(g): int(n) for g, n in gens.items()})  # fmt: skip
 
 
 def _load_recorded_embedder(recorded: dict | None, override: str | None, file: Path, device: torch.device,

@@ -6,7 +6,7 @@ import csv
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,15 @@ from semspai.pipeline.config import (
     parse_override,
     save_config,
 )
-from semspai.pipeline.data import STORE_CACHE_DIR, DataError, SplitPlan, StoreJoin, local_spill_dir, plan_split
+from semspai.pipeline.data import (
+    STORE_CACHE_DIR,
+    DataError,
+    SplitPlan,
+    StoreJoin,
+    count_text,
+    local_spill_dir,
+    plan_split,
+)
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.pipeline.inference import Detector, PatchMaps, load_detector, patch_batches
 from semspai.pipeline.metrics import BOOTSTRAP_ROUNDS, clip_scores, evaluate_scores
@@ -90,6 +98,7 @@ class CheckpointEval:
     maps: dict[str, PatchMaps] = field(default_factory=dict)  # key -> maps (the report's checkpoint only)
     clip_score: dict | None = None
     clip_note: str = ""
+    train_generators: dict[str, int] | None = None  # generator -> fakes it was trained on; None: not recorded
 
 
 @dataclass
@@ -108,8 +117,11 @@ class EvalResult:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """The checkpoint's resolved config with eval's allowed `--set` overrides applied."""
+    """The checkpoint's resolved config with eval's allowed `--set` overrides applied. DATA.GENERATORS is not
+    inherited: eval scores every generator of the split unless `--set DATA.GENERATORS` names some, so a model
+    trained on some generators is measured on the ones it never saw too (leave-generators-out)."""
     data = cfg.to_dict()
+    data["DATA"]["GENERATORS"] = []
     keys = []
     for text in overrides:
         key = text.partition("=")[0].strip()
@@ -141,6 +153,19 @@ def _samples(plan: SplitPlan) -> Iterator[tuple[tuple[Path, ShardSample], np.nda
                     raise DataError(f"shard {shard_name(path)}: sample {sample.key} cannot be decoded ({exc}); "
                                     "rerun `semspai shard` for its source") from exc  # fmt: skip
                 yield (path, sample), rgb
+
+
+def unseen_generators(scored: Iterable[str], trained: dict[str, int] | None) -> list[str]:
+    """The scored generators the checkpoint had no fake of in training (none when that was not recorded)."""
+    return [] if trained is None else sorted(set(scored) - set(trained))
+
+
+def log_generators(plan: SplitPlan, trained: dict[str, int] | None, checkpoint: str) -> None:
+    log.info("%s: scoring fakes of %s", checkpoint, count_text(plan.generators))
+    if trained is None:
+        log.info("%s: its training generators are not recorded (a checkpoint of an older semspai)", checkpoint)
+    elif unseen := unseen_generators(plan.generators, trained):
+        log.info("%s: never trained on %s (trained on %s)", checkpoint, ", ".join(unseen), ", ".join(trained))
 
 
 def clip_score_blocker(store: FeatureStore | None, det: Detector) -> str:
@@ -193,6 +218,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
     try:  # the memory-mapped copies go whatever happens: they can be as large as the store
         plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
+        log_generators(plan, det.train_generators, checkpoint)
         clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
         clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -238,7 +264,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         label=label, checkpoint=det.checkpoint, mode=mode, fusion=run_cfg.MODEL.SEMANTIC.FUSION, config=run_cfg,
         threshold=det.threshold, clip=det.clip_spec.to_dict() if det.clip_spec else None, keys=keys, paths=paths, labels=y,
         generators=gens, scores=clean, perturbed={k: np.asarray(v) for k, v in perturbed.items()}, metrics=metrics,
-        maps=maps,
+        maps=maps, train_generators=det.train_generators,
     )  # fmt: skip
     if not clip_note:
         image, caption = (np.concatenate(v) for v in zip(*clip_rows, strict=True))
@@ -343,8 +369,15 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
                 report.plot_scores(run.labels, run.scores, run.threshold, plots / "scores.png")], out)  # fmt: skip
 
     doc.heading("Per generator")
-    doc.text("Each generator's fakes against all reals of the split (SPAI's protocol).")
-    doc.table(["generator", *METRIC_HEADER], [[g, *_metric_row(gm)] for g, gm in m["per_generator"].items()])
+    trained = run.train_generators
+    doc.text("Each generator's fakes against all reals of the split (SPAI's protocol). " + (
+        "This checkpoint does not record which generators it was trained on." if trained is None else
+        f"Trained on fakes of {count_text(trained)}; a generator marked "
+        "*unseen* had no fake in training (generalisation, not fit)."))  # fmt: skip
+    seen = {g: "–" if trained is None else ("unseen" if g in unseen_generators([g], trained) else "trained on")
+            for g in m["per_generator"]}  # fmt: skip
+    doc.table(["generator", "in training", *METRIC_HEADER],
+              [[g, seen[g], *_metric_row(gm)] for g, gm in m["per_generator"].items()])  # fmt: skip
 
     if m["perturbations"]:
         doc.heading("Robustness")
@@ -416,8 +449,8 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
 
 def write_predictions(runs: list[CheckpointEval], path: Path) -> None:
     """Every image the first checkpoint scored: its scores as `score` and one column per perturbation, then each
-    other checkpoint's as `score@LABEL` and `PERTURBATION@LABEL` (an ablation's per-image scores side by side;
-    empty where that checkpoint's DATA.GENERATORS left the image out)."""
+    other checkpoint's as `score@LABEL` and `PERTURBATION@LABEL` (an ablation's per-image scores side by side,
+    joined by key; empty where a checkpoint did not score the image)."""
     run, others = runs[0], runs[1:]
     rows = [{k: i for i, k in enumerate(r.keys)} for r in others]  # joined by key, whatever each one's order
     with open(path, "w", newline="") as fh:
@@ -425,7 +458,6 @@ def write_predictions(runs: list[CheckpointEval], path: Path) -> None:
         writer.writerow(["key", "path", "label", "generator", "score", *run.perturbed,
                          *[f"{name}@{r.label}" for r in others for name in ("score", *r.perturbed)]])  # fmt: skip
         for i, key in enumerate(run.keys):
-            # empty where a checkpoint did not score the image (its DATA.GENERATORS left that fake out)
             extra = [f"{v[row[key]]:.6f}" if key in row else "" for r, row in zip(others, rows, strict=True)
                      for v in (r.scores, *r.perturbed.values())]  # fmt: skip
             writer.writerow([key, run.paths[i], "fake" if run.labels[i] else "real", run.generators[i],
@@ -462,7 +494,8 @@ def run(cfg: EvalConfig) -> EvalResult:
     write_json_atomic(out / "eval.json", {
         "settings": settings | {"device": device, "semspai_version": __version__},
         "checkpoints": [{"label": r.label, "checkpoint": r.checkpoint, "mode": r.mode, "fusion": r.fusion,
-                         "threshold": r.threshold, "clip": r.clip, "metrics": r.metrics} for r in runs],
+                         "threshold": r.threshold, "clip": r.clip, "train_generators": r.train_generators,
+                         "metrics": r.metrics} for r in runs],
         "clip_score": primary.clip_score, "clip_score_note": primary.clip_note,
     })  # fmt: skip
     write_json_atomic(out / "metrics.json", primary.metrics)
@@ -512,8 +545,10 @@ def command(checkpoints, shards, out, store, split, perturb, overrides, clip, de
                             n_heatmaps=n_heatmaps))  # fmt: skip
     for r in result.runs:
         o = r.metrics["overall"]
+        unseen = unseen_generators(r.metrics["per_generator"], r.train_generators)
         click.echo(f"{r.label}: AUC {_auc_text(o)}, AP {_fmt(o['ap'])}, acc@threshold {_fmt(o['acc_at_threshold'])} "
-                   f"({o['n_real']} real, {o['n_fake']} fake)")  # fmt: skip
+                   f"({o['n_real']} real, {o['n_fake']} fake"
+                   + (f"; unseen in training: {', '.join(unseen)}" if unseen else "") + ")")  # fmt: skip
     click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "
                f"({result.seconds:.0f} s)")  # fmt: skip
 

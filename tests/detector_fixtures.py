@@ -15,10 +15,12 @@ CLIP = "tiny-random"
 
 
 def make_checkpoint(path: Path, mode: str = "global_local", fusion: str = "gate", threshold: float = 0.5,
-                    seed: int = 0, chunk_size: int = 4) -> Path:  # fmt: skip
+                    seed: int = 0, chunk_size: int = 4, train_generators: dict[str, int] | None = None) -> Path:  # fmt: skip
     """A checkpoint of the smallest encoder with seeded random weights, in the layout `semspai train` writes.
 
     The head bias is spread so that scores differ visibly between images (a fresh head gives ~0.5 for all).
+    `train_generators` (generator -> fakes seen) also sets DATA.GENERATORS; None leaves both out, as in a
+    checkpoint of a semspai that did not record them.
     """
     cfg = RunConfig()
     cfg.MODEL.SPECTRAL.ENCODER = "spectral-vit-micro"
@@ -28,6 +30,7 @@ def make_checkpoint(path: Path, mode: str = "global_local", fusion: str = "gate"
     cfg.MODEL.SEMANTIC.MODE = mode
     cfg.MODEL.SEMANTIC.FUSION = fusion
     cfg.MODEL.USE_SEMANTIC_CONTEXT = mode != "none"
+    cfg.DATA.GENERATORS = sorted(train_generators or [])
     cfg.validate()
     spec = load_embedder(CLIP).spec
     with torch.random.fork_rng(devices=[]):
@@ -43,5 +46,7 @@ def make_checkpoint(path: Path, mode: str = "global_local", fusion: str = "gate"
         "clip_dim": spec.embed_dim,
         "threshold": threshold,
     }
+    if train_generators is not None:
+        state["train_generators"] = train_generators
     save_checkpoint(path, state)
     return path

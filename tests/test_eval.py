@@ -169,6 +169,31 @@ def test_only_data_and_chunk_overrides_are_accepted(tiny_shards, checkpoints, tm
     assert res.runs[0].config.MODEL.SPECTRAL.CHUNK_SIZE == 2
 
 
+def test_eval_scores_every_generator_and_marks_the_unseen(tiny_shards, tmp_path):
+    """A checkpoint trained on gan_a only (DATA.GENERATORS=[gan_a]) is scored on gan_b too, unless --set says
+    otherwise; the report, eval.json and the summary line say gan_b was never seen in training."""
+    ck = make_checkpoint(tmp_path / "a.pt", "none", train_generators={"gan_a": 3})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(ck), "--shards", str(tiny_shards), "--out", str(out),
+                                   "--device", "cpu", "--heatmaps", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "(2 real, 2 fake; unseen in training: gan_b)" in res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["per_generator"]) == {"gan_a", "gan_b"} and set(m) == {"overall", "per_generator", "perturbations"}
+    assert json.loads((out / "eval.json").read_text())["checkpoints"][0]["train_generators"] == {"gan_a": 3}
+    assert yaml.safe_load((out / "config.yaml").read_text())["DATA"]["GENERATORS"] == []  # what eval scored
+    md = (out / "report.md").read_text()
+    assert "Trained on fakes of gan_a 3" in md
+    assert re.search(r"\| gan_a \| trained on \|", md) and re.search(r"\| gan_b \| unseen \|", md)
+    kept = run(EvalConfig(checkpoints=[str(ck)], shards=str(tiny_shards), out=str(tmp_path / "kept"), device="cpu",
+                          overrides=["DATA.GENERATORS=gan_b"], bootstrap=20, n_heatmaps=1))  # fmt: skip
+    assert set(kept.metrics["per_generator"]) == {"gan_b"}
+    old = run(EvalConfig(checkpoints=[str(make_checkpoint(tmp_path / "old.pt", "none"))], shards=str(tiny_shards),
+                         out=str(tmp_path / "old"), device="cpu", bootstrap=20, n_heatmaps=1))  # fmt: skip
+    assert old.runs[0].train_generators is None
+    assert "does not record which generators" in old.report_md.read_text()
+
+
 @pytest.mark.parametrize("text", ["jpeg:50", "resize:0.5", "blur:1.0", "noise:0.02"])
 def test_each_perturbation_really_changes_the_input(text):
     rgb = random_photo(240, 200, seed=1)

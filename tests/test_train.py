@@ -75,6 +75,7 @@ def test_run_directory_and_checkpoint_contents(full_run: Path, train_store: Path
     assert state["config"] == resolved.to_dict() and resolved.MODEL.CLIP.NAME == "tiny-random"
     assert state["threshold"] == rows[-1]["threshold"] and 0 <= state["threshold"] <= 1
     assert state["epoch"] == 2 and state["step"] == 4
+    assert state["train_generators"] == {"gan_a": 2, "gan_b": 2}  # the train split's fakes: eval marks the unseen
     assert set(state["optimizer"]) == {"state", "param_groups"} and "torch" in state["rng"]
     assert load_checkpoint(full_run)["epoch"] in (1, 2)  # RUN -> best.pt
     assert rows[-1]["lr"] == pytest.approx(1e-6)  # the cosine reached MIN_LR on the last step
@@ -246,10 +247,12 @@ def test_tensorboard_gets_train_and_val_scalars_when_installed(tiny_shards, trai
 
 
 def test_mode_none_trains_without_a_store(tiny_shards, tmp_path):
-    none = ("MODEL.SEMANTIC.MODE=none", "MODEL.USE_SEMANTIC_CONTEXT=false", "LOSS.SEMANTIC_WEIGHT=0", "TRAIN.EPOCHS=1")
+    none = ("MODEL.SEMANTIC.MODE=none", "MODEL.USE_SEMANTIC_CONTEXT=false", "LOSS.SEMANTIC_WEIGHT=0", "TRAIN.EPOCHS=1",
+            "DATA.GENERATORS=gan_b")  # fmt: skip
     result = _train(tiny_shards, None, tmp_path / "none", none)
     assert len(result.history) == 1
-    assert load_checkpoint(tmp_path / "none")["clip_spec"] == {}
+    state = load_checkpoint(tmp_path / "none")
+    assert state["clip_spec"] == {} and state["train_generators"] == {"gan_b": 2}
 
 
 def test_cli_summary_names_the_best_epoch_that_eval_and_predict_use(tiny_shards, train_store, tmp_path):
