@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from semspai.pipeline.grid import DEFAULT_RULE
 from semspai.pipeline.progress import progress
 from semspai.stages.common import register_user_error, resolve_device, user_errors
 from semspai.store.features import (
+    FeatureStore,
     FeatureStoreError,
     FeatureStoreWriter,
     StoreHeader,
@@ -48,6 +50,7 @@ from semspai.store.shards import (
     iter_shard,
     resolve_shards,
     shard_name,
+    shard_sidecars,
 )
 from semspai.store.writer import WriterProcessError
 
@@ -121,6 +124,41 @@ def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> No
     raise ShardError(f"{len(failures)} of {total} shards failed ({names}); first: {first}")
 
 
+def check_new_keys(store: str, paths: list[Path]) -> None:
+    """Refuse, before anything is written, a shard to extract that holds a key the store or another shard of
+    the SPEC already has (the same images sharded twice): once in the store, training and eval could only
+    refuse its keys, and no command takes a shard back out. Reads the tars' sidecars only."""
+    owner: dict[str, str] = {}  # key -> shard holding it
+    done: set[str] = set()
+    if read_store_attrs(store):
+        try:
+            stored = FeatureStore.open(store)
+        except FeatureStoreError:
+            stored = None  # the writer's own checks say what is wrong with it
+        if stored is not None:
+            done = set(stored.done_shards)
+            owner = dict(zip(stored.keys, stored.meta["shard"].tolist(), strict=True))
+            owner |= {s["key"]: s["shard"] for s in stored.skipped if "key" in s}
+    in_store = set(owner.values())
+    for path in paths:
+        name = shard_name(path)
+        if name in done:
+            continue
+        try:
+            keys = [key for key, _ in shard_sidecars(path)]
+        except (OSError, tarfile.ReadError, EOFError, ValueError):
+            continue  # a damaged tar: its own task reports it, and the other shards go on
+        for key in keys:
+            other = owner.setdefault(key, name)
+            if other != name:
+                where = f"in feature store {store} (shard {other})" if other in in_store else f"in shard {other}"
+                raise ShardError(
+                    f"shard {name}: sample {key} is already {where}; a sample can be extracted once. Were the same "
+                    "images sharded twice? Leave one copy out of --shards (a later batch needs a source folder of "
+                    "its own name: keys come from that name and the paths below it)"
+                )
+
+
 def run(
     cfg: ExtractConfig,
     embedder_factory: Callable[[], Embedder] | None = None,
@@ -149,6 +187,7 @@ def _run(
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
     existing = read_store_attrs(cfg.store)
+    check_new_keys(cfg.store, paths)
     if distributor_factory is not None:
         dist = distributor_factory(workers, cfg.scheduler)
     else:  # with several GPUs, each local worker gets its own

@@ -507,6 +507,31 @@ def test_a_later_batch_sharded_with_a_prefix_joins_the_same_store(tmp_path):
         shard(tmp_path / "b" / "data", tmp_path / "s3", prefix="batch-2")
 
 
+def test_the_same_images_sharded_twice_are_refused_before_extraction_writes(tmp_path):
+    """A second sharding of one folder (here under a prefix) holds the same keys: extract-clip refuses it before
+    writing anything, since a key stored twice would make training and eval refuse the store."""
+    from semspai.stages.extract import ExtractConfig
+    from semspai.stages.extract import run as extract
+    from semspai.store.features import FeatureStore
+
+    data = small_tree(tmp_path / "a" / "data", 6)
+    shard(data, tmp_path / "s1", shard_size=2)
+    again = shard(data, tmp_path / "s2", shard_size=2, prefix="again")
+    store = tmp_path / "f.zarr"
+    with pytest.raises(
+        ShardError, match=r"shard again-\w+-\d+: sample \S+ is already in shard \w+-\d+; .*sharded twice"
+    ):
+        extract(ExtractConfig(shards=f"{tmp_path}/s{{1,2}}", store=str(store), clip="tiny-random", workers=0))
+    assert not store.exists()  # refused before the store was made
+    extract(ExtractConfig(shards=f"{tmp_path}/s1", store=str(store), clip="tiny-random", workers=0))
+    before = FeatureStore.open(str(store))
+    with pytest.raises(ShardError, match=rf"is already in feature store {store} \(shard \w+-\d+\)"):
+        extract(ExtractConfig(shards=f"{tmp_path}/s{{1,2}}", store=str(store), clip="tiny-random", workers=0))
+    after = FeatureStore.open(str(store))
+    assert after.done_shards == before.done_shards and after.keys == before.keys
+    assert after.unfinished_shards == [] and not set(after.recorded_shards) & {Path(n).stem for n in again.shards}
+
+
 def test_keys_and_splits_do_not_depend_on_how_the_folder_is_spelled(image_tree, tmp_path, monkeypatch):
     shard(image_tree, tmp_path / "named")
     monkeypatch.chdir(image_tree)
