@@ -49,7 +49,14 @@ from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStore
-from semspai.store.manifest import StageManifest, fingerprint_paths, write_manifest
+from semspai.store.manifest import (
+    MANIFEST_NAME,
+    StageManifest,
+    check_stage,
+    fingerprint_paths,
+    read_manifest,
+    write_manifest,
+)
 from semspai.store.shards import file_sha256, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ TB_READ_EVERY = 100
 @dataclass
 class TrainResult:
     out: Path
-    nothing_to_do: bool  # --resume on a finished run
+    nothing_to_do: bool  # a finished run, resumed or rerun with the same config and inputs
     epochs_run: int  # epochs trained by this call
     history: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished epoch
     threshold: float = 0.5
@@ -332,28 +339,54 @@ class Trainer:
         pin = self.device.type == "cuda"  # the copy to the device then overlaps the host's next step
         return Background((collate(group, pin) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE)), BATCHES_AHEAD)
 
-    def _start(self, resume: bool) -> tuple[int, list[dict]]:
-        """(first epoch to train, history so far): a fresh run dir, or the state of the last checkpoint."""
+    def _manifest(self) -> StageManifest:
+        return StageManifest(
+            stage=STAGE,
+            schema_version=TRAIN_SCHEMA_VERSION,
+            config_digest=self.cfg.digest(),
+            inputs=self.inputs,
+            semspai_version=__version__,
+            config=self.cfg.to_dict(),
+        )
+
+    def _existing_run(self, last: Path) -> tuple[int, list[dict]] | None:
+        """A rerun without --resume or --force into a run dir that holds a run: (past the last epoch, history)
+        when that run is finished with the same config and inputs (nothing to do); else an error saying why."""
+        again = f"`semspai train ... --out {self.out} --force` to start over (its checkpoints are deleted)"
+        if read_manifest(self.out) is None:
+            raise FileExistsError(f"{self.out} already holds a training run with no stage manifest; pass --resume "
+                                  f"to continue it, run {again}, or choose another --out")  # fmt: skip
+        # raises when stale: a changed config is better trained into another --out, keeping this run to compare
+        check_stage(
+            self.out, self._manifest(), {n: again for n in self.inputs}, False, f"into another --out, or {again}"
+        )
+        state = load_checkpoint(last, map_location="cpu") if last.exists() else None
+        if state is None or int(state["epoch"]) < self.cfg.TRAIN.EPOCHS:
+            done = 0 if state is None else int(state["epoch"])
+            raise FileExistsError(f"{self.out} holds this run (same config and inputs) stopped after epoch {done} of "
+                                  f"{self.cfg.TRAIN.EPOCHS}; pass --resume to continue it, or run {again}")  # fmt: skip
+        return int(state["epoch"]) + 1, list(state["history"])
+
+    def _clear_run(self) -> None:
+        """--force: remove what a training run writes in its run dir (and nothing else there)."""
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        for name in (METRICS_NAME, CONFIG_NAME, MANIFEST_NAME):
+            (self.out / name).unlink(missing_ok=True)
+
+    def _start(self, resume: bool, force: bool) -> tuple[int, list[dict]]:
+        """(first epoch to train, history so far): a fresh run dir, the state of the last checkpoint, or (for a
+        finished run rerun with the same config and inputs) past its last epoch."""
         last = self.checkpoints / "last.pt"
         if not resume:
-            if last.exists() or (self.out / METRICS_NAME).exists():
-                raise FileExistsError(
-                    f"{self.out} already holds a training run; pass --resume to continue it, or choose another --out"
-                )
+            if (last.exists() or (self.out / METRICS_NAME).exists()) and not force:
+                return self._existing_run(last)
             if self.rank == 0:
+                if force:
+                    self._clear_run()
                 self.out.mkdir(parents=True, exist_ok=True)
                 save_config(self.cfg, self.out / CONFIG_NAME)
-                write_manifest(
-                    self.out,
-                    StageManifest(
-                        stage=STAGE,
-                        schema_version=TRAIN_SCHEMA_VERSION,
-                        config_digest=self.cfg.digest(),
-                        inputs=self.inputs,
-                        semspai_version=__version__,
-                        config=self.cfg.to_dict(),
-                    ),
-                )
+                write_manifest(self.out, self._manifest())
             return 1, []
         if not last.exists():
             raise FileNotFoundError(f"{self.out} has no checkpoints/last.pt to resume from; run without --resume")
@@ -469,14 +502,17 @@ class Trainer:
         if self.spill_dir is not None:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
-    def fit(self, resume: bool = False, on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
+    def fit(self, resume: bool = False, on_epoch_end: Callable[[dict], None] | None = None,
+            force: bool = False) -> TrainResult:  # fmt: skip
+        """Train to TRAIN.EPOCHS: a fresh run, `resume` the one in the run dir, or `force` a fresh one over it.
+        Rerun on a finished run with the same config and inputs, it does nothing (`nothing_to_do`)."""
         try:
-            return self._fit(resume, on_epoch_end)
+            return self._fit(resume, on_epoch_end, force)
         finally:
             self.release_store_cache()
 
-    def _fit(self, resume: bool, on_epoch_end: Callable[[dict], None] | None) -> TrainResult:
-        first, history = self._start(resume)
+    def _fit(self, resume: bool, on_epoch_end: Callable[[dict], None] | None, force: bool) -> TrainResult:
+        first, history = self._start(resume, force)
         epochs = self.cfg.TRAIN.EPOCHS
         if first > epochs:
             log.info("%s: all %d epochs are done; nothing to do", self.out, epochs)

@@ -163,7 +163,7 @@ def run(cfg: ShardConfig) -> ShardResult:
         semspai_version=__version__,
         config=asdict(cfg),
     )
-    hint = {"sources": f"`semspai shard ... --out {out} --force`"}
+    hint = {"sources": f"`semspai shard ... --out {out} --force` to rebuild it"}
     if not check_stage(out, wanted, hint, cfg.force):
         return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
     if not cfg.force and read_manifest(out) is None:

@@ -31,6 +31,7 @@ class TrainStageConfig:
     config_path: str | None = None
     overrides: list[str] = field(default_factory=list)
     resume: bool = False
+    force: bool = False  # start over in a run dir that holds a run (its checkpoints are deleted)
 
 
 def pick_device() -> torch.device:
@@ -50,6 +51,8 @@ def init_distributed(device: torch.device) -> None:
 
 def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=None) -> TrainResult:
     """Train (or, with `resume`, continue) the run in `cfg.out`; returns its metrics history."""
+    if cfg.resume and cfg.force:
+        raise click.UsageError("--resume continues the run in --out and --force starts it over: pass one")
     config_path = cfg.config_path
     saved = Path(cfg.out) / CONFIG_NAME
     if cfg.resume and config_path is None and not cfg.overrides and saved.exists():
@@ -58,7 +61,7 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
     device = device or pick_device()
     precision = resolve_precision(run_cfg.TRAIN.PRECISION, device)
     trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision)
-    return trainer.fit(resume=cfg.resume, on_epoch_end=on_epoch_end)
+    return trainer.fit(resume=cfg.resume, on_epoch_end=on_epoch_end, force=cfg.force)
 
 
 @click.command("train")
@@ -73,8 +76,11 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @config_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch checkpoint.")
+@click.option(
+    "--force", is_flag=True, help="Start over in an --out that holds a run (deletes its checkpoints and metrics)."
+)
 @user_errors
-def command(store, shards, out, config_path, overrides, resume) -> None:
+def command(store, shards, out, config_path, overrides, resume, force) -> None:
     """Train the spectral encoder and fusion head; CLIP vectors come from the store, never from CLIP.
 
     Learns on the `train` split, selects on `val`; writes OUT/config.yaml, OUT/metrics.jsonl and
@@ -85,7 +91,13 @@ def command(store, shards, out, config_path, overrides, resume) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         cfg = TrainStageConfig(
-            shards=shards, out=out, store=store, config_path=config_path, overrides=list(overrides), resume=resume
+            shards=shards,
+            out=out,
+            store=store,
+            config_path=config_path,
+            overrides=list(overrides),
+            resume=resume,
+            force=force,
         )
         result = run(cfg, device)
     finally:
@@ -94,7 +106,9 @@ def command(store, shards, out, config_path, overrides, resume) -> None:
     if rank != 0:  # rank 0 reports for all
         return
     if result.nothing_to_do:
-        click.echo(f"{out}: all {len(result.history)} epochs are done; nothing to do")
+        same = "" if resume else " with the same config and inputs"
+        click.echo(f"{out}: up to date: all {len(result.history)} epochs are done{same}; nothing to do"
+                   + ("" if resume else ". Pass --force to train again."))  # fmt: skip
         return
     last = result.history[-1]
     best = max(result.history, key=lambda h: h["val_auc"])  # the first of equals, as best.pt keeps it

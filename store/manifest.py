@@ -34,11 +34,13 @@ class StageManifest:
 
 
 def fingerprint_paths(paths: list[Path], root: Path | None = None) -> str:
-    """Cheap fingerprint of many files: names, sizes and mtimes (content hashes would cost a full read)."""
+    """Cheap fingerprint of many files: names, sizes and mtimes (content hashes would cost a full read). Names
+    are relative to `root` when given, else absolute: the same files named from another working directory
+    have the same fingerprint."""
     h = hashlib.sha256()
-    for p in sorted(paths):
+    for p in sorted(paths, key=os.path.abspath):
         st = p.stat()
-        name = str(p.relative_to(root)) if root else str(p)
+        name = str(p.relative_to(root)) if root else os.path.abspath(p)
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
@@ -70,11 +72,13 @@ def write_manifest(out: str | Path, manifest: StageManifest) -> None:
     write_json_atomic(manifest_path(out), asdict(manifest))
 
 
-def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, str], force: bool) -> bool:
+def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, str], force: bool,
+                otherwise: str = "") -> bool:  # fmt: skip
     """Decide whether a stage must run. True: run it. False: its output is up to date.
 
     Raises StaleOutputError when the output exists but was made from other inputs, another config or
-    another schema; `rerun_hint` maps an input name to the command that rebuilds what depends on it.
+    another schema; `rerun_hint` maps an input name to the command that rebuilds what depends on it, and
+    `otherwise` (default: the stage with --force) says what to run when no changed input has a hint.
     `force` always runs.
     """
     if force:
@@ -97,5 +101,5 @@ def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, st
     if not reasons:
         return False
     hints = [rerun_hint[n] for n in wanted.inputs if have.inputs.get(n) != wanted.inputs[n] and n in rerun_hint]
-    what = hints[0] if hints else f"`semspai {wanted.stage}` with --force"
-    raise StaleOutputError(f"{out} is stale: {'; '.join(reasons)}. Rerun {what} to rebuild it.")
+    what = hints[0] if hints else otherwise or f"`semspai {wanted.stage}` with --force to rebuild it"
+    raise StaleOutputError(f"{out} is stale: {'; '.join(reasons)}. Rerun {what}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_output_of_another_stage(tmp_path):
         check_stage(tmp_path, manifest(), HINT, force=False)
 
 
-def test_fingerprint_paths(tmp_path):
+def test_fingerprint_paths(tmp_path, monkeypatch):
     files = []
     for name in ("b.bin", "a.bin"):
         (tmp_path / name).write_bytes(b"12345")
@@ -104,6 +105,8 @@ def test_fingerprint_paths(tmp_path):
     fp = fingerprint_paths(files)
     assert fp == fingerprint_paths(list(reversed(files)))  # order-free
     assert fingerprint_paths(files, root=tmp_path) != fp  # names are relative to the root when given
+    monkeypatch.chdir(tmp_path)
+    assert fingerprint_paths([Path("a.bin"), Path("../" + tmp_path.name + "/b.bin")]) == fp  # spelled otherwise
 
     st = files[0].stat()
     os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1))

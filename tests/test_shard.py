@@ -538,6 +538,7 @@ def test_keys_and_splits_do_not_depend_on_how_the_folder_is_spelled(image_tree, 
     shard(Path("."), tmp_path / "dot")
     monkeypatch.chdir(image_tree / "real")
     shard(Path(".."), tmp_path / "dotdot")
+    assert shard(Path(".."), tmp_path / "named").up_to_date  # a rerun from elsewhere: the same files, not changed
     named = {k: (t, s.meta["path"]) for k, (t, s) in samples(tmp_path / "named").items()}
     assert named and all(path.startswith(f"{image_tree.name}/") for _, path in named.values())
     for spelled in ("dot", "dotdot"):

@@ -6,12 +6,14 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import types
 from pathlib import Path
 
+import click
 import numpy as np
 import open_clip
 import pytest
@@ -26,6 +28,7 @@ from semspai.stages.cli import cli
 from semspai.stages.train import TrainStageConfig, run
 from semspai.store.checkpoints import load_checkpoint
 from semspai.store.features import FeatureStore
+from semspai.store.manifest import StaleOutputError
 
 MICRO = [
     "MODEL.SPECTRAL.ENCODER=spectral-vit-micro",
@@ -105,6 +108,28 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_
     )
     assert res.exit_code == 0, res.output
     assert "nothing to do" in res.output
+
+
+def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(full_run, tiny_shards, train_store, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(out)]
+    res = CliRunner().invoke(cli, [*args, *(x for o in MICRO for x in ("--set", o))])
+    assert res.exit_code == 0, res.output
+    assert "up to date: all 2 epochs are done with the same config and inputs; nothing to do" in res.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
+    with pytest.raises(StaleOutputError, match=r"another configuration. Rerun into another --out, or .*--force. to start over"):
+        _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    with pytest.raises(click.UsageError, match="pass one"):
+        run(TrainStageConfig(str(tiny_shards), str(out), str(train_store), resume=True, force=True), CPU)
+    cfg = TrainStageConfig(str(tiny_shards), str(out), str(train_store), overrides=[*MICRO, "TRAIN.EPOCHS=1"],
+                           force=True)  # fmt: skip
+    assert run(cfg, CPU).epochs_run == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load_config(out / "config.yaml").TRAIN.EPOCHS == 1
 
 
 @pytest.mark.parametrize("where,device,on_device", [("auto", "cpu", False), ("auto", "meta", True),
