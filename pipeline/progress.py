@@ -1,30 +1,53 @@
-"""Progress reporting: a tqdm bar on a terminal, plain log lines otherwise (CI logs, pipes)."""
+"""Progress reporting: a tqdm bar on a terminal, plain log lines otherwise (CI logs, pipes), nothing when this
+process logs no INFO (a DDP rank other than 0)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 T = TypeVar("T")
 log = logging.getLogger("semspai.progress")
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
-    """Iterate `items`, showing a bar on a terminal or logging about every 10% (and at the end) otherwise."""
+def progress(
+    items: Iterable[T],
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    status: Callable[[], str] | None = None,
+) -> Iterator[T]:
+    """Iterate `items`, showing a bar on a terminal or logging about every 10% (and at the end) otherwise.
+
+    `status()`, asked after each item, adds a line of its own (e.g. images/s) to the bar and the log lines. While
+    the bar runs, log records are written above it rather than through it.
+    """
+    if not log.isEnabledFor(logging.INFO):
+        yield from items
+        return
     if sys.stderr.isatty():
-        yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        with logging_redirect_tqdm():
+            bar = tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+            for item in bar:
+                yield item
+                if status is not None:
+                    bar.set_postfix_str(status(), refresh=False)
         return
     start, step, next_mark, n = time.perf_counter(), max(1, (total or 0) // 10), 0, 0
+
+    def line() -> str:
+        rate = n / max(time.perf_counter() - start, 1e-9)
+        return f"{rate:.1f} {unit}/s" + (f", {status()}" if status is not None else "")
+
     for n, item in enumerate(items, 1):
         yield item
-        if total and n >= next_mark + step:
+        if total and next_mark + step <= n < total:  # the last item gets the `done` line
             next_mark = n
-            rate = n / max(time.perf_counter() - start, 1e-9)
-            log.info("%s: %d/%d %s (%.1f %s/s)", desc, n, total, unit, rate, unit)
-    rate = n / max(time.perf_counter() - start, 1e-9)
-    log.info("%s: done, %d %s (%.1f %s/s)", desc, n, unit, rate, unit)
+            log.info("%s: %d/%d %s (%s)", desc, n, total, unit, line())
+    log.info("%s: done, %d %s (%s)", desc, n, unit, line())

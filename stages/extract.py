@@ -222,7 +222,8 @@ def _run(
         done = writer.done_shards()
         for path, name in zip(paths, names, strict=True):
             if name in done:
-                check_shard_unchanged(cfg.store, name, done[name], file_sha256(path), path)
+                was_at = (existing or {}).get("shards", {}).get(name, "")
+                check_shard_unchanged(cfg.store, name, done[name], file_sha256(path), path, was_at)
         writer.record_shards({n: str(p) for p, n in zip(paths, names, strict=True)})
         opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, cfg.gpu_decode, device)
         recorded = indexed_sha256(paths)
@@ -238,20 +239,17 @@ def _run(
             log.info("%d of %d shards already done in %s; extracting %d", len(done), len(paths), cfg.store, len(jobs))
         failures: list[tuple[str, BaseException]] = []
         shard_start = time.perf_counter()
-        for job, summary, exc in progress(dist.map_shards(jobs), len(jobs), "extract-clip", "shard"):
+
+        def status() -> str:
+            return f"{result.n_images} images, {result.images_per_s:.1f} images/s"
+
+        for job, summary, exc in progress(dist.map_shards(jobs), len(jobs), "extract-clip", "shard", status):
             if exc is not None:
                 log.error("shard %s failed: %s", job.name, exc)
                 failures.append((job.name, exc))
                 continue
             result.extracted.append(summary)
             result.shard_seconds = time.perf_counter() - shard_start
-            log.info(
-                "%d/%d shards, %d images, %.1f images/s",
-                len(result.extracted),
-                len(jobs),
-                result.n_images,
-                result.images_per_s,
-            )
     finally:
         dist.close()
     result.seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ import click
 from semspai.pipeline.grid import PatchRule, grid_boxes
 from semspai.stages.common import register_user_error, user_errors
 from semspai.store.features import FeatureStore, FeatureStoreError, export_h5, verify_store
-from semspai.store.shards import resolve_shards
+from semspai.store.shards import resolve_shards, shard_name
 
 register_user_error(FeatureStoreError)
 SKIPPED_SHOWN = 10  # `info` lists this many unreadable images; --json lists them all
@@ -99,14 +99,18 @@ def verify(path: str, shards: str) -> None:
     """Check every sample of SPEC is in the store exactly once, the tars are unchanged, vectors are sane."""
     store = FeatureStore.open(path)
     rule = PatchRule(**{k: v for k, v in store.attrs["patch_rule"].items() if k != "id"})
-    problems = verify_store(store, resolve_shards(shards), lambda h, w: grid_boxes(h, w, rule))
+    paths = resolve_shards(shards)
+    problems = verify_store(store, paths, lambda h, w: grid_boxes(h, w, rule))
     for p in problems:
         click.echo(f"problem: {p}", err=True)
     if problems:
         raise FeatureStoreError(f"{path}: {len(problems)} problem(s); first: {problems[0]}")
-    click.echo(
-        f"{path}: ok ({store.n_images} images, {len(store.skipped)} unreadable skipped, {len(store.done_shards)} shards)"
-    )
+    names = {shard_name(p) for p in paths}
+    images = sum(int(store.shard_info[n]["n_images"]) for n in names)
+    skipped = sum(s["shard"] in names for s in store.skipped)
+    others = len(store.done_shards) - len(names)
+    click.echo(f"{path}: ok ({len(names)} shard(s) of the spec: {images} images, {skipped} unreadable skipped"
+               + (f"; the store holds {others} more shard(s), not checked" if others else "") + ")")  # fmt: skip
 
 
 @group.command("export-h5")

@@ -47,6 +47,8 @@ def init_distributed(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if dist.get_rank() != 0:  # rank 0 reports for all: the others log warnings and errors only, and no bars
+            logging.getLogger("semspai").setLevel(logging.WARNING)
 
 
 def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=None) -> TrainResult:

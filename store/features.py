@@ -290,7 +290,7 @@ class FeatureStoreWriter:
         """Record shard name -> tar path of every shard asked for (driver only), so `info` can list missing ones."""
         root = _zopen(self.path, mode="r+")
         recorded = dict(root.attrs.get("shards", {}))
-        recorded.update(shards)
+        recorded.update({n: os.path.abspath(p) for n, p in shards.items()})  # where they are, from any directory
         root.attrs["shards"] = dict(sorted(recorded.items()))
 
     def done_shards(self) -> dict[str, str]:
@@ -512,15 +512,25 @@ class FeatureStore:
         for path in paths:
             name = shard_name(path)
             if name in self.shard_info:
-                check_shard_unchanged(self.path, name, self.shard_info[name]["sha256"], file_sha256(path), path)
+                sha = self.shard_info[name]["sha256"]
+                check_shard_unchanged(self.path, name, sha, file_sha256(path), path, self.recorded_shards.get(name, ""))
 
 
-def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, path: str | Path) -> None:
-    if stored_sha != tar_sha:
+def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, path: str | Path,
+                          was_at: str = "") -> None:  # fmt: skip
+    """Raise unless the tar at `path` is the one extracted as shard `name` (`was_at`: where that one was)."""
+    if stored_sha == tar_sha:
+        return
+    shas = f"sha256 {stored_sha[:12]}… then, {tar_sha[:12]}… now"
+    if was_at and os.path.abspath(was_at) != os.path.abspath(path):
         raise FeatureStoreError(
-            f"shard {name} ({path}) changed since it was extracted into {store} "
-            f"(sha256 {stored_sha[:12]}… then, {tar_sha[:12]}… now); extract into a new --store"
+            f"shard {name}: {path} is not the tar extracted under that name into {store} ({was_at}; {shas}). "
+            "Shard folders that share a store need tars of other names (shard the later one with --prefix NAME); "
+            "else extract into a new --store"
         )
+    raise FeatureStoreError(
+        f"shard {name} ({path}) changed since it was extracted into {store} ({shas}); extract into a new --store"
+    )
 
 
 def _norm_problems(what: str, vectors: np.ndarray) -> list[str]:
@@ -556,7 +566,7 @@ def verify_store(
             problems.append(f"shard {name} ({path}) is not done in the store; run semspai extract-clip on it")
             continue
         try:
-            check_shard_unchanged(store.path, name, store.shard_info[name]["sha256"], file_sha256(path), path)
+            store.check_shards([path])
             tar_keys = [s.key for s in iter_shard(path)]
         except (FeatureStoreError, ValueError) as exc:
             problems.append(str(exc))

@@ -165,7 +165,13 @@ def test_layout_offsets_captions_and_skipped(reference: Path) -> None:
 def test_verify_passes_on_an_extracted_store(shards: Path, reference: Path) -> None:
     result = CliRunner().invoke(cli, ["store", "verify", str(reference), "--shards", str(shards)])
     assert result.exit_code == 0, result.output
-    assert "ok (12 images, 1 unreadable skipped, 3 shards)" in result.output
+    assert "ok (3 shard(s) of the spec: 12 images, 1 unreadable skipped)" in result.output
+    part = CliRunner().invoke(cli, ["store", "verify", str(reference), "--shards", str(shards / "train-000001.tar")])
+    assert part.exit_code == 0, part.output  # the counts are the spec's, not the whole store's
+    assert (
+        "ok (1 shard(s) of the spec: 4 images, 1 unreadable skipped; the store holds 2 more shard(s), not checked)"
+        in part.output
+    )
 
 
 def cli_args(shards: Path, store: Path, clip: str = "tiny-random", *extra: str) -> list[str]:
@@ -409,9 +415,20 @@ def test_gpu_decoder_on_a_cpu_store_is_refused(shards: Path, reference: Path) ->
 
 
 def test_changed_shard_is_refused(reference: Path, tmp_path: Path) -> None:
-    make_shards(tmp_path / "changed", n_shards=1, per_shard=3)
-    line = one_line_error(cli_args(tmp_path / "changed", reference))
+    # a tar of the same name from another folder: two shard folders in one store need other names
+    make_shards(tmp_path / "other", n_shards=1, per_shard=3)
+    line = one_line_error(cli_args(tmp_path / "other", reference))
+    assert "shard train-000000: " in line and "is not the tar extracted under that name" in line
+    assert "--prefix NAME" in line
+    # the tar it was extracted from, rewritten in place (the store recorded its absolute path)
+    own, store = tmp_path / "own", tmp_path / "own.zarr"
+    make_shards(own, n_shards=1, per_shard=3, corrupt=False)
+    run(cfg(own, store), embedder_factory=TINY)
+    make_shards(own, n_shards=1, per_shard=4, corrupt=False)
+    line = one_line_error(cli_args(own, store))
     assert "shard train-000000 (" in line and "changed since it was extracted" in line
+    with pytest.raises(FeatureStoreError, match="changed since it was extracted"):
+        FeatureStore.open(str(store)).check_shards([own / "train-000000.tar"])
 
 
 def test_tar_unlike_its_index_fails_naming_it_and_keeps_the_others(

@@ -119,7 +119,9 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(full_run
     assert res.exit_code == 0, res.output
     assert "up to date: all 2 epochs are done with the same config and inputs; nothing to do" in res.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
-    with pytest.raises(StaleOutputError, match=r"another configuration. Rerun into another --out, or .*--force. to start over"):
+    with pytest.raises(
+        StaleOutputError, match=r"another configuration. Rerun into another --out, or .*--force. to start over"
+    ):
         _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     with pytest.raises(click.UsageError, match="pass one"):
@@ -368,11 +370,13 @@ def test_schedule_and_threshold():
 
 
 DDP_SCRIPT = """
-import json, sys, torch, torch.distributed as dist
+import json, logging, sys, torch, torch.distributed as dist
 from semspai.pipeline.engine import Trainer
 from semspai.pipeline.config import load_config
+from semspai.stages.train import init_distributed
 shards, store, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-dist.init_process_group("gloo")
+logging.basicConfig(level=logging.INFO)
+init_distributed(torch.device("cpu"))
 seen = []
 trainer = Trainer(load_config(None, overrides), shards, out, store, torch.device("cpu"), "fp32")
 stream = trainer.train_stream
@@ -422,3 +426,5 @@ def test_ddp_two_cpu_processes_split_the_epoch(tiny_shards, train_store, tmp_pat
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history == ranks[0]["history"] == ranks[1]["history"]  # validation gathered over both ranks
     assert (out / "checkpoints" / "last.pt").exists()
+    for line in ("train: ", "epoch 2: loss", "epoch 2/2: done"):  # rank 0 reports for both (the rest: warnings)
+        assert proc.stderr.count(line) == 1, (line, proc.stderr[-3000:])
