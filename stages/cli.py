@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -46,6 +47,11 @@ def cli(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Dask's scheduler and nanny narrate every connection at INFO: its warnings only, unless --verbose. Through
+    # dask's config too, which `import distributed` applies to its loggers (here and in its worker processes)
+    level = "debug" if verbose else "warning"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level)
+    logging.getLogger("distributed").setLevel(level.upper())
 
 
 def main() -> None:

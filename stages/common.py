@@ -81,7 +81,9 @@ def resolve_device(device: str) -> str:
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type not in ("cpu", "meta"):
+    elif dev.type == "meta":  # torch's shape-only device: no model could run on it
+        raise ConfigError(f"--device {device}: the meta device holds no data; use cpu, cuda or auto")
+    elif dev.type != "cpu":
         modules = (getattr(torch.backends, dev.type, None), getattr(torch, dev.type, None))  # mps, xpu, ...
         if not any(callable(getattr(m, "is_available", None)) and m.is_available() for m in modules):
             raise ConfigError(f"--device {device}: no {dev.type} device is available here; use cpu, cuda or auto")

@@ -188,11 +188,21 @@ def test_wrong_type_in_a_file(tmp_path):
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
         load_config(write_yaml(tmp_path / "bad.yaml", "TRAIN: [unclosed\n"))
+    assert "\n" not in str(info.value)  # one line, with the place
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n"))
     assert load_config(write_yaml(tmp_path / "empty.yaml", "")) == RunConfig()
+    twice = "TRAIN:\n  EPOCHS: 3\n  BASE_LR: 0.001\n  EPOCHS: 30\n"
+    with pytest.raises(ConfigError, match=r"not valid YAML: found the key 'EPOCHS' twice \(line 4, column 3\)$"):
+        load_config(write_yaml(tmp_path / "twice.yaml", twice))
+    sections = "TRAIN:\n  EPOCHS: 3\nDATA:\n  MAX_PATCHES: 4\nTRAIN:\n  BASE_LR: 0.001\n"
+    with pytest.raises(ConfigError, match="found the key 'TRAIN' twice"):
+        load_config(write_yaml(tmp_path / "sections.yaml", sections))
+    same_leaf = "TRAIN:\n  EPOCHS: 3\nLOSS:\n  EPOCHS_UNUSED: 1\n"  # one name in two mappings is fine
+    with pytest.raises(ConfigError, match="LOSS.EPOCHS_UNUSED"):  # (the unknown key is, as always)
+        load_config(write_yaml(tmp_path / "ok.yaml", same_leaf))
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,20 @@ def test_kill_after_rows_then_resume_is_bitwise_equal(shards: Path, reference: P
     assert arrays(store) == arrays(reference)
 
 
+def test_cli_log_is_quiet_about_dask_and_reports_images_per_second(shards: Path, tmp_path: Path) -> None:
+    """Piped, a Dask run logs progress with images/s once per mark, and none of the scheduler's INFO chatter."""
+    exe = Path(sys.executable).with_name("semspai")
+    args = [str(exe), *cli_args(shards, tmp_path / "s.zarr")]
+    args[args.index("--workers") + 1] = "1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO distributed." not in proc.stderr, proc.stderr[-3000:]
+    done = [line for line in proc.stderr.splitlines() if "extract-clip: done, 3 shard (" in line]
+    assert len(done) == 1 and re.search(r", 12 images, [\d.]+ images/s\)$", done[0]), proc.stderr[-3000:]
+    assert proc.stderr.count("extract-clip: 1/3 shard") == 1 and "extract-clip: 3/3" not in proc.stderr
+
+
 def writer_pids(store: Path) -> dict[str, int]:
     """Done shard -> the id of the process that wrote it."""
     fs = FeatureStore.open(str(store))
@@ -300,6 +314,7 @@ def test_an_unreachable_scheduler_is_one_line_error(shards: Path, tmp_path: Path
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
         ),
         ("mps" if not torch.backends.mps.is_available() else "foo:0", "is not a device|no mps device"),
+        ("meta", "--device meta: the meta device holds no data"),
     ],
 )
 def test_a_device_that_is_not_here_is_one_line_error(shards: Path, tmp_path: Path, device: str, match: str) -> None:
