@@ -20,6 +20,7 @@ from semspai import __version__
 from semspai.pipeline.progress import progress
 from semspai.stages.common import register_user_error, user_errors
 from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, probe_image
+from semspai.store.locks import run_lock
 from semspai.store.manifest import (
     StageManifest,
     check_stage,
@@ -143,7 +144,20 @@ def _set_old_shards_aside(out: Path) -> None:
 
 
 def run(cfg: ShardConfig) -> ShardResult:
-    """Shard the sources into `cfg.out`; a no-op (up_to_date) when inputs and config are unchanged."""
+    """Shard the sources into `cfg.out`; a no-op (up_to_date) when inputs and config are unchanged. One run
+    at a time per output folder: a second one fails at once (it would clear the first one's staging folder)."""
+    out = Path(os.path.abspath(cfg.out))
+    lock = out.with_name(out.name + ".lock")  # beside the folder, which a refused run must not create
+
+    def busy(holder: str) -> SourceError:
+        return SourceError(f"{cfg.out} is being written by another `semspai shard` ({holder}, lock {lock}); "
+                           "wait for it to finish")  # fmt: skip
+
+    with run_lock(lock, busy):
+        return _run(cfg)
+
+
+def _run(cfg: ShardConfig) -> ShardResult:
     start = time.perf_counter()
     ratios = parse_split_ratios(cfg.split)
     if cfg.shard_size < 1:

@@ -19,7 +19,6 @@ every array here has exactly one writer: the task that owns its shard, or the dr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from semspai.store.locks import run_lock
 from semspai.store.shards import file_sha256, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -139,40 +139,21 @@ LOCK_SUFFIX = ".lock"
 def writer_lock(path: str) -> Iterator[None]:
     """One writing run at a time per store on this machine: a second one fails at once, naming the first.
 
-    An OS lock (flock) on `PATH.lock` beside the store, so a killed run never leaves it held; the file is
-    removed when the run ends. Remote (fsspec URL) stores are not locked.
+    The lock is `PATH.lock` beside the store (`run_lock`). Remote (fsspec URL) stores are not locked.
     """
     if "://" in path and not path.startswith("file://"):
         yield
         return
     lock = Path(path.removeprefix("file://").rstrip("/") + LOCK_SUFFIX)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fh = open(lock, "a+")  # noqa: SIM115 - held open for the whole run
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise FeatureStoreError(
-                f"feature store {path} is being written by another extract-clip ({holder}, lock {lock}); "
-                "wait for it to finish, or stop it: a rerun resumes where it stopped"
-            ) from None
-        try:
-            if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        fh.close()  # the previous holder removed the file after we opened it: lock the new one
-    fh.truncate(0)
-    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    fh.flush()
-    try:
+
+    def busy(holder: str) -> FeatureStoreError:
+        return FeatureStoreError(
+            f"feature store {path} is being written by another extract-clip ({holder}, lock {lock}); "
+            "wait for it to finish, or stop it: a rerun resumes where it stopped"
+        )
+
+    with run_lock(lock, busy):
         yield
-    finally:
-        lock.unlink(missing_ok=True)
-        fh.close()
 
 
 def _zopen(path: str, mode: str) -> zarr.Group:

@@ -532,6 +532,18 @@ def test_the_same_images_sharded_twice_are_refused_before_extraction_writes(tmp_
     assert after.unfinished_shards == [] and not set(after.recorded_shards) & {Path(n).stem for n in again.shards}
 
 
+def test_a_second_run_into_a_folder_being_written_is_refused(image_tree, tmp_path):
+    """Two runs into one --out would clear each other's staging folder: the second fails at once."""
+    from semspai.store.locks import run_lock
+
+    out = tmp_path / "out"
+    with run_lock(tmp_path / "out.lock", RuntimeError):  # as a run in another process holds it
+        with pytest.raises(SourceError, match=r"being written by another `semspai shard` \(pid \d+ on "):
+            shard(image_tree, out)
+    assert not out.exists() and not (tmp_path / "out.lock").exists()
+    assert len(samples(shard(image_tree, out).out)) == 16 and not (tmp_path / "out.lock").exists()
+
+
 def test_keys_and_splits_do_not_depend_on_how_the_folder_is_spelled(image_tree, tmp_path, monkeypatch):
     shard(image_tree, tmp_path / "named")
     monkeypatch.chdir(image_tree)
