@@ -205,7 +205,9 @@ def test_changed_shard_is_named(tmp_path: Path, shards: list[Path]) -> None:
     fs = FeatureStore.open(store)
     fs.check_shards(shards)
     make_shards(tmp_path / "other", per_shard=5)  # same names, other content
-    with pytest.raises(FeatureStoreError, match=r"shard train-000000 .* changed since it was extracted"):
+    with pytest.raises(
+        FeatureStoreError, match=r"shard train-000000: .*other/train-000000.tar is not the tar extracted"
+    ):
         fs.check_shards([tmp_path / "other" / "train-000000.tar"])
 
 
