@@ -7,6 +7,7 @@ import os
 import tarfile
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +34,13 @@ from semspai.pipeline.grid import DEFAULT_RULE
 from semspai.pipeline.progress import progress
 from semspai.stages.common import register_user_error, resolve_device, user_errors
 from semspai.store.features import (
-    FeatureStore,
     FeatureStoreError,
     FeatureStoreWriter,
     StoreHeader,
     check_shard_unchanged,
+    done_shard_attrs,
     read_store_attrs,
+    stored_keys,
     writer_lock,
 )
 from semspai.store.images import ImageDecodeError
@@ -124,39 +126,46 @@ def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> No
     raise ShardError(f"{len(failures)} of {total} shards failed ({names}); first: {first}")
 
 
-def check_new_keys(store: str, paths: list[Path]) -> None:
-    """Refuse, before anything is written, a shard to extract that holds a key the store or another shard of
-    the SPEC already has (the same images sharded twice): once in the store, training and eval could only
-    refuse its keys, and no command takes a shard back out. Reads the tars' sidecars only."""
-    owner: dict[str, str] = {}  # key -> shard holding it
-    done: set[str] = set()
-    if read_store_attrs(store):
-        try:
-            stored = FeatureStore.open(store)
-        except FeatureStoreError:
-            stored = None  # the writer's own checks say what is wrong with it
-        if stored is not None:
-            done = set(stored.done_shards)
-            owner = dict(zip(stored.keys, stored.meta["shard"].tolist(), strict=True))
-            owner |= {s["key"]: s["shard"] for s in stored.skipped if "key" in s}
-    in_store = set(owner.values())
+def check_inputs(store: str, paths: list[Path], threads: int = 8) -> None:
+    """What must hold before anything is written (it runs while the cluster and the encoder start):
+
+    - every tar the store already holds is the one it was extracted from (sha256);
+    - no shard to extract holds a key the store or another shard of the SPEC already has (the same images
+      sharded twice): once in the store, training and eval could only refuse its keys, and no command takes
+      a shard back out. Only the tars' sidecars and the store's key arrays are read, in threads.
+    """
+    attrs = read_store_attrs(store)
+    done = done_shard_attrs(store) if attrs else {}
+    recorded = (attrs or {}).get("shards", {})
+    pending = []
     for path in paths:
         name = shard_name(path)
         if name in done:
-            continue
+            check_shard_unchanged(store, name, done[name]["sha256"], file_sha256(path), path, recorded.get(name, ""))
+        else:
+            pending.append(path)
+    if not pending:
+        return
+
+    def sidecar_keys(path: Path) -> list[str]:
         try:
-            keys = [key for key, _ in shard_sidecars(path)]
+            return [key for key, _ in shard_sidecars(path)]
         except (OSError, tarfile.ReadError, EOFError, ValueError):
-            continue  # a damaged tar: its own task reports it, and the other shards go on
-        for key in keys:
-            other = owner.setdefault(key, name)
-            if other != name:
-                where = f"in feature store {store} (shard {other})" if other in in_store else f"in shard {other}"
-                raise ShardError(
-                    f"shard {name}: sample {key} is already {where}; a sample can be extracted once. Were the same "
-                    "images sharded twice? Leave one copy out of --shards (a later batch needs a source folder of "
-                    "its own name: keys come from that name and the paths below it)"
-                )
+            return []  # a damaged tar: its own task reports it, and the other shards go on
+
+    owner = stored_keys(store, done, threads) if done else {}  # key -> shard holding it
+    with ThreadPoolExecutor(threads) as pool:
+        for path, keys in zip(pending, pool.map(sidecar_keys, pending), strict=True):
+            name = shard_name(path)
+            for key in keys:
+                other = owner.setdefault(key, name)
+                if other != name:
+                    where = f"in feature store {store} (shard {other})" if other in done else f"in shard {other}"
+                    raise ShardError(
+                        f"shard {name}: sample {key} is already {where}; a sample can be extracted once. Were the "
+                        "same images sharded twice? Leave one copy out of --shards (a later batch needs a source "
+                        "folder of its own name: keys come from that name and the paths below it)"
+                    )
 
 
 def run(
@@ -187,11 +196,18 @@ def _run(
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
     existing = read_store_attrs(cfg.store)
-    check_new_keys(cfg.store, paths)
-    if distributor_factory is not None:
-        dist = distributor_factory(workers, cfg.scheduler)
-    else:  # with several GPUs, each local worker gets its own
-        dist = make_distributor(workers, cfg.scheduler, None if cfg.scheduler else worker_gpus(device))
+    checker = ThreadPoolExecutor(1, thread_name_prefix="check-inputs")
+    checked = checker.submit(check_inputs, cfg.store, paths)  # hashing tars overlaps the cluster's start
+    checker.shutdown(wait=False)
+    try:
+        if distributor_factory is not None:
+            dist = distributor_factory(workers, cfg.scheduler)
+        else:  # with several GPUs, each local worker gets its own
+            dist = make_distributor(workers, cfg.scheduler, None if cfg.scheduler else worker_gpus(device))
+    except BaseException:
+        checked.cancel()
+        wait([checked])
+        raise
     try:
         if cfg.scheduler:
             device = dist.call(resolve_device, cfg.device)
@@ -218,12 +234,9 @@ def _run(
             },
             semspai_version=__version__,
         )
+        checked.result()  # raises what is wrong with the inputs, before the store is made or touched
         writer = FeatureStoreWriter.create_or_check(cfg.store, header, info.text)
         done = writer.done_shards()
-        for path, name in zip(paths, names, strict=True):
-            if name in done:
-                was_at = (existing or {}).get("shards", {}).get(name, "")
-                check_shard_unchanged(cfg.store, name, done[name], file_sha256(path), path, was_at)
         writer.record_shards({n: str(p) for p, n in zip(paths, names, strict=True)})
         opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, cfg.gpu_decode, device)
         recorded = indexed_sha256(paths)

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,6 +325,27 @@ def _shard_attrs(path: str) -> dict[str, dict]:
     return out
 
 
+def done_shard_attrs(path: str) -> dict[str, dict]:
+    """Done shard name -> its attrs (sha256, n_images, skipped, ...), from the attributes alone (no array read)."""
+    return {name: a for name, a in _shard_attrs(path).items() if a.get("done")}
+
+
+def stored_keys(path: str, shards: Iterable[str], threads: int = 8) -> dict[str, str]:
+    """Key -> shard of every row and every skipped image of the given done shards, reading only their key
+    arrays (in threads: on a remote store each read is a round trip)."""
+    root = _zopen(path, mode="r")[SHARDS_GROUP]
+    names = sorted(shards)
+
+    def keys(name: str) -> list[str]:
+        return root[name]["key"][...].tolist()
+
+    with ThreadPoolExecutor(threads) as pool:
+        owner = {k: name for name, ks in zip(names, pool.map(keys, names), strict=True) for k in ks}
+    attrs = _shard_attrs(path)
+    owner |= {s["key"]: name for name in names for s in attrs[name].get("skipped", []) if "key" in s}
+    return owner
+
+
 class FeatureStore:
     """Read-only view of a store: the done shards, concatenated in shard-name order.
 
@@ -503,7 +525,8 @@ def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, 
     if stored_sha == tar_sha:
         return
     shas = f"sha256 {stored_sha[:12]}… then, {tar_sha[:12]}… now"
-    if was_at and os.path.abspath(was_at) != os.path.abspath(path):
+    # stores of an earlier semspai recorded paths as given, relative to a working directory unknown here
+    if os.path.isabs(was_at) and was_at != os.path.abspath(path):
         raise FeatureStoreError(
             f"shard {name}: {path} is not the tar extracted under that name into {store} ({was_at}; {shas}). "
             "Shard folders that share a store need tars of other names (shard the later one with --prefix NAME); "

@@ -532,6 +532,22 @@ def test_the_same_images_sharded_twice_are_refused_before_extraction_writes(tmp_
     assert after.unfinished_shards == [] and not set(after.recorded_shards) & {Path(n).stem for n in again.shards}
 
 
+def test_a_resharded_grown_folder_is_refused_as_changed_not_as_sharded_twice(tmp_path):
+    """Resharding a grown folder renumbers its tars: the store names the changed tar (and --prefix in the
+    README is the way), rather than calling the moved samples duplicates."""
+    from semspai.stages.extract import ExtractConfig
+    from semspai.stages.extract import run as extract
+    from semspai.store.features import FeatureStoreError
+
+    data = small_tree(tmp_path / "data", 12)
+    shard(data, tmp_path / "s", shard_size=2)
+    store = tmp_path / "f.zarr"
+    extract(ExtractConfig(shards=str(tmp_path / "s"), store=str(store), clip="tiny-random", workers=0))
+    shard(small_tree(data, 6, start=12), tmp_path / "s", shard_size=2, force=True)
+    with pytest.raises(FeatureStoreError, match=r"shard \w+-\d+ \(.*\) changed since it was extracted"):
+        extract(ExtractConfig(shards=str(tmp_path / "s"), store=str(store), clip="tiny-random", workers=0))
+
+
 def test_a_second_run_into_a_folder_being_written_is_refused(image_tree, tmp_path):
     """Two runs into one --out would clear each other's staging folder: the second fails at once."""
     from semspai.store.locks import run_lock
