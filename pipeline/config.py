@@ -314,15 +314,21 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(str(exc).split())
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
     silently: a forgotten earlier line would win over the one being edited, or the other way round)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys may override merged ones
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+            except TypeError:  # a list or mapping as a key: the base class says so in its own words
+                break
+            if twice:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
                 )
@@ -335,7 +341,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     data: dict = {}
     if path is not None:
         try:
-            loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a safe loader)
+            loaded = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader) or {}  # noqa: S506 (a safe loader)
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
         except yaml.YAMLError as exc:

@@ -11,6 +11,7 @@ from semspai.pipeline.config import (
     SEMANTIC_MODES,
     ConfigError,
     RunConfig,
+    UniqueKeyLoader,
     check_ranges,
     config_from_dict,
     load_config,
@@ -200,6 +201,13 @@ def test_bad_files(tmp_path):
     sections = "TRAIN:\n  EPOCHS: 3\nDATA:\n  MAX_PATCHES: 4\nTRAIN:\n  BASE_LR: 0.001\n"
     with pytest.raises(ConfigError, match="found the key 'TRAIN' twice"):
         load_config(write_yaml(tmp_path / "sections.yaml", sections))
+    anchors = "AUG:\n  JPEG_QUALITY: &q [60, 90]\nDATA:\n  GENERATORS: *q\n"  # anchors and aliases still work
+    assert load_config(write_yaml(tmp_path / "anchors.yaml", anchors)).AUG.JPEG_QUALITY == [60, 90]
+    merge = "x: &base\n  EPOCHS: 3\n  BASE_LR: 0.1\nTRAIN:\n  <<: *base\n  BASE_LR: 0.001\n"
+    loaded = yaml.load(merge, Loader=UniqueKeyLoader)  # a merged key given again explicitly is not "twice"
+    assert loaded["TRAIN"] == {"EPOCHS": 3, "BASE_LR": 0.001}
+    with pytest.raises(ConfigError, match="not valid YAML: found unhashable key"):
+        load_config(write_yaml(tmp_path / "unhashable.yaml", "? [a, b]\n: 1\n"))
     same_leaf = "TRAIN:\n  EPOCHS: 3\nLOSS:\n  EPOCHS_UNUSED: 1\n"  # one name in two mappings is fine
     with pytest.raises(ConfigError, match="LOSS.EPOCHS_UNUSED"):  # (the unknown key is, as always)
         load_config(write_yaml(tmp_path / "ok.yaml", same_leaf))
