@@ -48,16 +48,17 @@ from semspai.pipeline.iterate import Background, batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from semspai.store.features import FeatureStore
+from semspai.store.features import FeatureStore, done_shard_attrs, read_store_attrs
 from semspai.store.manifest import (
     MANIFEST_NAME,
     StageManifest,
+    StaleOutputError,
     check_stage,
     fingerprint_paths,
     read_manifest,
     write_manifest,
 )
-from semspai.store.shards import file_sha256, resolve_shards
+from semspai.store.shards import file_sha256, resolve_shards, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ TRAIN_SCHEMA_VERSION = 1
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 TIMM_PREFIX = "timm/"
 # per-step TensorBoard scalars are read from the device this many steps at a time: a read every step would
 # make the host wait for the device every step
@@ -205,6 +207,81 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[str, str] | None = None) -> dict:
+    """A run's input fingerprints: its shard tars (names, sizes, mtimes) and, with a store, the store's CLIP
+    weights and what it extracted from these tars (shards added to the store for other runs change nothing)."""
+    inputs = {"shards": fingerprint_paths(paths)}
+    if clip_sha is not None:
+        names = {shard_name(p) for p in paths}
+        done = {n: sha for n, sha in (shard_shas or {}).items() if n in names}
+        inputs["store"] = hashlib.sha256(
+            json.dumps({"clip": clip_sha, "shards": done}, sort_keys=True).encode()
+        ).hexdigest()
+    return inputs
+
+
+def run_manifest(cfg: RunConfig, inputs: dict[str, str]) -> StageManifest:
+    return StageManifest(stage=STAGE, schema_version=TRAIN_SCHEMA_VERSION, config_digest=cfg.digest(), inputs=inputs,
+                         semspai_version=__version__, config=cfg.to_dict())  # fmt: skip
+
+
+def holds_run(out: Path) -> bool:
+    return (out / CHECKPOINT_DIR / "last.pt").exists() or (out / METRICS_NAME).exists()
+
+
+def existing_run(out: Path, wanted: StageManifest, epochs: int) -> tuple[int, list[dict]]:
+    """A rerun without --resume or --force into a run dir that holds a run: (past the last epoch, history)
+    when that run is finished with the same config and inputs (nothing to do); else an error saying why."""
+    again = f"`semspai train ... --out {out} --force` to start over (its checkpoints are deleted)"
+    if read_manifest(out) is None:
+        raise FileExistsError(f"{out} already holds a training run with no stage manifest; pass --resume to "
+                              f"continue it, run {again}, or choose another --out")  # fmt: skip
+    # raises when stale: a changed config is better trained into another --out, keeping this run to compare
+    check_stage(out, wanted, {n: again for n in wanted.inputs}, False, f"into another --out, or {again}")
+    last = out / CHECKPOINT_DIR / "last.pt"
+    if not last.exists():
+        raise FileExistsError(f"{out} holds this run's metrics but no {CHECKPOINT_DIR}/last.pt to go on from; run "
+                              f"{again}, or choose another --out")  # fmt: skip
+    state = load_checkpoint(last, map_location="cpu")
+    if int(state["epoch"]) < epochs:
+        raise FileExistsError(f"{out} holds this run (same config and inputs) stopped after epoch {state['epoch']} "
+                              f"of {epochs}; pass --resume to continue it, or run {again}")  # fmt: skip
+    return int(state["epoch"]) + 1, list(state["history"])
+
+
+def clear_run(out: Path) -> None:
+    """--force: remove what a training run writes in its run dir (and nothing else there). A folder holding
+    another stage's output is refused: --force on the wrong --out must not wipe shards."""
+    have = read_manifest(out)
+    if have is not None and have.stage != STAGE:
+        raise StaleOutputError(f"{out} holds the output of `semspai {have.stage}`, not a training run; --force "
+                               "starts over only training runs: choose another --out")  # fmt: skip
+    for name in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (METRICS_NAME, CONFIG_NAME, MANIFEST_NAME):
+        (out / name).unlink(missing_ok=True)
+
+
+def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str | None) -> TrainResult | None:
+    """The result of the run in `out` when it is this run, finished (same config and inputs), found without
+    building anything: the store's attributes and the tars' fingerprints only. None when `out` holds no run or
+    when the full setup must say what is wrong; raises when the run there is stale or unfinished."""
+    out = Path(out)
+    if not holds_run(out):
+        return None
+    attrs = read_store_attrs(store_path) if store_path else None
+    if attrs is None or "clip" not in attrs:
+        if store_path or cfg.MODEL.SEMANTIC.MODE != "none" or cfg.LOSS.SEMANTIC_WEIGHT > 0:
+            return None  # no such store, or one is needed: the trainer's own checks say so
+        inputs = run_inputs(resolve_shards(shards))
+    else:
+        cfg = record_store_clip(cfg, attrs["clip"], store_path)
+        shas = {n: a["sha256"] for n, a in done_shard_attrs(store_path).items()}
+        inputs = run_inputs(resolve_shards(shards), attrs["clip"]["sha256"], shas)
+    _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS)
+    return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"])
+
+
 class Trainer:
     """One training run in `out`; `fit` trains (or resumes) to TRAIN.EPOCHS."""
 
@@ -253,11 +330,11 @@ class Trainer:
         paths = resolve_shards(shards)
         if self.store is not None:
             self.store.check_shards(paths)
-        self.inputs = {"shards": fingerprint_paths(paths)}
-        if self.store is not None:
-            done = {n: i["sha256"] for n, i in self.store.shard_info.items()}
-            blob = json.dumps({"clip": self.store.clip_spec["sha256"], "shards": done}, sort_keys=True)
-            self.inputs["store"] = hashlib.sha256(blob.encode()).hexdigest()
+        if self.store is None:
+            self.inputs = run_inputs(paths)
+        else:
+            shas = {n: i["sha256"] for n, i in self.store.shard_info.items()}
+            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas)
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING, True) for s in ("train", "val")}
         self.train_generators = plans["train"].generators  # kept in checkpoints: eval tells seen from unseen
@@ -339,54 +416,20 @@ class Trainer:
         pin = self.device.type == "cuda"  # the copy to the device then overlaps the host's next step
         return Background((collate(group, pin) for group in batched(samples, self.cfg.TRAIN.BATCH_SIZE)), BATCHES_AHEAD)
 
-    def _manifest(self) -> StageManifest:
-        return StageManifest(
-            stage=STAGE,
-            schema_version=TRAIN_SCHEMA_VERSION,
-            config_digest=self.cfg.digest(),
-            inputs=self.inputs,
-            semspai_version=__version__,
-            config=self.cfg.to_dict(),
-        )
-
-    def _existing_run(self, last: Path) -> tuple[int, list[dict]] | None:
-        """A rerun without --resume or --force into a run dir that holds a run: (past the last epoch, history)
-        when that run is finished with the same config and inputs (nothing to do); else an error saying why."""
-        again = f"`semspai train ... --out {self.out} --force` to start over (its checkpoints are deleted)"
-        if read_manifest(self.out) is None:
-            raise FileExistsError(f"{self.out} already holds a training run with no stage manifest; pass --resume "
-                                  f"to continue it, run {again}, or choose another --out")  # fmt: skip
-        # raises when stale: a changed config is better trained into another --out, keeping this run to compare
-        check_stage(
-            self.out, self._manifest(), {n: again for n in self.inputs}, False, f"into another --out, or {again}"
-        )
-        state = load_checkpoint(last, map_location="cpu") if last.exists() else None
-        if state is None or int(state["epoch"]) < self.cfg.TRAIN.EPOCHS:
-            done = 0 if state is None else int(state["epoch"])
-            raise FileExistsError(f"{self.out} holds this run (same config and inputs) stopped after epoch {done} of "
-                                  f"{self.cfg.TRAIN.EPOCHS}; pass --resume to continue it, or run {again}")  # fmt: skip
-        return int(state["epoch"]) + 1, list(state["history"])
-
-    def _clear_run(self) -> None:
-        """--force: remove what a training run writes in its run dir (and nothing else there)."""
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(self.out / name, ignore_errors=True)
-        for name in (METRICS_NAME, CONFIG_NAME, MANIFEST_NAME):
-            (self.out / name).unlink(missing_ok=True)
-
     def _start(self, resume: bool, force: bool) -> tuple[int, list[dict]]:
         """(first epoch to train, history so far): a fresh run dir, the state of the last checkpoint, or (for a
         finished run rerun with the same config and inputs) past its last epoch."""
         last = self.checkpoints / "last.pt"
+        manifest = run_manifest(self.cfg, self.inputs)
         if not resume:
-            if (last.exists() or (self.out / METRICS_NAME).exists()) and not force:
-                return self._existing_run(last)
+            if holds_run(self.out) and not force:
+                return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS)
             if self.rank == 0:
                 if force:
-                    self._clear_run()
+                    clear_run(self.out)
                 self.out.mkdir(parents=True, exist_ok=True)
                 save_config(self.cfg, self.out / CONFIG_NAME)
-                write_manifest(self.out, self._manifest())
+                write_manifest(self.out, manifest)
             return 1, []
         if not last.exists():
             raise FileNotFoundError(f"{self.out} has no checkpoints/last.pt to resume from; run without --resume")
@@ -602,4 +645,4 @@ def open_tensorboard(out: Path):
     except ImportError:
         log.info("TensorBoard is not installed; metrics go to %s only", out / METRICS_NAME)
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / TENSORBOARD_DIR))

@@ -1,5 +1,5 @@
-"""Progress reporting: a tqdm bar on a terminal, plain log lines otherwise (CI logs, pipes), nothing when this
-process logs no INFO (a DDP rank other than 0)."""
+"""Progress reporting: a tqdm bar on a terminal, plain log lines otherwise (CI logs, pipes), nothing in a
+process told to be quiet (a DDP rank other than 0: rank 0 reports for all)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 T = TypeVar("T")
 log = logging.getLogger("semspai.progress")
+_quiet = False
+
+
+def quiet_progress(quiet: bool = True) -> None:
+    """No bar and no progress lines from this process (its log records still go where logging sends them)."""
+    global _quiet
+    _quiet = quiet
 
 
 def progress(
@@ -28,7 +35,7 @@ def progress(
     `status()`, asked after each item, adds a line of its own (e.g. images/s) to the bar and the log lines. While
     the bar runs, log records are written above it rather than through it.
     """
-    if not log.isEnabledFor(logging.INFO):
+    if _quiet:
         yield from items
         return
     if sys.stderr.isatty():

@@ -374,8 +374,7 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
         "This checkpoint does not record which generators it was trained on." if trained is None else
         f"Trained on fakes of {count_text(trained)}; a generator marked "
         "*unseen* had no fake in training (generalisation, not fit)."))  # fmt: skip
-    seen = {g: "–" if trained is None else ("unseen" if g in unseen_generators([g], trained) else "trained on")
-            for g in m["per_generator"]}  # fmt: skip
+    seen = {g: "–" if trained is None else ("trained on" if g in trained else "unseen") for g in m["per_generator"]}
     doc.table(["generator", "in training", *METRIC_HEADER],
               [[g, seen[g], *_metric_row(gm)] for g, gm in m["per_generator"].items()])  # fmt: skip
 

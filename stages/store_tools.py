@@ -110,7 +110,7 @@ def verify(path: str, shards: str) -> None:
     skipped = sum(s["shard"] in names for s in store.skipped)
     others = len(store.done_shards) - len(names)
     click.echo(f"{path}: ok ({len(names)} shard(s) of the spec: {images} images, {skipped} unreadable skipped"
-               + (f"; the store holds {others} more shard(s), not checked" if others else "") + ")")  # fmt: skip
+               + (f"; the store holds {others} more shard(s), not checked against tars" if others else "") + ")")  # fmt: skip
 
 
 @group.command("export-h5")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,12 +13,14 @@ import torch
 import torch.distributed as dist
 
 from semspai.pipeline.clip import resolve_precision
-from semspai.pipeline.config import load_config
+from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import DataError
-from semspai.pipeline.engine import CONFIG_NAME, Trainer, TrainResult
+from semspai.pipeline.engine import CONFIG_NAME, Trainer, TrainResult, finished_run
+from semspai.pipeline.progress import quiet_progress
 from semspai.pipeline.spectral import EncoderConfigError
 from semspai.stages.common import config_options, register_user_error, user_errors
 from semspai.store.features import FeatureStoreError
+from semspai.store.locks import run_lock
 
 log = logging.getLogger(__name__)
 register_user_error(DataError, FeatureStoreError, EncoderConfigError)
@@ -49,21 +52,32 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if dist.get_rank() != 0:  # rank 0 reports for all: the others log warnings and errors only, and no bars
             logging.getLogger("semspai").setLevel(logging.WARNING)
+            quiet_progress()
 
 
 def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=None) -> TrainResult:
     """Train (or, with `resume`, continue) the run in `cfg.out`; returns its metrics history."""
     if cfg.resume and cfg.force:
-        raise click.UsageError("--resume continues the run in --out and --force starts it over: pass one")
+        raise ConfigError("--resume continues the run in --out and --force starts it over: pass one")
     config_path = cfg.config_path
     saved = Path(cfg.out) / CONFIG_NAME
     if cfg.resume and config_path is None and not cfg.overrides and saved.exists():
         config_path = str(saved)  # resuming means the run's own resolved config
     run_cfg = load_config(config_path, cfg.overrides)
-    device = device or pick_device()
-    precision = resolve_precision(run_cfg.TRAIN.PRECISION, device)
-    trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision)
-    return trainer.fit(resume=cfg.resume, on_epoch_end=on_epoch_end, force=cfg.force)
+    if not cfg.resume and not cfg.force and (done := finished_run(run_cfg, cfg.shards, cfg.out, cfg.store)):
+        return done  # up to date, told without reading the store's vectors or building the model
+    out = Path(os.path.abspath(cfg.out))
+    lock = out.with_name(out.name + ".lock")  # beside the run dir; rank 0 holds it for all ranks
+
+    def busy(holder: str) -> FileExistsError:
+        return FileExistsError(f"{cfg.out} is being trained into by another `semspai train` ({holder}, lock {lock})")
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with run_lock(lock, busy) if rank == 0 else contextlib.nullcontext():
+        device = device or pick_device()
+        precision = resolve_precision(run_cfg.TRAIN.PRECISION, device)
+        trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision)
+        return trainer.fit(resume=cfg.resume, on_epoch_end=on_epoch_end, force=cfg.force)
 
 
 @click.command("train")

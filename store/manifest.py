@@ -97,7 +97,8 @@ def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, st
         reasons.append("it was made with another configuration")
     for name, fp in wanted.inputs.items():
         if have.inputs.get(name) != fp:
-            reasons.append(f"its input {name} changed (was rebuilt) after it was made at {have.created}")
+            reasons.append(f"its input {name} changed since it was made at {have.created} (rebuilt, touched or "
+                           "moved; or fingerprinted by an older semspai)")  # fmt: skip
     if not reasons:
         return False
     hints = [rerun_hint[n] for n in wanted.inputs if have.inputs.get(n) != wanted.inputs[n] and n in rerun_hint]

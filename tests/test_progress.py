@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from semspai.pipeline import progress as progress_mod
-from semspai.pipeline.progress import progress
+from semspai.pipeline.progress import progress, quiet_progress
 
 
 def test_piped_progress_logs_every_tenth_once_with_the_status(caplog):
@@ -24,11 +24,23 @@ def test_piped_progress_logs_every_tenth_once_with_the_status(caplog):
     assert marks[0].endswith(", 2 seen)")  # status is asked after the item was handled
 
 
-def test_no_progress_where_info_is_not_logged(caplog):
-    caplog.set_level(logging.WARNING, logger="semspai.progress")
+def test_a_quiet_process_shows_no_progress(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="semspai.progress")
+    monkeypatch.setattr(progress_mod, "_quiet", False)
+    quiet_progress()
     calls = []
     assert list(progress(range(5), total=5, status=lambda: calls.append(1) or "")) == list(range(5))
     assert not caplog.records and not calls
+
+
+def test_a_terminal_gets_its_bar_without_any_logging_set_up(monkeypatch):
+    """A library or notebook user who never configured logging still sees the bar."""
+    err = io.StringIO()
+    err.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(progress_mod.sys, "stderr", err)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    list(progress(range(3), total=3, desc="plain"))
+    assert "plain: 100%" in err.getvalue()
 
 
 def test_terminal_bar_shows_the_status_and_keeps_log_lines_whole(monkeypatch):

@@ -13,7 +13,6 @@ import threading
 import types
 from pathlib import Path
 
-import click
 import numpy as np
 import open_clip
 import pytest
@@ -24,11 +23,18 @@ from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.engine import Trainer, lr_at, youden_threshold
 from semspai.pipeline.iterate import Background
+from semspai.stages import train as train_stage
 from semspai.stages.cli import cli
+from semspai.stages.extract import ExtractConfig
+from semspai.stages.extract import run as extract
+from semspai.stages.shard import ShardConfig
+from semspai.stages.shard import run as shard_stage
 from semspai.stages.train import TrainStageConfig, run
 from semspai.store.checkpoints import load_checkpoint
 from semspai.store.features import FeatureStore
+from semspai.store.locks import run_lock
 from semspai.store.manifest import StaleOutputError
+from tests.conftest import make_tree
 
 MICRO = [
     "MODEL.SPECTRAL.ENCODER=spectral-vit-micro",
@@ -110,21 +116,33 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_
     assert "nothing to do" in res.output
 
 
-def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(full_run, tiny_shards, train_store, tmp_path):
+def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
+    full_run, tiny_shards, train_store, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     shutil.copytree(full_run, out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(out)]
+    built = []
+    monkeypatch.setattr(train_stage, "Trainer", lambda *a, **k: built.append(1))  # up to date: nothing is built
     res = CliRunner().invoke(cli, [*args, *(x for o in MICRO for x in ("--set", o))])
     assert res.exit_code == 0, res.output
     assert "up to date: all 2 epochs are done with the same config and inputs; nothing to do" in res.output
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before and not built  # nothing rewritten
+    # shards that another run extracted into the store change nothing for this one
+    grown = tmp_path / "grown.zarr"
+    shutil.copytree(train_store, grown)
+    other = tmp_path / "other"
+    shard_stage(ShardConfig(sources=[str(make_tree(tmp_path / "more"))], out=str(other), prefix="more"))
+    extract(ExtractConfig(shards=str(other), store=str(grown), clip="tiny-random", workers=0))
+    assert run(TrainStageConfig(str(tiny_shards), str(out), str(grown), overrides=MICRO), CPU).nothing_to_do
+    monkeypatch.undo()
     with pytest.raises(
         StaleOutputError, match=r"another configuration. Rerun into another --out, or .*--force. to start over"
     ):
         _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
-    with pytest.raises(click.UsageError, match="pass one"):
+    with pytest.raises(ConfigError, match="pass one"):
         run(TrainStageConfig(str(tiny_shards), str(out), str(train_store), resume=True, force=True), CPU)
     cfg = TrainStageConfig(str(tiny_shards), str(out), str(train_store), overrides=[*MICRO, "TRAIN.EPOCHS=1"],
                            force=True)  # fmt: skip
@@ -132,6 +150,21 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(full_run
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert load_config(out / "config.yaml").TRAIN.EPOCHS == 1
+    shutil.rmtree(out / "checkpoints")  # metrics left without checkpoints: only --force can go on
+    with pytest.raises(FileExistsError, match=r"no checkpoints/last.pt to go on from; run .*--force"):
+        _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
+
+
+def test_force_never_clears_another_stages_output_and_one_run_at_a_time(tiny_shards, train_store, tmp_path):
+    before = {p: p.read_bytes() for p in tiny_shards.iterdir()}
+    with pytest.raises(StaleOutputError, match="holds the output of `semspai shard`, not a training run"):
+        run(TrainStageConfig(str(tiny_shards), str(tiny_shards), str(train_store), overrides=MICRO, force=True), CPU)
+    assert {p: p.read_bytes() for p in tiny_shards.iterdir()} == before
+    out = tmp_path / "r"
+    with run_lock(tmp_path / "r.lock", RuntimeError):  # as another process training into it holds it
+        with pytest.raises(FileExistsError, match=r"being trained into by another `semspai train` \(pid"):
+            _train(tiny_shards, train_store, out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("where,device,on_device", [("auto", "cpu", False), ("auto", "meta", True),
