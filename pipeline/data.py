@@ -154,21 +154,25 @@ def plan_split(
     generators: list[str],
     join: StoreJoin | None,
     skip_missing: bool,
-    known_generators: bool = False,
 ) -> SplitPlan:
     """List the samples of `split` from the shards' sidecars (no image is read): reals always, fakes of
-    `generators` only (all when empty); each must be in the store when one is given. `known_generators`: each
-    of `generators` must have fakes somewhere in `shards` (training, where a name nothing has is a typo; eval
-    takes a checkpoint's list to shards that may lack some of its generators)."""
+    `generators` only (all when empty); each must be in the store when one is given. Each of `generators`
+    must have fakes somewhere in `shards` (a name nothing has is a typo), and no key may be in two shards."""
     wanted = set(generators)
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
     counts: dict[str, int] = {}
     fake_generators: set[str] = set()  # in any split: a name in DATA.GENERATORS that is none of these is a typo
+    holder: dict[str, str] = {}  # key -> the shard it was first seen in
     for path in shards:
         kept = []
         for key, meta in shard_sidecars(path):
+            if holder.setdefault(key, shard_name(path)) != shard_name(path):
+                raise DataError(
+                    f"shard {shard_name(path)}: sample {key} is also in shard {holder[key]}: the shards hold the same "
+                    "images twice (sharded twice?), which would count them twice; leave one copy out of --shards"
+                )
             label = int(meta["label"])
             if label == 1:
                 fake_generators.add(meta.get("generator", ""))
@@ -192,7 +196,7 @@ def plan_split(
     if missing:
         log.warning("%s: skipped %d sample(s) absent from the store (DATA.SKIP_MISSING)", split, len(missing))
     unknown = sorted(wanted - fake_generators)
-    if unknown and known_generators:
+    if unknown:
         raise DataError(
             f"DATA.GENERATORS: no fake image of the given shards comes from {unknown[0]!r} "
             f"(their generators: {', '.join(sorted(fake_generators)) or 'none'})"

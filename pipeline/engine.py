@@ -336,7 +336,7 @@ class Trainer:
             shas = {n: i["sha256"] for n, i in self.store.shard_info.items()}
             self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas)
         data = cfg.DATA
-        plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING, True) for s in ("train", "val")}
+        plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
         self.train_generators = plans["train"].generators  # kept in checkpoints: eval tells seen from unseen
         log.info("train fakes by generator: %s", count_text(self.train_generators))
         on_device = cfg.AUG.WHERE == "device" or (cfg.AUG.WHERE == "auto" and device.type != "cpu")

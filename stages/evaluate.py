@@ -165,7 +165,7 @@ def log_generators(plan: SplitPlan, trained: dict[str, int] | None, checkpoint: 
     if trained is None:
         log.info("%s: its training generators are not recorded (a checkpoint of an older semspai)", checkpoint)
     elif unseen := unseen_generators(plan.generators, trained):
-        log.info("%s: never trained on %s (trained on %s)", checkpoint, ", ".join(unseen), ", ".join(trained))
+        log.info("%s: never trained on %s (trained on %s)", checkpoint, ", ".join(unseen), count_text(trained))
 
 
 def clip_score_blocker(store: FeatureStore | None, det: Detector) -> str:
@@ -373,7 +373,7 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
     doc.text("Each generator's fakes against all reals of the split (SPAI's protocol). " + (
         "This checkpoint does not record which generators it was trained on." if trained is None else
         f"Trained on fakes of {count_text(trained)}; a generator marked "
-        "*unseen* had no fake in training (generalisation, not fit)."))  # fmt: skip
+        "unseen had no fake in training (generalisation, not fit)."))  # fmt: skip
     seen = {g: "–" if trained is None else ("trained on" if g in trained else "unseen") for g in m["per_generator"]}
     doc.table(["generator", "in training", *METRIC_HEADER],
               [[g, seen[g], *_metric_row(gm)] for g, gm in m["per_generator"].items()])  # fmt: skip
