@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ TIMM_PREFIX = "timm/"
 # per-step TensorBoard scalars are read from the device this many steps at a time: a read every step would
 # make the host wait for the device every step
 TB_READ_EVERY = 100
+INTERRUPT_WAIT_S = 10.0  # how long an interrupted epoch waits for its loader thread to stop
 
 
 @dataclass
@@ -191,12 +193,13 @@ def set_rng_state(state: dict) -> None:
 
 @contextlib.contextmanager
 def _closing(batches: Background[TrainBatch]) -> Iterator[Background[TrainBatch]]:
-    """Close the loader after use; after an exception (Ctrl-C, say) without waiting for it, which can take the
-    DataLoader's 5 s status check."""
+    """Close the loader after use. After an exception (Ctrl-C, say) it still waits, but at most INTERRUPT_WAIT_S
+    (the DataLoader's status check can take 5 s): a producer thread left inside torch while the interpreter
+    exits can abort the process ("terminate called without an active exception")."""
     try:
         yield batches
     except BaseException:
-        batches.close(wait=False)
+        batches.close(timeout=INTERRUPT_WAIT_S)
         raise
     batches.close()
 
@@ -249,15 +252,29 @@ def existing_run(out: Path, wanted: StageManifest, epochs: int) -> tuple[int, li
     return int(state["epoch"]) + 1, list(state["history"])
 
 
-def clear_run(out: Path) -> None:
-    """--force: remove what a training run writes in its run dir (and nothing else there). A folder holding
-    another stage's output is refused: --force on the wrong --out must not wipe shards."""
+def refuse_foreign(out: Path) -> None:
+    """A run dir must not be another stage's output: a shard folder or a feature store would get checkpoints
+    and a manifest of a training run, and (with --force) lose its own."""
     have = read_manifest(out)
     if have is not None and have.stage != STAGE:
-        raise StaleOutputError(f"{out} holds the output of `semspai {have.stage}`, not a training run; --force "
-                               "starts over only training runs: choose another --out")  # fmt: skip
-    for name in (CHECKPOINT_DIR, TENSORBOARD_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
+        raise StaleOutputError(f"{out} holds the output of `semspai {have.stage}`, not a training run: choose "
+                               "another --out")  # fmt: skip
+    if read_store_attrs(str(out)):
+        raise StaleOutputError(f"{out} is a feature store, not a training run: choose another --out")
+
+
+def clear_run(out: Path) -> None:
+    """--force: remove what a training run writes in its run dir, and nothing else there (files of one's own in
+    checkpoints/ stay)."""
+    refuse_foreign(out)
+    ckpts = out / CHECKPOINT_DIR
+    if ckpts.is_dir():
+        for p in ckpts.iterdir():
+            if re.fullmatch(r"(epoch-\d{4,}|last|best)\.pt(\.partial)?", p.name):  # what `_save` writes
+                p.unlink()
+        with contextlib.suppress(OSError):
+            ckpts.rmdir()  # when empty
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     for name in (METRICS_NAME, CONFIG_NAME, MANIFEST_NAME):
         (out / name).unlink(missing_ok=True)
 
@@ -424,6 +441,7 @@ class Trainer:
         if not resume:
             if holds_run(self.out) and not force:
                 return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS)
+            refuse_foreign(self.out)
             if self.rank == 0:
                 if force:
                     clear_run(self.out)
@@ -439,6 +457,13 @@ class Trainer:
             raise ConfigError(
                 f"--resume: the config differs from the one {self.out} was trained with "
                 f"({self.out / CONFIG_NAME}); resume without --config/--set"
+            )
+        have = read_manifest(self.out)
+        changed = [n for n in self.inputs if have is not None and have.inputs.get(n) != self.inputs[n]]
+        if changed:  # the epochs left would learn from other data than the ones before
+            raise StaleOutputError(
+                f"--resume: the run's input {changed[0]} changed since it started at {have.created}; run "
+                f"`semspai train ... --out {self.out} --force` to start over, or train into another --out"
             )
         frozen = {n for n, p in self.module.detector.named_parameters() if not p.requires_grad}
         missing, unexpected = self.module.detector.load_state_dict(state["model"], strict=False)

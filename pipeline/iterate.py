@@ -113,15 +113,16 @@ class Background(Iterator[T]):
             raise item.exc
         return item
 
-    def close(self, wait: bool = True) -> None:
-        """Stop the producer (it notices within 0.1 s, once the item it is making is made), wait for it, and drop
-        the items it made ahead (device memory, say). Closing again does nothing. `wait=False` (an interrupt:
-        the item in the making may take seconds) only tells it to stop; it then drops what it made itself."""
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the producer (it notices within 0.1 s, once the item it is making is made), wait for it (at most
+        `timeout` seconds), and drop the items it made ahead (device memory, say). Closing again does nothing.
+        `wait=False` only tells it to stop; it then drops what it made itself."""
         self._finished = True
         self._stop.set()
         if wait:
-            self._thread.join()
-            _drain(self._buf)
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                _drain(self._buf)
 
     def __del__(self) -> None:
         # only the flag: a finaliser may run in any thread, the producer's own included (the cycle collector),

@@ -64,8 +64,6 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
     if cfg.resume and config_path is None and not cfg.overrides and saved.exists():
         config_path = str(saved)  # resuming means the run's own resolved config
     run_cfg = load_config(config_path, cfg.overrides)
-    if not cfg.resume and not cfg.force and (done := finished_run(run_cfg, cfg.shards, cfg.out, cfg.store)):
-        return done  # up to date, told without reading the store's vectors or building the model
     out = Path(os.path.abspath(cfg.out))
     lock = out.with_name(out.name + ".lock")  # beside the run dir; rank 0 holds it for all ranks
 
@@ -74,6 +72,8 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     with run_lock(lock, busy) if rank == 0 else contextlib.nullcontext():
+        if not cfg.resume and not cfg.force and (done := finished_run(run_cfg, cfg.shards, cfg.out, cfg.store)):
+            return done  # up to date, told without reading the store's vectors or building the model
         device = device or pick_device()
         precision = resolve_precision(run_cfg.TRAIN.PRECISION, device)
         trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
-from semspai.pipeline.engine import Trainer, lr_at, youden_threshold
+from semspai.pipeline.engine import INTERRUPT_WAIT_S, Trainer, lr_at, youden_threshold
 from semspai.pipeline.iterate import Background
 from semspai.stages import train as train_stage
 from semspai.stages.cli import cli
@@ -101,6 +101,14 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt"]
     with pytest.raises(FileExistsError, match="--resume"):
         _train(tiny_shards, train_store, out)
+    tar = sorted(tiny_shards.glob("*.tar"))[0]  # touched since the run started: it may hold other data now
+    st = tar.stat()
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(StaleOutputError, match=r"--resume: the run's input shards changed since it started"):
+            run(TrainStageConfig(shards=str(tiny_shards), out=str(out), store=str(train_store), resume=True), CPU)
+    finally:
+        os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
     result = run(TrainStageConfig(shards=str(tiny_shards), out=str(out), store=str(train_store), resume=True), CPU)
     assert result.epochs_run == 1
     assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
@@ -150,16 +158,24 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert load_config(out / "config.yaml").TRAIN.EPOCHS == 1
+    (out / "checkpoints" / "mine.pt").write_bytes(b"a copy of my own")
+    assert run(cfg, CPU).epochs_run == 1  # --force again: what training wrote goes, files of one's own stay
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt", "mine.pt"]
     shutil.rmtree(out / "checkpoints")  # metrics left without checkpoints: only --force can go on
     with pytest.raises(FileExistsError, match=r"no checkpoints/last.pt to go on from; run .*--force"):
         _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
 
 
-def test_force_never_clears_another_stages_output_and_one_run_at_a_time(tiny_shards, train_store, tmp_path):
+def test_another_stages_output_is_never_a_run_dir_and_one_run_at_a_time(tiny_shards, train_store, tmp_path):
     before = {p: p.read_bytes() for p in tiny_shards.iterdir()}
-    with pytest.raises(StaleOutputError, match="holds the output of `semspai shard`, not a training run"):
-        run(TrainStageConfig(str(tiny_shards), str(tiny_shards), str(train_store), overrides=MICRO, force=True), CPU)
+    for force in (False, True):
+        with pytest.raises(StaleOutputError, match="holds the output of `semspai shard`, not a training run"):
+            run(TrainStageConfig(str(tiny_shards), str(tiny_shards), str(train_store), overrides=MICRO, force=force),
+                CPU)  # fmt: skip
     assert {p: p.read_bytes() for p in tiny_shards.iterdir()} == before
+    with pytest.raises(StaleOutputError, match="is a feature store, not a training run"):
+        _train(tiny_shards, train_store, train_store)
+    assert not (train_store / "checkpoints").exists()
     out = tmp_path / "r"
     with run_lock(tmp_path / "r.lock", RuntimeError):  # as another process training into it holds it
         with pytest.raises(FileExistsError, match=r"being trained into by another `semspai train` \(pid"):
@@ -177,7 +193,8 @@ def test_where_augmentation_runs(tiny_shards, train_store, tmp_path, where, devi
 
 def test_an_epoch_closes_its_loader_used_up_or_not(tiny_shards, train_store, tmp_path, monkeypatch):
     """A rank may take fewer batches than its stream makes (DDP keeps ranks in step); its loader thread and
-    processes end with the epoch all the same. An interrupted epoch does not wait for them."""
+    processes end with the epoch all the same. An interrupted epoch waits for them a bounded time only (a
+    producer thread left inside torch at exit could abort the process)."""
     cfg = load_config(None, [*MICRO, "DATA.NUM_WORKERS=2"])
     trainer = Trainer(cfg, str(tiny_shards), tmp_path / "t", str(train_store), CPU, "fp32")
     assert trainer.steps_per_epoch == 2
@@ -185,7 +202,9 @@ def test_an_epoch_closes_its_loader_used_up_or_not(tiny_shards, train_store, tmp
     assert math.isfinite(trainer._train_epoch(1, None))
     assert not [t for t in threading.enumerate() if t.name == "producer"] and not multiprocessing.active_children()
     closes, close = [], Background.close
-    monkeypatch.setattr(Background, "close", lambda self, wait=True: (closes.append(wait), close(self, wait)))
+    monkeypatch.setattr(
+        Background, "close", lambda self, wait=True, timeout=None: (closes.append(timeout), close(self, wait, timeout))
+    )
 
     def interrupted(batch):
         raise KeyboardInterrupt
@@ -193,7 +212,7 @@ def test_an_epoch_closes_its_loader_used_up_or_not(tiny_shards, train_store, tmp
     monkeypatch.setattr(trainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer._train_epoch(2, None)
-    assert closes == [False]
+    assert closes == [INTERRUPT_WAIT_S] and not [t for t in threading.enumerate() if t.name == "producer"]
 
 
 def test_augmenting_on_the_device_trains_the_same_run(full_run, tiny_shards, train_store, tmp_path):
