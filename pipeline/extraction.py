@@ -585,7 +585,7 @@ def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSu
     process (store/writer.py; or here, with SEMSPAI_STORE_WRITER=thread or a memory:// store)."""
     writer_pid = write_shard_rows(job.store, features, job.zarr_concurrency)
     seconds = time.perf_counter() - start
-    log.info("shard %s: %d images (%d skipped) in %.1fs", job.name, len(features.keys), len(features.skipped), seconds)
+    log.debug("shard %s: %d images (%d skipped) in %.1fs", job.name, len(features.keys), len(features.skipped), seconds)
     return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, writer_pid, socket.gethostname())
 
 

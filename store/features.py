@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 
 from semspai.store.locks import run_lock
+from semspai.store.manifest import leaf_differences
 from semspai.store.shards import file_sha256, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -105,20 +106,8 @@ def _attrs_identity(attrs: dict) -> dict:
     }
 
 
-def _differences(have: dict, want: dict, prefix: str = "") -> list[str]:
-    """`key: store has A, asked for B` for every leaf that differs (nested dicts flattened)."""
-    out = []
-    for k in sorted(set(have) | set(want)):
-        a, b = have.get(k), want.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: store has {a!r}, asked for {b!r}")
-    return out
-
-
 def check_identity(path: str, have: dict, want: dict) -> None:
-    diffs = _differences(have, want)
+    diffs = [f"{k}: store has {a!r}, asked for {b!r}" for k, a, b in leaf_differences(have, want)]
     if diffs:
         # the CPU decoder and the patch rule are this semspai version's own: no option asks for another one
         fixed = any(d.startswith(("decoder.cpu", "patch_rule")) for d in diffs)

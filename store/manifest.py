@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from semspai.store.shards import file_sha256, write_json_atomic
 
@@ -35,12 +36,12 @@ class StageManifest:
 
 def fingerprint_paths(paths: list[Path], root: Path | None = None) -> str:
     """Cheap fingerprint of many files: names, sizes and mtimes (content hashes would cost a full read). Names
-    are relative to `root` when given, else absolute: the same files named from another working directory
-    have the same fingerprint."""
+    are relative to `root` when given, else the files' real paths: the same files named from another working
+    directory or through a symlink have the same fingerprint."""
     h = hashlib.sha256()
-    for p in sorted(paths, key=os.path.abspath):
+    for p in sorted(paths, key=os.path.realpath):
         st = p.stat()
-        name = str(p.relative_to(root)) if root else os.path.abspath(p)
+        name = str(p.relative_to(root)) if root else os.path.realpath(p)
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
@@ -72,6 +73,18 @@ def write_manifest(out: str | Path, manifest: StageManifest) -> None:
     write_json_atomic(manifest_path(out), asdict(manifest))
 
 
+def leaf_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += leaf_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, str], force: bool,
                 otherwise: str = "") -> bool:  # fmt: skip
     """Decide whether a stage must run. True: run it. False: its output is up to date.
@@ -94,7 +107,9 @@ def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, st
             f"it was made by schema version {have.schema_version}, this semspai writes {wanted.schema_version}"
         )
     if have.config_digest != wanted.config_digest:
-        reasons.append("it was made with another configuration")
+        keys = [k for k, _, _ in leaf_differences(have.config, wanted.config)]
+        shown = f" ({', '.join(keys[:3])}{' and more' if len(keys) > 3 else ''} differ)" if keys else ""
+        reasons.append(f"it was made with another configuration{shown}")
     for name, fp in wanted.inputs.items():
         if have.inputs.get(name) != fp:
             reasons.append(f"its input {name} changed since it was made at {have.created} (rebuilt, touched or "

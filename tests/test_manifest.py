@@ -107,6 +107,9 @@ def test_fingerprint_paths(tmp_path, monkeypatch):
     assert fingerprint_paths(files, root=tmp_path) != fp  # names are relative to the root when given
     monkeypatch.chdir(tmp_path)
     assert fingerprint_paths([Path("a.bin"), Path("../" + tmp_path.name + "/b.bin")]) == fp  # spelled otherwise
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    assert fingerprint_paths([link / "a.bin", link / "b.bin"]) == fp  # reached through a symlink
 
     st = files[0].stat()
     os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1))

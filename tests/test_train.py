@@ -146,7 +146,8 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     assert run(TrainStageConfig(str(tiny_shards), str(out), str(grown), overrides=MICRO), CPU).nothing_to_do
     monkeypatch.undo()
     with pytest.raises(
-        StaleOutputError, match=r"another configuration. Rerun into another --out, or .*--force. to start over"
+        StaleOutputError,
+        match=r"another configuration \(TRAIN.EPOCHS differ\). Rerun into another --out, or .*--force. to start over",
     ):
         _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
