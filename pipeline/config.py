@@ -179,6 +179,8 @@ class RunConfig:
         ):
             if len(pair) != 2 or pair[0] > pair[1]:
                 raise ConfigError(f"{key}: expected [low, high] with low <= high, got {pair}")
+        # a set of names: one order (and each name once), so that `b,a` is the configuration `a,b` is
+        self.DATA.GENERATORS = sorted(set(self.DATA.GENERATORS))
         return self
 
     def to_dict(self) -> dict:

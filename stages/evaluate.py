@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import shutil
@@ -472,11 +473,18 @@ def run(cfg: EvalConfig) -> EvalResult:
     perturbations = parse_perturbations(cfg.perturb)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # written last: its presence means the eval finished
     for old in ("plots", "heatmaps"):  # figures of an earlier eval must not mix with this one's
         shutil.rmtree(out / old, ignore_errors=True)
-    runs = [evaluate_checkpoint(cfg, ck, perturbations, i == 0, device) for i, ck in enumerate(cfg.checkpoints)]
+    try:
+        runs = [evaluate_checkpoint(cfg, ck, perturbations, i == 0, device) for i, ck in enumerate(cfg.checkpoints)]
+    except BaseException:
+        if made:  # a failed eval leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     seen: dict[str, int] = {}
     for r in runs:  # two checkpoints of one mode stay apart in the tables
         seen[r.label] = seen.get(r.label, 0) + 1

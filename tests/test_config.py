@@ -105,7 +105,7 @@ def test_bad_override_syntax(text):
         ("DATA.SKIP_MISSING=true", ("DATA", "SKIP_MISSING"), True),
         ("DATA.GENERATORS=a,b,c", ("DATA", "GENERATORS"), ["a", "b", "c"]),
         ("DATA.GENERATORS=progan", ("DATA", "GENERATORS"), ["progan"]),
-        ("DATA.GENERATORS=[sd3, flux]", ("DATA", "GENERATORS"), ["sd3", "flux"]),
+        ("DATA.GENERATORS=[sd3, flux, sd3]", ("DATA", "GENERATORS"), ["flux", "sd3"]),  # a set: sorted, once each
         ("DATA.GENERATORS=", ("DATA", "GENERATORS"), []),
         ("AUG.JPEG_QUALITY=[60, 90]", ("AUG", "JPEG_QUALITY"), [60, 90]),
         ("AUG.JPEG_QUALITY=60,90", ("AUG", "JPEG_QUALITY"), [60, 90]),
@@ -184,6 +184,11 @@ def test_wrong_type_in_a_file(tmp_path):
         load_config(write_yaml(tmp_path / "c.yaml", {"TRAIN": {"BATCH_SIZE": "sixteen"}}))
     with pytest.raises(ConfigError, match="TRAIN: expected a mapping"):
         load_config(write_yaml(tmp_path / "c.yaml", {"TRAIN": [1, 2]}))
+
+
+def test_generator_order_is_not_another_configuration():
+    a, b = load_config(None, ["DATA.GENERATORS=b,a"]), load_config(None, ["DATA.GENERATORS=a,b,a"])
+    assert a.DATA.GENERATORS == b.DATA.GENERATORS == ["a", "b"] and a.digest() == b.digest()
 
 
 def test_bad_files(tmp_path):

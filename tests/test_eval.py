@@ -191,6 +191,7 @@ def test_eval_scores_every_generator_and_marks_the_unseen(tiny_shards, tmp_path)
     with pytest.raises(DataError, match="DATA.GENERATORS: no fake image of the given shards comes from 'gan_c'"):
         run(EvalConfig(checkpoints=[str(ck)], shards=str(tiny_shards), out=str(tmp_path / "typo"), device="cpu",
                        overrides=["DATA.GENERATORS=gan_b,gan_c"]))  # fmt: skip
+    assert not (tmp_path / "typo").exists()  # a failed eval leaves no empty --out behind
     old = run(EvalConfig(checkpoints=[str(make_checkpoint(tmp_path / "old.pt", "none"))], shards=str(tiny_shards),
                          out=str(tmp_path / "old"), device="cpu", bootstrap=20, n_heatmaps=1))  # fmt: skip
     assert old.runs[0].train_generators is None
