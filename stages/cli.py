@@ -24,11 +24,22 @@ COMMANDS = {
 }
 
 
+EXIT_INTERRUPTED = 130
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
+
+    def invoke(self, ctx: click.Context):
+        """Run the command; Ctrl-C exits 130 (128 + SIGINT), as shells and job schedulers expect, not click's 1."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nAborted!", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:

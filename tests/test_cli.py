@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from semspai import __version__
-from semspai.stages.cli import cli
+from semspai.stages.cli import EXIT_INTERRUPTED, cli
 from semspai.store.shards import read_index
 from tests.conftest import write_image
 
@@ -125,3 +125,15 @@ def test_shard_with_nothing_readable_fails(tmp_path):
     (tmp_path / "data" / "real" / "cam").mkdir(parents=True)
     (tmp_path / "data" / "real" / "cam" / "x.png").write_bytes(b"")
     assert_one_line_error(invoke("shard", str(tmp_path / "data"), "--out", str(tmp_path / "out")), "no image")
+
+
+def test_ctrl_c_exits_130(monkeypatch):
+    """An interrupt ends a command with 128 + SIGINT, as shells and job schedulers expect."""
+    from semspai.stages import shard
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shard, "run", interrupted)
+    result = CliRunner().invoke(cli, ["shard", ".", "--out", "x"])
+    assert result.exit_code == EXIT_INTERRUPTED == 130 and "Aborted!" in result.output
