@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -126,19 +127,24 @@ def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> No
     raise ShardError(f"{len(failures)} of {total} shards failed ({names}); first: {first}")
 
 
-def check_inputs(store: str, paths: list[Path], threads: int = 8) -> None:
+def check_inputs(store: str, paths: list[Path], threads: int = 8, stop: threading.Event | None = None) -> None:
     """What must hold before anything is written (it runs while the cluster and the encoder start):
 
     - every tar the store already holds is the one it was extracted from (sha256);
     - no shard to extract holds a key the store or another shard of the SPEC already has (the same images
       sharded twice): once in the store, training and eval could only refuse its keys, and no command takes
       a shard back out. Only the tars' sidecars and the store's key arrays are read, in threads.
+
+    `stop` set (the run failed elsewhere) ends it at the next tar, so that no hashing outlives the run.
     """
+    stop = stop or threading.Event()
     attrs = read_store_attrs(store)
     done = done_shard_attrs(store) if attrs else {}
     recorded = (attrs or {}).get("shards", {})
     pending = []
     for path in paths:
+        if stop.is_set():
+            return
         name = shard_name(path)
         if name in done:
             check_shard_unchanged(store, name, done[name]["sha256"], file_sha256(path), path, recorded.get(name, ""))
@@ -148,6 +154,8 @@ def check_inputs(store: str, paths: list[Path], threads: int = 8) -> None:
         return
 
     def sidecar_keys(path: Path) -> list[str]:
+        if stop.is_set():
+            return []
         try:
             return [key for key, _ in shard_sidecars(path)]
         except (OSError, tarfile.ReadError, EOFError, ValueError):
@@ -196,8 +204,8 @@ def _run(
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
     existing = read_store_attrs(cfg.store)
-    checker = ThreadPoolExecutor(1, thread_name_prefix="check-inputs")
-    checked = checker.submit(check_inputs, cfg.store, paths)  # hashing tars overlaps the cluster's start
+    checker, stop = ThreadPoolExecutor(1, thread_name_prefix="check-inputs"), threading.Event()
+    checked = checker.submit(check_inputs, cfg.store, paths, 8, stop)  # hashing tars overlaps the cluster's start
     checker.shutdown(wait=False)
     try:
         if distributor_factory is not None:
@@ -205,7 +213,7 @@ def _run(
         else:  # with several GPUs, each local worker gets its own
             dist = make_distributor(workers, cfg.scheduler, None if cfg.scheduler else worker_gpus(device))
     except BaseException:
-        checked.cancel()
+        stop.set()
         wait([checked])
         raise
     try:
@@ -264,6 +272,8 @@ def _run(
             result.extracted.append(summary)
             result.shard_seconds = time.perf_counter() - shard_start
     finally:
+        stop.set()  # a failure before the check's result was taken: the check ends too, and is waited for
+        wait([checked])
         dist.close()
     result.seconds = time.perf_counter() - start
     if failures:

@@ -48,7 +48,15 @@ from semspai.stages.extract import ExtractConfig, run, worker_gpus
 from semspai.store import writer as writer_module
 from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
-from semspai.store.shards import INDEX_NAME, ShardError, ShardSample, file_sha256, iter_shard, write_json_atomic
+from semspai.store.shards import (
+    INDEX_NAME,
+    ShardError,
+    ShardSample,
+    file_sha256,
+    iter_shard,
+    resolve_shards,
+    write_json_atomic,
+)
 from semspai.store.writer import FAULT_ENV, WRITER_ENV, writer_process
 from tests.conftest import encode
 from tests.conftest import random_photo as photo
@@ -872,3 +880,19 @@ def test_missing_shards_is_one_line_error(tmp_path: Path) -> None:
     assert "do not exist" in line
     with pytest.raises(ShardError):
         run(cfg(tmp_path / "nothing", tmp_path / "s.zarr"))
+
+
+def test_the_input_check_ends_when_the_run_has_failed(shards: Path, reference: Path, monkeypatch) -> None:
+    """The check hashes the store's tars in a thread while the cluster starts; a run that fails meanwhile tells
+    it to stop, so no hashing outlives the run."""
+    from semspai.stages import extract as extract_stage
+
+    hashed: list[Path] = []
+    monkeypatch.setattr(extract_stage, "file_sha256", lambda p: hashed.append(p) or "0" * 64)
+    stop = threading.Event()
+    stop.set()
+    extract_stage.check_inputs(str(reference), resolve_shards(shards), stop=stop)
+    assert hashed == []
+    with pytest.raises(FeatureStoreError, match="changed since it was extracted"):  # not stopped: it hashes
+        extract_stage.check_inputs(str(reference), resolve_shards(shards))
+    assert len(hashed) == 1
