@@ -30,6 +30,7 @@ from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
+from semspai.pipeline.progress import configure_logging
 from semspai.store.features import ShardFeatures
 from semspai.store.images import (
     DECODER_ID,
@@ -94,9 +95,10 @@ def worker_embedder(factory: Callable[[], Embedder]) -> Embedder:
         return _EMBEDDERS[factory]
 
 
-def warm_up(factory: Callable[[], Embedder]) -> None:
+def warm_up(factory: Callable[[], Embedder], log_level: int = logging.WARNING) -> None:
     """Build this worker's embedder now (returns nothing: the embedder never travels), and start its store writer
-    process, which imports Zarr meanwhile."""
+    process, which imports Zarr meanwhile. A worker process logs in the client's format, at its level."""
+    configure_logging(log_level)
     if uses_writer_process():
         writer_process()
     worker_embedder(factory)

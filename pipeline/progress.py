@@ -14,6 +14,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 T = TypeVar("T")
 log = logging.getLogger("semspai.progress")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int) -> None:
+    """semspai's records of `level` and above to stderr in semspai's format; other libraries' (open_clip's INFO
+    narration of every model build, say) from WARNING, or from DEBUG too when `level` is DEBUG. The handler is
+    added only when this process has none (its first `logging.warning()` would set Python's bare format)."""
+    logging.basicConfig(
+        level=level if level <= logging.DEBUG else logging.WARNING, format=LOG_FORMAT, stream=sys.stderr
+    )
+    logging.getLogger("semspai").setLevel(level)
+
+
 _quiet = False
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 
 import click
 
 from semspai import __version__
+from semspai.pipeline.progress import configure_logging
 
 # command name -> "module:attribute"; imported only when that command runs (or `--help` lists them all),
 # so `semspai shard` does not pay for importing torch models and open_clip
@@ -53,11 +53,7 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
     """semspai: detect AI-generated images at any resolution (spectral learning + CLIP semantics)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(logging.DEBUG if verbose else logging.INFO)
     # Dask's scheduler and nanny narrate every connection at INFO: its warnings only, unless --verbose. Through
     # dask's config too, which `import distributed` applies to its loggers (here and in its worker processes)
     level = "debug" if verbose else "warning"

@@ -222,7 +222,7 @@ def _run(
         factory = embedder_factory or ClipFactory(cfg.clip, device, cfg.precision)
         # every worker builds its embedder before any shard is handed out, so no worker idles while another
         # one is still loading; prompt vectors only for a new store
-        dist.on_every_worker(warm_up, factory)
+        dist.on_every_worker(warm_up, factory, logging.getLogger("semspai").getEffectiveLevel())
         info = dist.call(describe, factory, [] if existing else prompts, cfg.batch_size, cfg.torch_threads)
         header = StoreHeader(
             clip=info.spec,
