@@ -605,7 +605,7 @@ class Trainer:
                         for k in ("val_loss", "val_auc", "val_ap", "val_acc"):
                             tb.add_scalar(k.replace("_", "/", 1), row[k], row["step"])
                 log.info(
-                    "epoch %d: loss %.4f, val AUC %.4f, AP %.4f, acc %.4f, threshold %.3f",
+                    "epoch %d: loss %.4f, val AUC %.4f, AP %.4f, acc@0.5 %.4f, threshold %.3f",
                     epoch,
                     loss,
                     row["val_auc"],

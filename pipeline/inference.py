@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,8 @@ class Prediction:
 
 def to_rgb(image: ImageInput) -> np.ndarray:
     """Any accepted input -> (H, W, 3) uint8 RGB through the project's one decode path (EXIF orientation,
-    CMYK, palette, alpha, 16-bit handled alike for files, PIL images and arrays)."""
+    CMYK, palette, alpha, 16-bit and float grey handled alike for files and PIL images). Arrays: (H, W[, 3|4])
+    uint8, or single-channel (H, W[, 1]) uint16 or float, which take the grey path of a 16-bit or float file."""
     if isinstance(image, (str, Path)):
         try:
             data = Path(image).read_bytes()
@@ -74,8 +76,14 @@ def to_rgb(image: ImageInput) -> np.ndarray:
     if isinstance(image, Image.Image):
         return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        grey = image.ndim == 2 and (image.dtype in (np.uint16, np.float32) or image.dtype == np.float64)
+        if grey:  # PIL's I;16 and F modes: the file decoder's rules for 16-bit and float samples
+            return pil_to_rgb(Image.fromarray(image.astype(np.float32) if image.dtype == np.float64 else image))
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ImageDecodeError(f"array of shape {image.shape} {image.dtype}: expected (H, W[, 3|4]) uint8")
+            raise ImageDecodeError(f"array of shape {image.shape} {image.dtype}: expected (H, W[, 3|4]) uint8, or "
+                                   "(H, W[, 1]) uint16 or float")  # fmt: skip
         return pil_to_rgb(Image.fromarray(image))
     raise ImageDecodeError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a uint8 array")
 
@@ -85,11 +93,13 @@ def describe(image: ImageInput, i: int) -> str:
     if isinstance(image, (str, Path)):
         return str(image)
     name = getattr(image, "filename", "")
-    return name or f"<{'image' if isinstance(image, Image.Image) else 'array'} {i}>"
+    kind = "image" if isinstance(image, Image.Image) else "array" if isinstance(image, np.ndarray) else "input"
+    return name or f"<{kind} {i}>"
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and image files under directories (recursively, sorted); a missing path is an error."""
+    """Files as given, and image files under directories (recursively, sorted), each file once (the first
+    time it comes); a missing path is an error."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -98,7 +108,8 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(item)
         else:
             raise FileNotFoundError(f"{item} does not exist")
-    return found
+    seen: set[str] = set()
+    return [p for p in found if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
 
 
 def patch_batches(items: Iterable[tuple[T, np.ndarray | None]], max_images: int = DEFAULT_BATCH_IMAGES,

@@ -438,7 +438,7 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
         doc.text(f"**{group}**" if items else f"**{group}**: none")
         if items:
             doc.images([p for p, _ in items], out, [c for _, c in items])
-    if not heatmaps.get("worst errors"):
+    if not np.any((run.scores >= run.threshold).astype(int) != run.labels):
         doc.text(f"No image is on the wrong side of the threshold {run.threshold:.3f}.")
 
     doc.heading("Files")
@@ -543,7 +543,14 @@ def run(cfg: EvalConfig) -> EvalResult:
 )
 @click.option("--clip", default=None, help="Where the checkpoint's CLIP weights are now (MODEL:WEIGHTS).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
-@click.option("--heatmaps", "n_heatmaps", default=3, show_default=True, help="Images per heatmap group.")
+@click.option(
+    "--heatmaps",
+    "n_heatmaps",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Images per heatmap group.",
+)
 @user_errors
 def command(checkpoints, shards, out, store, split, perturb, overrides, clip, device, n_heatmaps) -> None:
     """Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report."""

@@ -125,7 +125,7 @@ def _probe(record: SourceRecord, max_pixels: int) -> _Probed:
     try:
         info = probe_image(data, max_pixels)
     except ImageTooLargeError as exc:
-        probed.error = f"too large: {exc}"
+        probed.error = f"too large: {exc}; raise --max-pixels to accept it"
     except ImageDecodeError as exc:
         probed.error = str(exc)
     else:

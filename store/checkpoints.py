@@ -51,6 +51,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     import torch
 
     file = resolve_checkpoint(path)
+    with open(file, "rb") as fh:
+        head = fh.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip archive (a pickle, long ago)
+        raise CheckpointError(f"{file} is not a checkpoint (not a file torch.save writes); pass a .pt file that "
+                              "`semspai train` wrote, or its run directory")  # fmt: skip
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user

@@ -156,7 +156,11 @@ def _open_root(path: str, mode: str) -> zarr.Group:
     try:
         return _zopen(path, mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise FeatureStoreError(f"no feature store at {path}; run `semspai extract-clip --store {path}` first") from exc
+        hint = (  # a folder of something else (shards, say) is a wrong path, not a store to make there
+            "is that the store's path?" if os.path.isdir(path) and any(os.scandir(path))
+            else f"run `semspai extract-clip --store {path}` first"
+        )  # fmt: skip
+        raise FeatureStoreError(f"no feature store at {path}; {hint}") from exc
 
 
 def read_store_attrs(path: str) -> dict | None:

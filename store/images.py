@@ -42,7 +42,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{exc}; raise --max-pixels to accept it") from exc
+            raise ImageTooLargeError(f"more than the limit of {max_pixels} pixels (Pillow: {exc})") from exc
         except UnidentifiedImageError as exc:
             # PIL's message names the BytesIO object's address, which would differ between runs
             raise ImageDecodeError("not a readable image: unknown format or corrupt header") from exc
@@ -51,7 +51,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLargeError(
-            f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; raise --max-pixels to accept it"
+            f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels"
         )
     return img
 

@@ -75,11 +75,18 @@ def test_missing_file(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
-@pytest.mark.parametrize("payload", [b"", b"garbage" * 100, b"PK\x03\x04truncated zip"])
-def test_garbage_file(tmp_path, payload):
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"", "is not a checkpoint"),
+        (b"garbage" * 100, "is not a checkpoint"),
+        (b"PK\x03\x04truncated zip", "cannot be read"),
+    ],
+)
+def test_garbage_file(tmp_path, payload, message):
     path = tmp_path / "bad.pt"
     path.write_bytes(payload)
-    with pytest.raises(CheckpointError, match=r"bad\.pt cannot be read"):
+    with pytest.raises(CheckpointError, match=rf"bad\.pt {message}"):
         load_checkpoint(path)
 
 

@@ -84,6 +84,20 @@ def test_file_array_and_pil_give_the_same_score(detector, rgb, tmp_path):
     assert (b.path, c.path) == ("<array 1>", "<image 2>")
 
 
+def test_16_bit_and_float_grey_arrays_take_the_files_grey_path(detector, tmp_path):
+    grey16 = (random_photo(120, 90, seed=3)[:, :, 0].astype(np.uint16) * 257 + 3).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(grey16).save(path)  # mode I;16
+    floats = grey16.astype(np.float64) / 65535.0
+    preds = detector.predict([path, grey16, grey16[:, :, None], floats])
+    assert not any(p.error for p in preds) and len({p.score for p in preds[:3]}) == 1
+    assert preds[3].score == pytest.approx(preds[0].score, abs=0.02)  # 0..1 floats: x255, rounded (not the top byte)
+    (bad,) = detector.predict(np.zeros((8, 8, 3), np.uint16))
+    assert "expected (H, W[, 3|4]) uint8, or (H, W[, 1]) uint16 or float" in bad.error
+    (odd,) = detector.predict([42])
+    assert odd.path == "<input 0>" and "cannot score a int" in odd.error
+
+
 def test_exif_rotation_is_applied(detector, rgb, tmp_path):
     img = Image.fromarray(rgb)
     exif = img.getexif()
@@ -171,6 +185,9 @@ def test_directories_are_walked_recursively(tmp_path, rgb):
     save(Image.fromarray(rgb), tmp_path / "a" / "top.JPG", "JPEG")
     (tmp_path / "a" / "notes.txt").write_text("skip me")
     assert [p.name for p in find_images([tmp_path / "a"])] == ["deep.webp", "top.JPG"]
+    # a file named twice, or named and inside a named folder, is scored once (where it first comes)
+    again = find_images([tmp_path / "a" / "top.JPG", tmp_path / "a", tmp_path / "a" / "b" / ".." / "top.JPG"])
+    assert [p.name for p in again] == ["top.JPG", "deep.webp"]
     with pytest.raises(FileNotFoundError, match="nope"):
         find_images([tmp_path / "nope"])
 
@@ -218,7 +235,11 @@ def test_a_file_that_is_no_checkpoint_is_a_short_one_line_error(tmp_path, rgb):
     Image.fromarray(rgb).save(tmp_path / "a.png")
     res = CliRunner().invoke(cli, ["predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "config.yaml")])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
-    assert res.output.startswith(f"Error: checkpoint {tmp_path / 'config.yaml'} cannot be read (")
+    assert res.output.startswith(f"Error: {tmp_path / 'config.yaml'} is not a checkpoint (not a file torch.save")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"\0" * 60)  # a zip's start, cut short
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "cut.pt")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"Error: checkpoint {tmp_path / 'cut.pt'} cannot be read (")
     assert len(res.output) < 400
 
 

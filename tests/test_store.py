@@ -297,7 +297,15 @@ def test_info_and_export_h5(tmp_path: Path, shards: list[Path]) -> None:
 def test_missing_store_is_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["store", "info", str(tmp_path / "none.zarr")])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: no feature store at ")
+    assert (
+        result.output.startswith("Error: no feature store at ") and "run `semspai extract-clip --store" in result.output
+    )
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"")  # a folder of something else: a wrong path
+    result = CliRunner().invoke(cli, ["store", "info", str(tmp_path / "shards")])
+    assert (
+        result.exit_code == 1 and "is that the store's path?" in result.output and "extract-clip" not in result.output
+    )
 
 
 @pytest.mark.parametrize(
