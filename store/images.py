@@ -50,9 +50,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
             raise ImageDecodeError(f"not a readable image: {exc}") from exc
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageTooLargeError(
-            f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels"
-        )
+        raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
     return img
 
 
