@@ -103,7 +103,11 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            images = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            for p in images:
+                if p.is_symlink() and not p.exists():
+                    log.warning("%s: a broken symlink, skipped", p)
+            found += [p for p in images if p.is_file()]
         elif item.exists():
             found.append(item)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -180,11 +181,15 @@ def test_missing_clip_weights_name_the_fix_and_clip_overrides(checkpoint, tmp_pa
         load_detector(moved)
 
 
-def test_directories_are_walked_recursively(tmp_path, rgb):
+def test_directories_are_walked_recursively(tmp_path, rgb, caplog):
     save(Image.fromarray(rgb), tmp_path / "a" / "b" / "deep.webp", "WEBP")
     save(Image.fromarray(rgb), tmp_path / "a" / "top.JPG", "JPEG")
     (tmp_path / "a" / "notes.txt").write_text("skip me")
     assert [p.name for p in find_images([tmp_path / "a"])] == ["deep.webp", "top.JPG"]
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a broken link: skipped, and said
+    with caplog.at_level(logging.WARNING, logger="semspai.pipeline.inference"):
+        assert [p.name for p in find_images([tmp_path / "a"])] == ["deep.webp", "top.JPG"]
+    assert any("gone.png: a broken symlink, skipped" in r.getMessage() for r in caplog.records)
     # a file named twice, or named and inside a named folder, is scored once (where it first comes)
     again = find_images([tmp_path / "a" / "top.JPG", tmp_path / "a", tmp_path / "a" / "b" / ".." / "top.JPG"])
     assert [p.name for p in again] == ["top.JPG", "deep.webp"]
