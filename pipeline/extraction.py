@@ -95,10 +95,13 @@ def worker_embedder(factory: Callable[[], Embedder]) -> Embedder:
         return _EMBEDDERS[factory]
 
 
-def warm_up(factory: Callable[[], Embedder], log_level: int = logging.WARNING) -> None:
+def warm_up(factory: Callable[[], Embedder], log_level: int = logging.WARNING, dask_worker: Any = None) -> None:
     """Build this worker's embedder now (returns nothing: the embedder never travels), and start its store writer
-    process, which imports Zarr meanwhile. A worker process logs in the client's format, at its level."""
-    configure_logging(log_level)
+    process, which imports Zarr meanwhile. A Dask worker process logs in the client's format, at its level
+    (in the client's own process, logging stays as its caller set it up). Dask's `Client.run` passes
+    `dask_worker`; an in-process run does not."""
+    if dask_worker is not None:
+        configure_logging(log_level)
     if uses_writer_process():
         writer_process()
     worker_embedder(factory)
