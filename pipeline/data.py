@@ -167,11 +167,12 @@ def plan_split(
     holder: dict[str, str] = {}  # key -> the shard it was first seen in
     for path in shards:
         kept = []
+        name = shard_name(path)
         for key, meta in shard_sidecars(path):
-            if holder.setdefault(key, shard_name(path)) != shard_name(path):
+            if holder.setdefault(key, name) != name:
                 raise DataError(
-                    f"shard {shard_name(path)}: sample {key} is also in shard {holder[key]}: the shards hold the same "
-                    "images twice (sharded twice?), which would count them twice; leave one copy out of --shards"
+                    f"shard {name}: sample {key} is also in shard {holder[key]}: the shards hold the same images "
+                    "twice (sharded twice?), which would count them twice; leave one copy out of --shards"
                 )
             label = int(meta["label"])
             if label == 1:
@@ -179,12 +180,13 @@ def plan_split(
             if meta.get("split") != split or (label == 1 and wanted and meta.get("generator") not in wanted):
                 continue
             if join is not None and key not in join.index:
-                missing.append((shard_name(path), key))
+                missing.append((name, key))
                 continue
             kept.append(key)
             labels[key] = label
             if label == 1:
-                counts[meta.get("generator", "")] = counts.get(meta.get("generator", ""), 0) + 1
+                gen = meta.get("generator", "")
+                counts[gen] = counts.get(gen, 0) + 1
         if kept:
             keys[path] = kept
     if missing and not skip_missing:

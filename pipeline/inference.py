@@ -78,8 +78,11 @@ def to_rgb(image: ImageInput) -> np.ndarray:
     if isinstance(image, np.ndarray):
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        grey = image.ndim == 2 and (image.dtype in (np.uint16, np.float32) or image.dtype == np.float64)
-        if grey:  # PIL's I;16 and F modes: the file decoder's rules for 16-bit and float samples
+        if image.ndim == 2 and image.dtype in (
+            np.uint16,
+            np.float32,
+            np.float64,
+        ):  # PIL's I;16 and F modes: the file decoder's rules for 16-bit and float samples
             return pil_to_rgb(Image.fromarray(image.astype(np.float32) if image.dtype == np.float64 else image))
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise ImageDecodeError(f"array of shape {image.shape} {image.dtype}: expected (H, W[, 3|4]) uint8, or "
@@ -112,8 +115,10 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(item)
         else:
             raise FileNotFoundError(f"{item} does not exist")
-    seen: set[str] = set()
-    return [p for p in found if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+    unique: dict[str, Path] = {}  # real path -> the file as first given
+    for p in found:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
 
 
 def patch_batches(items: Iterable[tuple[T, np.ndarray | None]], max_images: int = DEFAULT_BATCH_IMAGES,

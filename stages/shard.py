@@ -20,7 +20,7 @@ from semspai import __version__
 from semspai.pipeline.progress import progress
 from semspai.stages.common import register_user_error, user_errors
 from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, probe_image
-from semspai.store.locks import run_lock
+from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import (
     StageManifest,
     check_stage,
@@ -146,8 +146,7 @@ def _set_old_shards_aside(out: Path) -> None:
 def run(cfg: ShardConfig) -> ShardResult:
     """Shard the sources into `cfg.out`; a no-op (up_to_date) when inputs and config are unchanged. One run
     at a time per output folder: a second one fails at once (it would clear the first one's staging folder)."""
-    out = Path(os.path.abspath(cfg.out))
-    lock = out.with_name(out.name + ".lock")  # beside the folder, which a refused run must not create
+    lock = lock_beside(cfg.out)  # beside the folder, which a refused run must not create
 
     def busy(holder: str) -> SourceError:
         return SourceError(f"{cfg.out} is being written by another `semspai shard` ({holder}, lock {lock}); "

@@ -20,7 +20,7 @@ from semspai.pipeline.progress import quiet_progress
 from semspai.pipeline.spectral import EncoderConfigError
 from semspai.stages.common import config_options, register_user_error, user_errors
 from semspai.store.features import FeatureStoreError
-from semspai.store.locks import run_lock
+from semspai.store.locks import lock_beside, run_lock
 
 log = logging.getLogger(__name__)
 register_user_error(DataError, FeatureStoreError, EncoderConfigError)
@@ -64,8 +64,7 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
     if cfg.resume and config_path is None and not cfg.overrides and saved.exists():
         config_path = str(saved)  # resuming means the run's own resolved config
     run_cfg = load_config(config_path, cfg.overrides)
-    out = Path(os.path.abspath(cfg.out))
-    lock = out.with_name(out.name + ".lock")  # beside the run dir; rank 0 holds it for all ranks
+    lock = lock_beside(cfg.out)  # rank 0 holds it for all ranks
 
     def busy(holder: str) -> FileExistsError:
         return FileExistsError(f"{cfg.out} is being trained into by another `semspai train` ({holder}, lock {lock})")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from semspai.store.locks import run_lock
+from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import leaf_differences
 from semspai.store.shards import file_sha256, iter_shard, shard_name
 
@@ -122,9 +122,6 @@ def limit_zarr_concurrency(n: int) -> None:
     zarr.config.set({"async.concurrency": n, "threading.max_workers": n})
 
 
-LOCK_SUFFIX = ".lock"
-
-
 @contextlib.contextmanager
 def writer_lock(path: str) -> Iterator[None]:
     """One writing run at a time per store on this machine: a second one fails at once, naming the first.
@@ -134,7 +131,7 @@ def writer_lock(path: str) -> Iterator[None]:
     if "://" in path and not path.startswith("file://"):
         yield
         return
-    lock = Path(path.removeprefix("file://").rstrip("/") + LOCK_SUFFIX)
+    lock = lock_beside(path.removeprefix("file://"))
 
     def busy(holder: str) -> FeatureStoreError:
         return FeatureStoreError(
@@ -323,19 +320,19 @@ def done_shard_attrs(path: str) -> dict[str, dict]:
     return {name: a for name, a in _shard_attrs(path).items() if a.get("done")}
 
 
-def stored_keys(path: str, shards: Iterable[str], threads: int = 8) -> dict[str, str]:
-    """Key -> shard of every row and every skipped image of the given done shards, reading only their key
-    arrays (in threads: on a remote store each read is a round trip)."""
+def stored_keys(path: str, done: dict[str, dict], threads: int = 8) -> dict[str, str]:
+    """Key -> shard of every row and every skipped image of the done shards (name -> attrs, as
+    `done_shard_attrs` gives them), reading only their key arrays (in threads: on a remote store each read is
+    a round trip)."""
     root = _zopen(path, mode="r")[SHARDS_GROUP]
-    names = sorted(shards)
+    names = sorted(done)
 
     def keys(name: str) -> list[str]:
         return root[name]["key"][...].tolist()
 
     with ThreadPoolExecutor(threads) as pool:
         owner = {k: name for name, ks in zip(names, pool.map(keys, names), strict=True) for k in ks}
-    attrs = _shard_attrs(path)
-    owner |= {s["key"]: name for name in names for s in attrs[name].get("skipped", []) if "key" in s}
+    owner |= {s["key"]: name for name in names for s in done[name].get("skipped", []) if "key" in s}
     return owner
 
 

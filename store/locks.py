@@ -10,6 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def lock_beside(path: str | Path) -> Path:
+    """`PATH.lock`, beside the output PATH (a folder or a store), however PATH is spelled (`out/`, `.`)."""
+    out = Path(os.path.abspath(path))
+    return out.with_name(out.name + ".lock")
+
+
 @contextlib.contextmanager
 def run_lock(lock: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
     """Hold `lock` for the run; when another process holds it, raise `busy(holder)` at once, `holder` saying
