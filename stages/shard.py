@@ -38,6 +38,7 @@ from semspai.store.sources import (
     read_manifest_csv,
     sample_key,
     scan_folder,
+    split_ratios,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class ShardConfig:
         """Hash of what changes the output (not `force`, `workers` or where the sources are listed)."""
         keys = ("shard_size", "split", "max_pixels", "skip_unlabeled", "prefix")
         payload = {k: getattr(self, k) for k in keys} | {"schema": SHARD_SCHEMA_VERSION, "decoder": DECODER_ID}
+        # the ratios, not their spelling: `0,0,1` and `0,0,1.0` shard alike (the default's text is unchanged)
+        payload["split"] = ",".join(map(repr, split_ratios(self.split)))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

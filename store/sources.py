@@ -132,17 +132,29 @@ def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
 
 
 def parse_split_ratios(text: str) -> tuple[float, float, float]:
+    """`--split` as train, val and test ratios summing to 1; another sum is scaled, with a warning."""
+    total = sum(_split_parts(text))
+    ratios = split_ratios(text)
+    if abs(total - 1) > 1e-6:
+        log.warning("--split %s sums to %g: taken as %s", text, total, ",".join(f"{r:.3g}" for r in ratios))
+    return ratios
+
+
+def split_ratios(text: str) -> tuple[float, float, float]:
+    """`--split` normalised, without logging: equal ratios (`0,0,1`, `0,0,1.0`, `0,0,5`) give equal tuples."""
+    parts = _split_parts(text)
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def _split_parts(text: str) -> list[float]:
     try:
         parts = [float(x) for x in text.split(",")]
     except ValueError as exc:
         raise SourceError(f"--split {text!r}: expected three numbers R,R,R (train,val,test), e.g. 0.8,0.1,0.1") from exc
     if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
         raise SourceError(f"--split {text!r}: expected three non-negative numbers with a positive sum")
-    total = sum(parts)
-    ratios = parts[0] / total, parts[1] / total, parts[2] / total
-    if abs(total - 1) > 1e-6:
-        log.warning("--split %s sums to %g: taken as %s", text, total, ",".join(f"{r:.3g}" for r in ratios))
-    return ratios
+    return parts
 
 
 def hash_split(group: str, ratios: tuple[float, float, float]) -> str:

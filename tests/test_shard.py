@@ -596,6 +596,16 @@ def test_second_run_is_up_to_date_and_touches_nothing(image_tree, tmp_path):
     assert mtimes(out) == before
 
 
+def test_split_spelled_otherwise_is_the_same_config(image_tree, tmp_path):
+    """The digest holds the ratios: `0,0,1.0` and `0,0,5` shard as `0,0,1` does, so a rerun is up to date."""
+    out = tmp_path / "out"
+    shard(image_tree, out, split="0,0,1")
+    for spelling in ("0,0,1.0", "0,0,5", "0.0,0,1"):
+        assert shard(image_tree, out, split=spelling).up_to_date
+    with pytest.raises(StaleOutputError, match="split"):
+        shard(image_tree, out, split="0,1,1")
+
+
 def test_changed_config_is_stale_until_forced(image_tree, tmp_path):
     out = tmp_path / "out"
     shard(image_tree, out, shard_size=4)
