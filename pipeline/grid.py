@@ -34,6 +34,12 @@ def padded_size(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> tupl
     return max(height, rule.size), max(width, rule.size)
 
 
+def padding_share(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> float:
+    """Share of the padded image that is padding: 0 for images at least `rule.size` on each side."""
+    h, w = padded_size(height, width, rule)
+    return 1 - height * width / (h * w)
+
+
 def grid_boxes(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> np.ndarray:
     """Patch boxes (P, 4) as int32 `x0, y0, x1, y1` in the padded image's pixel coordinates.
 

@@ -25,7 +25,7 @@ from semspai.pipeline.clip import (
 from semspai.pipeline.config import RunConfig, config_from_dict
 from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, pack_images
 from semspai.pipeline.engine import autocast
-from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, pil_to_rgb
 
@@ -35,6 +35,7 @@ ImageInput = str | Path | Image.Image | np.ndarray
 T = TypeVar("T")
 DEFAULT_BATCH_IMAGES = 8  # images scored together; small because one 4K image alone is ~150 patches
 DEFAULT_BATCH_PATCHES = 256  # a batch is closed early at this many patches, so big images do not pile up
+MOSTLY_PADDING = 0.5  # a smaller image is scored with a warning: over half its patch pixels are reflections
 
 
 @dataclass
@@ -234,6 +235,9 @@ class Detector:
             scored = iter(self.score(good, return_maps=return_maps) if good else [])
             for (path, error), rgb in batch:
                 pred = Prediction(path=path, error=error) if rgb is None else next(scored)
+                if rgb is not None and padding_share(*rgb.shape[:2]) > MOSTLY_PADDING:
+                    log.warning("%s: %dx%d is mostly padding in its %d-px patches; its score says little", path,
+                                rgb.shape[1], rgb.shape[0], DEFAULT_RULE.size)  # fmt: skip
                 pred.path = path
                 yield pred, rgb
 

@@ -258,3 +258,15 @@ def test_cli_fails_only_when_every_file_fails(checkpoint, tmp_path):
 
 def test_precision_resolves_to_fp32_on_cpu(detector):
     assert detector.precision == "fp32" and detector.device == torch.device("cpu")
+
+
+def test_an_image_mostly_padding_is_scored_with_a_warning(detector, rgb, caplog):
+    """A thumbnail is scored (reflection-padded to the patch), and the log says its score means little."""
+    with caplog.at_level(logging.WARNING, logger="semspai.pipeline.inference"):
+        preds = detector.predict([rgb[:1, :1], rgb[:100, :224], rgb[:112, :224], rgb])
+    assert all(p.score is not None and p.n_patches == 5 for p in preds)
+    warned = [r.getMessage() for r in caplog.records if "mostly padding" in r.getMessage()]
+    assert warned == [  # 1x1, and 100 of 224 rows; half the rows is not "mostly", nor is a full-size image
+        "<array 0>: 1x1 is mostly padding in its 224-px patches; its score says little",
+        "<array 1>: 224x100 is mostly padding in its 224-px patches; its score says little",
+    ]
