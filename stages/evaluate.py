@@ -353,6 +353,8 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
              f"{encoder}. Shards `{cfg.shards}`, split `{cfg.split}`: {m['overall']['n_real']} real and "
              f"{m['overall']['n_fake']} fake images. Decision threshold {run.threshold:.3f} (chosen on val by "
              f"training). semspai {__version__}.")  # fmt: skip
+    if cfg.split in SPLIT_CAVEATS:
+        doc.text(f"**Note:** {SPLIT_CAVEATS[cfg.split][0].upper()}{SPLIT_CAVEATS[cfg.split][1:]}.")
     if clip is not None and clip.get("meaningless"):
         doc.text("**Warning:** this checkpoint's CLIP encoder has random weights: its semantic vectors carry no "
                  "meaning (fine for the demo and tests, never for results).")  # fmt: skip
@@ -465,11 +467,21 @@ def write_predictions(runs: list[CheckpointEval], path: Path) -> None:
                              *extra])  # fmt: skip
 
 
+# a split training itself used: its figures flatter the model when these are that run's own images
+SPLIT_CAVEATS = {
+    "val": "training chose the decision threshold and the best epoch on its val split: if these are that run's "
+    "val images, its figures (accuracy at the threshold above all) are optimistic; report the test split",
+    "train": "if these are the images the checkpoint was trained on, every figure is optimistic; report the test split",
+}
+
+
 def run(cfg: EvalConfig) -> EvalResult:
     """Evaluate every checkpoint on the split and write metrics.json, the report and its figures to cfg.out."""
     start = time.perf_counter()
     if not cfg.checkpoints:
         raise ConfigError("eval needs at least one --checkpoint")
+    if cfg.split in SPLIT_CAVEATS:
+        log.warning("split %s: %s", cfg.split, SPLIT_CAVEATS[cfg.split])
     perturbations = parse_perturbations(cfg.perturb)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
