@@ -31,7 +31,7 @@ from semspai.pipeline.config import ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.pipeline.progress import configure_logging
-from semspai.store.features import ShardFeatures
+from semspai.store.features import ShardFeatures, sidecar_fields
 from semspai.store.images import (
     DECODER_ID,
     DEFAULT_MAX_PIXELS,
@@ -487,6 +487,7 @@ def features_of(
     is_global = np.zeros(len(vectors), dtype=bool)
     is_global[starts] = True
     metas = [p.meta for p in kept]
+    fields = [sidecar_fields(m) for m in metas]  # label, generator, split
     captions = [str(m.get("caption") or "") for m in metas]
     caption = caption_mask = None
     if spec.has_text:
@@ -498,9 +499,9 @@ def features_of(
         sha256=sha256,
         n_samples=n_samples,
         keys=[p.key for p in kept],
-        label=np.array([int(m["label"]) for m in metas], dtype=np.int8),
-        generator=[str(m.get("generator") or "") for m in metas],
-        split=[str(m.get("split") or "") for m in metas],
+        label=np.array([f[0] for f in fields], dtype=np.int8),
+        generator=[f[1] for f in fields],
+        split=[f[2] for f in fields],
         width=np.array([p.width for p in kept], dtype=np.int32),
         height=np.array([p.height for p in kept], dtype=np.int32),
         global_=vectors[is_global],

@@ -9,7 +9,14 @@ import click
 
 from semspai.pipeline.grid import PatchRule, grid_boxes
 from semspai.stages.common import register_user_error, user_errors
-from semspai.store.features import FeatureStore, FeatureStoreError, export_h5, verify_store
+from semspai.store.features import (
+    FeatureStore,
+    FeatureStoreError,
+    damage_error,
+    damaged_arrays,
+    export_h5,
+    verify_store,
+)
 from semspai.store.shards import resolve_shards, shard_name
 
 register_user_error(FeatureStoreError)
@@ -73,6 +80,9 @@ def format_info(s: dict) -> list[str]:
     lines += [f"  {k['shard']}/{k['key']}: {k['reason']}" for k in s["skipped"][:SKIPPED_SHOWN]]
     if len(s["skipped"]) > SKIPPED_SHOWN:
         lines.append(f"  … and {len(s['skipped']) - SKIPPED_SHOWN} more (--json lists all)")
+    if s["damaged"]:  # the counts above include what Zarr reads in place of the missing chunks: fill values
+        lines.append(f"DAMAGED (the counts above are not to be trusted): {len(s['damaged'])} array(s)")
+        lines += [f"  {d}" for d in s["damaged"]]
     return lines
 
 
@@ -87,8 +97,11 @@ def group() -> None:
 @user_errors
 def info(path: str, as_json: bool) -> None:
     """Counts, CLIP spec, shards and skipped images of the store at PATH (first line: `images: N`)."""
-    summary = summarize(FeatureStore.open(path))
+    store = FeatureStore.open(path, check=False)  # damage is reported here, with everything else
+    summary = summarize(store) | {"damaged": damaged_arrays(path, store.shard_info)}
     click.echo(json.dumps(summary, indent=1, ensure_ascii=False) if as_json else "\n".join(format_info(summary)))
+    if summary["damaged"]:
+        raise damage_error(path, summary["damaged"])
 
 
 @group.command("verify")
@@ -97,7 +110,7 @@ def info(path: str, as_json: bool) -> None:
 @user_errors
 def verify(path: str, shards: str) -> None:
     """Check every sample of SPEC is in the store exactly once, the tars are unchanged, vectors are sane."""
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path, check=False)  # damaged arrays are among the problems listed
     rule = PatchRule(**{k: v for k, v in store.attrs["patch_rule"].items() if k != "id"})
     paths = resolve_shards(shards)
     problems = verify_store(store, paths, lambda h, w: grid_boxes(h, w, rule))

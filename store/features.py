@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import leaf_differences
@@ -47,6 +49,12 @@ CHUNK_BYTES = 1 << 21
 # float16 storage of unit vectors: |norm - 1| stays well below this (verified by `store verify`).
 NORM_TOLERANCE = 1e-2
 STR_ARRAYS = ("key", "generator", "split")
+# Zarr reads a missing chunk file as fill values (zeros, ""), silently: so every chunk is written, even one of
+# fill values alone (Zarr skips those by default), done markers record each array's chunk count, and readers
+# check no chunk file is missing (a partial copy of a store, a deleted file). In older stores a chunk of fill
+# values may be absent by right: there only these arrays, whose chunks never hold fill values alone, are checked
+ALL_CHUNKS = {"write_empty_chunks": True}
+NEVER_FILL_ONLY = ("global", "local", "boxes", "key", "width", "height", TEXT_ARRAY)
 
 
 class FeatureStoreError(ValueError):
@@ -212,17 +220,22 @@ class ShardFeatures:
         return out
 
 
+def sidecar_fields(meta: dict) -> tuple[int, str, str]:
+    """Label, generator and split of a shard sidecar, as the store holds them ("" where absent)."""
+    return int(meta["label"]), str(meta.get("generator") or ""), str(meta.get("split") or "")
+
+
 def _put(group: zarr.Group, name: str, arr: np.ndarray) -> None:
     """Create one array holding `arr`, chunked along rows only."""
     if arr.dtype.kind == "U":
         # dtype=str is Zarr's spec'd variable-length "string"; numpy's fixed "<U" is not (unstable warning)
-        a = group.create_array(name, shape=arr.shape, dtype=str, chunks=(_chunk_rows(64, len(arr)),))
+        a = group.create_array(name, shape=arr.shape, dtype=str, chunks=(_chunk_rows(64, len(arr)),), config=ALL_CHUNKS)
         if len(arr):
             a[:] = arr
         return
     row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
     chunks = (_chunk_rows(row_bytes, arr.shape[0]), *arr.shape[1:])
-    a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks)
+    a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, config=ALL_CHUNKS)
     if arr.size:
         a[...] = arr
 
@@ -293,6 +306,8 @@ class FeatureStoreWriter:
                 "n_samples": features.n_samples,
                 "n_images": len(features.keys),
                 "skipped": features.skipped,
+                # every chunk file written: how many each array has (readers check none is missing)
+                "chunks": {name: a.nchunks for name, a in group.arrays()},
                 "writer": {"pid": os.getpid(), "host": socket.gethostname()},
             }
         )
@@ -315,6 +330,70 @@ def _shard_attrs(path: str) -> dict[str, dict]:
     return out
 
 
+def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
+    """All of array `name` of `group` (at `where`), or a FeatureStoreError saying how to rebuild what is damaged."""
+    try:
+        return group[name][...]
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:  # no metadata; undecodable or truncated chunk
+        raise FeatureStoreError(f"{where}/{name} is unreadable ({type(exc).__name__}: {exc}); {REBUILD}") from exc
+
+
+REBUILD = "delete the damaged shard's group (shards/NAME) and rerun `semspai extract-clip` to extract it again"
+
+
+def damaged_arrays(path: str, done: dict[str, dict]) -> list[str]:
+    """`shards/NAME/ARRAY: what` for each array of the done shards (name -> attrs) that is gone or lacks chunk
+    files, and for the prompt vectors: from one listing of the store (and, for shards of older stores, which
+    recorded no chunk counts, each array's metadata); no chunk is read."""
+    root = _zopen(path, mode="r")
+
+    def lacking(where: str, a: zarr.Array, want: int) -> list[str]:
+        have = a.nchunks_initialized
+        return [f"{where}: {want - have} of its {want} chunk files are missing"] if have < want else []
+
+    problems = lacking(TEXT_ARRAY, root[TEXT_ARRAY], root[TEXT_ARRAY].nchunks) if TEXT_ARRAY in root else []
+    if not done:
+        return problems
+    arrays, files = set(), Counter()  # "NAME/ARRAY" with metadata; its chunk files
+    for key in _list_keys(root, f"{SHARDS_GROUP}/"):
+        parts = key.split("/")  # shards, NAME, ARRAY, then zarr.json or c/...
+        if len(parts) > 3 and parts[3] == "zarr.json":
+            arrays.add(f"{parts[1]}/{parts[2]}")
+        elif len(parts) > 3 and parts[3] == "c":
+            files[f"{parts[1]}/{parts[2]}"] += 1
+    for name in sorted(done):
+        where = f"{SHARDS_GROUP}/{name}"
+        chunks = done[name].get("chunks")
+        if chunks is None:  # an older store: only arrays whose chunks are never all fill values are sure to exist
+            group = root[SHARDS_GROUP][name]
+            problems += [
+                p for a in NEVER_FILL_ONLY if a in group for p in lacking(f"{where}/{a}", group[a], group[a].nchunks)
+            ]
+            continue
+        for array, want in sorted(chunks.items()):
+            if f"{name}/{array}" not in arrays:
+                problems.append(f"{where}/{array}: missing")
+            elif files[f"{name}/{array}"] < want:
+                problems.append(
+                    f"{where}/{array}: {want - files[f'{name}/{array}']} of its {want} chunk files are missing"
+                )
+    return problems
+
+
+def _list_keys(root: zarr.Group, prefix: str) -> list[str]:
+    """Every key of `root`'s store under `prefix` (Zarr's store API is async)."""
+
+    async def keys() -> list[str]:
+        return [k async for k in root.store.list_prefix(prefix)]
+
+    return sync(keys())
+
+
+def damage_error(path: str, damaged: list[str]) -> FeatureStoreError:
+    more = f" (and {len(damaged) - 1} more: `semspai store info {path}` lists them)" if len(damaged) > 1 else ""
+    return FeatureStoreError(f"feature store {path} is damaged: {damaged[0]}{more}; {REBUILD}")
+
+
 def done_shard_attrs(path: str) -> dict[str, dict]:
     """Done shard name -> its attrs (sha256, n_images, skipped, ...), from the attributes alone (no array read)."""
     return {name: a for name, a in _shard_attrs(path).items() if a.get("done")}
@@ -328,7 +407,7 @@ def stored_keys(path: str, done: dict[str, dict], threads: int = 8) -> dict[str,
     names = sorted(done)
 
     def keys(name: str) -> list[str]:
-        return root[name]["key"][...].tolist()
+        return read_array(root[name], "key", f"{path}/{SHARDS_GROUP}/{name}").tolist()
 
     with ThreadPoolExecutor(threads) as pool:
         owner = {k: name for name, ks in zip(names, pool.map(keys, names), strict=True) for k in ks}
@@ -375,8 +454,10 @@ class FeatureStore:
         expect_clip: dict | None = None,
         expect_decoder: dict | None = None,
         expect_patch_rule: str | None = None,
+        check: bool = True,
     ) -> FeatureStore:
-        """Open a store for reading; each `expect_*` given must equal the store's (else FeatureStoreError)."""
+        """Open a store for reading; each `expect_*` given must equal the store's (else FeatureStoreError), and
+        with `check` no array of a done shard may lack a chunk file (`damaged_arrays`)."""
         path = str(path)
         root = _open_root(path, "r")
         attrs = root.attrs.asdict()
@@ -393,17 +474,26 @@ class FeatureStore:
             if value is not None:
                 want[key] = value
         check_identity(path, {k: have[k] for k in want}, want)
-        return cls(path, attrs, _shard_attrs(path))
+        shard_attrs = _shard_attrs(path)
+        if check:
+            damaged = damaged_arrays(path, {n: a for n, a in shard_attrs.items() if a.get("done")})
+            if damaged:
+                raise damage_error(path, damaged)
+        return cls(path, attrs, shard_attrs)
 
     def _group(self, s: int) -> zarr.Group:
         return _zopen(self.path, mode="r")[SHARDS_GROUP][self.done_shards[s]]
+
+    def _read(self, s: int, name: str, group: zarr.Group | None = None) -> np.ndarray:
+        where = f"{self.path}/{SHARDS_GROUP}/{self.done_shards[s]}"
+        return read_array(self._group(s) if group is None else group, name, where)
 
     def _load_meta(self, counts: list[int]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("key", "label", "generator", "split", "width", "height")}
         for s in range(len(self.done_shards)):
             g = self._group(s)
             for k in parts:
-                a = g[k][...]
+                a = self._read(s, k, g)
                 # Zarr returns numpy's StringDType, which does not cast to "<U" directly
                 parts[k].append(np.array(a.tolist(), dtype=str) if k in STR_ARRAYS else a)
         meta = {k: np.concatenate(v) if v else np.zeros(0, dtype=str) for k, v in parts.items()}
@@ -434,7 +524,7 @@ class FeatureStore:
         return s, i - int(self._starts[s])
 
     def _concat(self, name: str) -> np.ndarray:
-        parts = [self._group(s)[name][...] for s in range(len(self.done_shards))]
+        parts = [self._read(s, name) for s in range(len(self.done_shards))]
         return np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float16)
 
     def global_vectors(self) -> np.ndarray:
@@ -447,7 +537,7 @@ class FeatureStore:
         if s not in self._local:
             g = self._group(s)
             # (rows, D) float16, (rows, 4) int32, (n + 1,) int64
-            self._local[s] = (g["local"][...], g["boxes"][...], g["local_offsets"][...])
+            self._local[s] = (self._read(s, "local", g), self._read(s, "boxes", g), self._read(s, "local_offsets", g))
         return self._local[s]
 
     def local_nbytes(self) -> int:
@@ -485,7 +575,7 @@ class FeatureStore:
         if not self.has_text:
             return None
         if self._caption is None:
-            mask = [self._group(s)["caption_mask"][...] for s in range(len(self.done_shards))]
+            mask = [self._read(s, "caption_mask") for s in range(len(self.done_shards))]
             self._caption = (self._concat("caption"), np.concatenate(mask) if mask else np.zeros(0, bool))
         vectors, mask = self._caption
         self._locate(i)
@@ -495,7 +585,7 @@ class FeatureStore:
         """(K, D) float16 vectors of the prompt bank; None without a text tower."""
         if not self.has_text:
             return None
-        return _zopen(self.path, mode="r")[TEXT_ARRAY][...]
+        return read_array(_zopen(self.path, mode="r"), TEXT_ARRAY, self.path)
 
     def prompts(self) -> list[str]:
         return list(self.attrs.get("prompts", []))
@@ -547,6 +637,9 @@ def verify_store(
     extracted (sha256); shapes, offsets and norms are sane; with `expected_boxes(height, width)`, each
     image's boxes are exactly the patch rule's.
     """
+    damaged = damaged_arrays(store.path, store.shard_info)
+    if damaged:  # what the arrays hold in their place is fill values: checking those would only add noise
+        return damaged
     problems: list[str] = []
     shard_col = store.meta["shard"]
     seen: dict[str, str] = {}
@@ -561,11 +654,20 @@ def verify_store(
             continue
         try:
             store.check_shards([path])
-            tar_keys = [s.key for s in iter_shard(path)]
+            sidecars = {s.key: s.meta for s in iter_shard(path)}
         except (FeatureStoreError, ValueError) as exc:
             problems.append(str(exc))
             continue
-        have = [k for k, s in zip(store.keys, shard_col, strict=True) if s == name]
+        tar_keys = list(sidecars)
+        rows = np.flatnonzero(shard_col == name)
+        have = [store.keys[i] for i in rows]
+        for i in rows:  # the metadata beside the vectors is the sidecar's
+            key = store.keys[i]
+            stored = (int(store.meta["label"][i]), str(store.meta["generator"][i]), str(store.meta["split"][i]))
+            if key in sidecars and stored != sidecar_fields(sidecars[key]):
+                problems.append(f"shard {name}: image {key} is stored as label, generator, split {stored}; its tar "
+                                f"says {sidecar_fields(sidecars[key])}")  # fmt: skip
+                break
         have += [s["key"] for s in store.skipped if s["shard"] == name]
         missing, extra = sorted(set(tar_keys) - set(have)), sorted(set(have) - set(tar_keys))
         if missing:

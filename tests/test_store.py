@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from semspai.store.features import (
     FeatureStoreWriter,
     ShardFeatures,
     StoreHeader,
+    damaged_arrays,
+    done_shard_attrs,
     verify_store,
 )
 from semspai.store.shards import file_sha256, iter_shard, shard_name
@@ -241,6 +244,52 @@ def test_verify_finds_missing_samples_and_bad_vectors(tmp_path: Path, shards: li
     result = CliRunner().invoke(cli, ["store", "verify", store, "--shards", str(shards[0].parent)])
     assert result.exit_code == 1
     assert "Error:" in result.output and "problem(s); first:" in result.output
+
+
+def test_a_missing_chunk_file_is_damage_every_reader_refuses(tmp_path: Path, shards: list[Path]) -> None:
+    """Zarr reads a missing chunk as zeros: the store must say it is damaged, never hand out those zeros."""
+    store = tmp_path / "f.zarr"
+    _, feats = write(str(store), shards[:2])
+    f = feats[0]
+    for array in ("label", "global"):
+        (store / "shards" / f.name / array / "c" / "0").rename(tmp_path / "aside")
+        with pytest.raises(FeatureStoreError, match=rf"shards/{f.name}/{array}: 1 of its 1 chunk files are missing"):
+            FeatureStore.open(str(store))
+        info = CliRunner().invoke(cli, ["store", "info", str(store)])
+        assert info.exit_code == 1 and f"  shards/{f.name}/{array}: 1 of its 1 chunk files are missing" in info.output
+        assert "is damaged" in info.output and "rerun `semspai extract-clip`" in info.output
+        problems = verify_store(FeatureStore.open(str(store), check=False), shards[:2], grid_boxes)
+        assert problems == [f"shards/{f.name}/{array}: 1 of its 1 chunk files are missing"]
+        (tmp_path / "aside").rename(store / "shards" / f.name / array / "c" / "0")
+    assert verify_store(FeatureStore.open(str(store)), shards[:2], grid_boxes) == []
+    # the repair the message gives: the damaged shard's group deleted, extracted again
+    shutil.rmtree(store / "shards" / f.name / "label")
+    assert damaged_arrays(str(store), done_shard_attrs(str(store))) == [f"shards/{f.name}/label: missing"]
+
+
+def test_fill_value_chunks_are_written_and_corrupt_ones_named(tmp_path: Path, shards: list[Path]) -> None:
+    store = tmp_path / "f.zarr"
+    writer, (f,) = write(str(store), shards[:1], done=False)
+    f.label[:] = 0  # every image real: a chunk of fill values alone, which Zarr would not write by default
+    f.generator = [""] * len(f.keys)
+    writer.write_rows(f)
+    writer.mark_done(f)
+    assert (store / "shards" / f.name / "label" / "c" / "0").is_file()
+    assert (store / "shards" / f.name / "generator" / "c" / "0").is_file()
+    (store / "shards" / f.name / "global" / "c" / "0" / "0").write_bytes(b"not zstd")
+    fs = FeatureStore.open(str(store))  # every file is there: the damage shows when the chunk is read
+    with pytest.raises(FeatureStoreError, match=rf"f.zarr/shards/{f.name}/global is unreadable .*extract it again"):
+        fs.global_vectors()
+
+
+def test_verify_compares_labels_with_the_tars(tmp_path: Path, shards: list[Path]) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, (f,) = write(store, shards[:1], done=False)
+    f.label[0] = 1 - f.label[0]
+    writer.write_rows(f)
+    writer.mark_done(f)
+    (problem,) = verify_store(FeatureStore.open(store), shards[:1], grid_boxes)
+    assert problem.startswith(f"shard {f.name}: image {f.keys[0]} is stored as label, generator, split ({f.label[0]}")
 
 
 def test_verify_checks_boxes_against_the_rule(tmp_path: Path, shards: list[Path]) -> None:
