@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -23,6 +24,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     FileExistsError,
 )
+
+
+def refuse_foreign_output(path: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+    """An output file may replace an earlier one of its own kind (`is_ours`), nothing else: not an input image,
+    a tar or someone's notes given as the output by a slip."""
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a folder: give the path of a file for {what}")
+    if path.exists() and not is_ours(path):
+        raise FileExistsError(f"{path} exists and is not {what}; it is left as it is: remove it or choose another path")
 
 
 def register_user_error(*types: type[BaseException]) -> None:

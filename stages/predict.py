@@ -17,7 +17,7 @@ from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.inference import Prediction, find_images, load_detector
 from semspai.pipeline.progress import progress
 from semspai.stages import report
-from semspai.stages.common import register_user_error, resolve_device, user_errors
+from semspai.stages.common import refuse_foreign_output, register_user_error, resolve_device, user_errors
 
 register_user_error(ClipLoadError)
 
@@ -57,6 +57,13 @@ def format_json(predictions: list[Prediction]) -> str:
     return json.dumps([p.row() for p in predictions], indent=1) + "\n"
 
 
+def written_by_predict(path: Path) -> bool:
+    """Whether `path` starts as `format_csv` or `format_json` output does."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    return head.startswith(",".join(CSV_HEADER).encode() + b"\n") or head.startswith(b'[\n {\n  "path": ')
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write under a temporary name, then rename: a killed run never leaves a results file that looks whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +75,8 @@ def write_atomic(path: Path, text: str) -> None:
 def run(cfg: PredictConfig) -> PredictResult:
     """Score every image of cfg.inputs; unreadable files get an error row and the rest go on."""
     start = time.perf_counter()
+    if cfg.out:
+        refuse_foreign_output(Path(cfg.out), written_by_predict, "an earlier predict result")
     paths = find_images(cfg.inputs)
     if not paths:
         raise FileNotFoundError(f"no image files (.jpg .png .webp .tif .bmp) in {', '.join(cfg.inputs)}")

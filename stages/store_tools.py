@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import click
 
 from semspai.pipeline.grid import PatchRule, grid_boxes
-from semspai.stages.common import register_user_error, user_errors
+from semspai.stages.common import refuse_foreign_output, register_user_error, user_errors
 from semspai.store.features import (
     FeatureStore,
     FeatureStoreError,
     damage_error,
     damaged_arrays,
     export_h5,
+    is_export,
     verify_store,
 )
 from semspai.store.shards import resolve_shards, shard_name
@@ -132,5 +134,6 @@ def verify(path: str, shards: str) -> None:
 @user_errors
 def export(path: str, out: str) -> None:
     """Write the store's done shards (concatenated) to the HDF5 file OUT."""
+    refuse_foreign_output(Path(out), is_export, "an earlier export-h5 file")
     store = FeatureStore.open(path)
     click.echo(f"{export_h5(store, out)}: {store.n_images} images")

@@ -707,6 +707,16 @@ def verify_store(
     return problems
 
 
+def is_export(path: Path) -> bool:
+    """Whether `path` is an HDF5 file `export_h5` wrote."""
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return False
+    with h5py.File(path, "r") as f:
+        return "semspai_store" in f.attrs
+
+
 def export_h5(store: FeatureStore, out: str | Path) -> Path:
     """Write the reader's view (done shards, concatenated) to one HDF5 file; renamed into place when complete."""
     import h5py

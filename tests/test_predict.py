@@ -270,3 +270,23 @@ def test_an_image_mostly_padding_is_scored_with_a_warning(detector, rgb, caplog)
         "<array 0>: 1x1 is mostly padding in its 224-px patches; its score says little",
         "<array 1>: 224x100 is mostly padding in its 224-px patches; its score says little",
     ]
+
+
+def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, rgb):
+    image = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
+    before = image.read_bytes()
+
+    def predict(out: Path):
+        return CliRunner().invoke(cli, ["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(out),
+                                        "--device", "cpu"])  # fmt: skip
+
+    for out in (tmp_path / "s.csv", tmp_path / "s.json"):
+        assert predict(out).exit_code == 0
+        first = out.read_text()
+        assert predict(out).exit_code == 0 and out.read_text() == first  # its own earlier result: replaced
+    res = predict(image)  # the input itself, by a slip
+    assert res.exit_code == 1 and f"Error: {image} exists and is not an earlier predict result" in res.output
+    assert image.read_bytes() == before
+    (tmp_path / "notes.csv").write_text("my,own,table\n")
+    assert predict(tmp_path / "notes.csv").exit_code == 1
+    assert (tmp_path / "notes.csv").read_text() == "my,own,table\n"

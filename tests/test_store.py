@@ -337,6 +337,13 @@ def test_info_and_export_h5(tmp_path: Path, shards: list[Path]) -> None:
             assert np.array_equal(f["boxes"][offsets[i] : offsets[i + 1]], fs.boxes(i))
         assert json.loads(f.attrs["semspai_store"])["clip"]["model"] == "tiny-random"
         assert f["text"].shape == (2, D)
+    assert runner.invoke(cli, ["store", "export-h5", store, str(h5)]).exit_code == 0  # an earlier export: replaced
+    for foreign in (shards[0], tmp_path):  # a tar given as OUT by a slip; a folder
+        before = sorted(os.listdir(tmp_path))
+        result = runner.invoke(cli, ["store", "export-h5", store, str(foreign)])
+        assert result.exit_code == 1 and f"Error: {foreign} " in result.output, result.output
+        assert sorted(os.listdir(tmp_path)) == before  # no .partial left behind
+    assert file_sha256(shards[0]) == feats[0].sha256
     result = runner.invoke(cli, ["store", "export-h5", store, str(tmp_path / "no-such-folder" / "x.h5")])
     assert result.exit_code == 1 and result.output.strip().splitlines() == [
         f"Error: export-h5: the folder of {tmp_path / 'no-such-folder' / 'x.h5'} does not exist; create it first"
