@@ -181,7 +181,12 @@ def _run(cfg: ShardConfig) -> ShardResult:
     )
     hint = {"sources": f"`semspai shard ... --out {out} --force` to rebuild it"}
     if not check_stage(out, wanted, hint, cfg.force):
-        return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
+        damage = _damaged_outputs(out)
+        if not damage:
+            return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
+        # the same inputs and config give the same tars: rebuilding repairs, and stores of them stay valid
+        more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+        log.warning("%s: %s%s; rebuilding its shards (the same tars as before)", out, damage[0], more)
     if not cfg.force and read_manifest(out) is None:
         # a rebuild replaces shard-named files and index.json: never ones this stage did not record making (a
         # run of its own that died while swapping outputs left PREVIOUS behind: those are its own)
@@ -293,6 +298,23 @@ def _run(cfg: ShardConfig) -> ShardResult:
     )
 
 
+def _damaged_outputs(out: Path) -> list[str]:
+    """What is wrong with an up-to-date output's files: index.json unreadable, tars it lists gone or of
+    another size than it recorded (indexes of older versions recorded none: only their existence is checked)."""
+    try:
+        entries = json.loads((out / INDEX_NAME).read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{INDEX_NAME} is unreadable ({exc})"]
+    damage = []
+    for e in entries:
+        tar = out / e["name"]
+        if not tar.is_file():
+            damage.append(f"{e['name']} is missing")
+        elif "bytes" in e and tar.stat().st_size != e["bytes"]:
+            damage.append(f"{e['name']} has {tar.stat().st_size} bytes, {INDEX_NAME} recorded {e['bytes']}")
+    return damage
+
+
 def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], shard_size: int, prefix: str = ""):
     """Each split's samples, in key order, into tars of `shard_size` in `staging`; their index entries and counts."""
     shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
@@ -307,7 +329,9 @@ def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], s
             except BaseException:
                 writer.abort()
                 raise
-            shards.append({"name": name, "split": split, "count": writer.count, "sha256": writer.close()})
+            sha256 = writer.close()
+            shards.append({"name": name, "split": split, "count": writer.count, "sha256": sha256,
+                           "bytes": (staging / name).stat().st_size})  # fmt: skip
         for _, p in items:
             counts["split"][split] += 1
             counts["label"]["fake" if p.record.label else "real"] += 1

@@ -211,7 +211,8 @@ def _reading(path: Path):
         raise ShardError(f"shard {path} does not exist") from exc
     except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as exc:
         raise ShardError(
-            f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it"
+            f"shard {path}: truncated or corrupt tar ({exc}); rerun `semspai shard` to rebuild it (with --force "
+            "should it say up to date)"
         ) from exc
 
 

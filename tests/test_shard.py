@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import tarfile
@@ -822,3 +823,23 @@ def test_cnndetection_ranking_gives_400_images_40_per_generator(tmp_path):
     sizes = {(s.meta["width"], s.meta["height"]) for _, s in samples(out).values()}
     assert sizes == {(224, 224)}
     assert sum(index["counts"]["split"].values()) == 400
+
+
+def test_a_rerun_over_damaged_or_missing_tars_rebuilds_them(image_tree, tmp_path, caplog):
+    """Up to date by inputs and config, but a tar is gone or cut short: the rerun rebuilds the same tars."""
+    out = tmp_path / "out"
+    shard(image_tree, out, shard_size=4)
+    before = tar_bytes(out)
+    first, second = sorted(before)[:2]
+    (out / first).unlink()
+    with open(out / second, "r+b") as f:
+        f.truncate(5000)
+    with caplog.at_level(logging.WARNING, logger="semspai.stages.shard"):
+        result = shard(image_tree, out, shard_size=4)
+    assert not result.up_to_date and tar_bytes(out) == before
+    (said,) = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert f"{first} is missing" in said or f"{second} has 5000 bytes, index.json recorded" in said
+    assert "(and 1 more); rebuilding its shards" in said
+    assert shard(image_tree, out, shard_size=4).up_to_date
+    index = read_index(out)
+    assert all(e["bytes"] == (out / e["name"]).stat().st_size for e in index["shards"])
