@@ -29,7 +29,15 @@ from semspai.store.manifest import (
     read_manifest,
     write_manifest,
 )
-from semspai.store.shards import INDEX_NAME, SHARD_SCHEMA_VERSION, SPLITS, ShardWriter, write_json_atomic
+from semspai.store.shards import (
+    INDEX_NAME,
+    PREVIOUS,
+    SHARD_SCHEMA_VERSION,
+    SPLITS,
+    STAGING,
+    ShardWriter,
+    write_json_atomic,
+)
 from semspai.store.sources import (
     SourceError,
     SourceRecord,
@@ -43,8 +51,6 @@ from semspai.store.sources import (
 
 log = logging.getLogger(__name__)
 STAGE = "shard"
-STAGING = ".staging"
-PREVIOUS = ".previous"  # the tars a rebuild replaces, until its output is recorded complete
 SHARD_FILE = re.compile(r"^([A-Za-z0-9_]+-)?(train|val|test)-\d{6}\.tar(\.partial)?$")
 PREFIX = re.compile(r"^[A-Za-z0-9_]+$")  # dot-free and dash-free: the split stays the name's next-to-last part
 register_user_error(SourceError)
@@ -187,6 +193,8 @@ def _run(cfg: ShardConfig) -> ShardResult:
         # the same inputs and config give the same tars: rebuilding repairs, and stores of them stay valid
         more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
         log.warning("%s: %s%s; rebuilding its shards (the same tars as before)", out, damage[0], more)
+    if (out / "zarr.json").exists():  # not even with --force: a store's own files would be mixed with tars
+        raise SourceError(f"--out {out} is a Zarr store (a feature store?), not a shard folder; pick another folder")
     if not cfg.force and read_manifest(out) is None:
         # a rebuild replaces shard-named files and index.json: never ones this stage did not record making (a
         # run of its own that died while swapping outputs left PREVIOUS behind: those are its own)

@@ -259,6 +259,12 @@ class FeatureStoreWriter:
                 )
             check_identity(path, _attrs_identity(attrs), header.identity())
             return cls(path)
+        if os.path.isfile(path):
+            raise FeatureStoreError(f"--store {path} is a file; a feature store is a folder (or a URL)")
+        if os.path.isdir(path) and any(os.scandir(path)) and not os.path.exists(os.path.join(path, "zarr.json")):
+            raise FeatureStoreError(
+                f"--store {path} is a folder of something else, not a feature store; give a new or empty folder"
+            )
         root = _zopen(path, mode="a")
         root.require_group(SHARDS_GROUP)
         if TEXT_ARRAY in root:  # left by a creation that died before its attrs

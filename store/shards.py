@@ -16,6 +16,8 @@ from pathlib import Path
 import braceexpand
 
 INDEX_NAME = "index.json"
+STAGING = ".staging"  # a `semspai shard` run writes its tars here first
+PREVIOUS = ".previous"  # the tars a rebuild replaces, until its output is recorded complete
 SHARD_SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -262,19 +264,33 @@ def resolve_shards(spec: str | Path) -> list[Path]:
 
 
 def _folder_tars(folder: Path) -> list[Path]:
-    """A shard folder's tars; every tar its index.json lists (when it has one) must be there."""
+    """A shard folder's tars: with an index.json, exactly the tars it lists (each must be there, and no other);
+    a folder that a `semspai shard` run left mid-way (its index gone, old or new tars set aside) is refused."""
     paths = sorted(folder.glob("*.tar"))
+    indexed = (folder / INDEX_NAME).exists()
+    if not indexed and ((folder / PREVIOUS).exists() or (folder / STAGING).exists()):
+        raise ShardError(f"{folder}: a `semspai shard` run stopped while writing it ({INDEX_NAME} is missing, "
+                         f"{PREVIOUS} or {STAGING} is there); rerun that `semspai shard` to finish it")  # fmt: skip
     if not paths:
         raise ShardError(f"shard folder {folder} holds no .tar files; run `semspai shard ... --out {folder}` first")
-    if (folder / INDEX_NAME).exists():
-        found = {p.name for p in paths}
-        missing = [e["name"] for e in read_index(folder).get("shards", []) if e.get("name") not in found]
-        if missing:
-            raise ShardError(
-                f"{folder}: {len(missing)} tar(s) that {INDEX_NAME} lists are missing, e.g. {missing[0]}; "
-                f"restore them or rebuild with `semspai shard ... --out {folder} --force`"
-            )
-    return paths
+    if not indexed:
+        return paths  # tars made elsewhere: WebDataset tars with semspai's sidecars
+    found = {p.name for p in paths}
+    listed = [e.get("name") for e in read_index(folder).get("shards", [])]
+    missing = [n for n in listed if n not in found]
+    if missing:
+        raise ShardError(
+            f"{folder}: {len(missing)} tar(s) that {INDEX_NAME} lists are missing, e.g. {missing[0]}; "
+            f"restore them or rebuild with `semspai shard ... --out {folder} --force`"
+        )
+    extra = sorted(found - set(listed))
+    if extra:
+        raise ShardError(
+            f"{folder}: {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} not among the tars its "
+            f"{INDEX_NAME} lists (added since `semspai shard` made it); move them out, or name the tars you mean "
+            "with a glob"
+        )
+    return [folder / n for n in sorted(listed)]
 
 
 def indexed_sha256(paths: list[Path]) -> dict[str, str]:

@@ -443,6 +443,11 @@ def test_crash_while_swapping_keeps_the_old_tars_and_a_plain_rerun_finishes(imag
     aside = out / shard_stage.PREVIOUS
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == old  # the old output is still on disk
     assert not (out / MANIFEST_NAME).exists()
+    if where == "moving the new tars in":  # a mix of old and new tars, no index: no shard folder to extract
+        with pytest.raises(ShardError, match="a `semspai shard` run stopped while writing it"):
+            resolve_shards(out)
+    else:  # every new tar in place and indexed: extractable as it is
+        assert [p.name for p in resolve_shards(out)] == sorted(e["name"] for e in read_index(out)["shards"])
     result = shard(image_tree, out, shard_size=3)  # no --force: what is there is this stage's own
     assert not result.up_to_date and len(samples(out)) == 16 and not aside.exists()
 
@@ -804,6 +809,10 @@ def test_spec_naming_folders_takes_their_tars_and_a_folder_missing_an_indexed_ta
         with pytest.raises(ShardError, match=rf"1 tar\(s\) that index.json lists are missing, e.g. {gone.name}"):
             resolve_shards(spec)
     assert resolve_shards(f"{b}/train-*.tar")  # naming tars, not the folder, picks a subset on purpose
+    shutil.copy(sorted(a.glob("*.tar"))[0], a / "extra.tar")  # a tar its index does not list, copied in
+    with pytest.raises(ShardError, match="extra.tar not among the tars its index.json lists"):
+        resolve_shards(a)
+    assert resolve_shards(f"{a}/train-*.tar")  # named on purpose
     assert indexed_sha256(sorted(a.glob("*.tar"))) == {str(a / e["name"]): e["sha256"] for e in read_index(a)["shards"]}
     assert indexed_sha256(make_shards(tmp_path / "no-index", 1, 1, corrupt=False)) == {}
 
@@ -843,3 +852,13 @@ def test_a_rerun_over_damaged_or_missing_tars_rebuilds_them(image_tree, tmp_path
     assert shard(image_tree, out, shard_size=4).up_to_date
     index = read_index(out)
     assert all(e["bytes"] == (out / e["name"]).stat().st_size for e in index["shards"])
+
+
+def test_a_feature_store_is_never_a_shard_folder(image_tree, tmp_path):
+    store = tmp_path / "features.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text("{}")
+    for force in (False, True):
+        with pytest.raises(SourceError, match="is a Zarr store"):
+            shard(image_tree, store, force=force)
+    assert sorted(p.name for p in store.iterdir()) == ["zarr.json"]

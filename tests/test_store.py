@@ -190,6 +190,18 @@ def test_reader_checks_the_expected_clip_and_rule(tmp_path: Path, shards: list[P
         FeatureStore.open(store, expect_patch_rule="grid112")
 
 
+def test_a_store_is_made_only_in_a_new_or_empty_folder(tmp_path: Path, shards: list[Path]) -> None:
+    with pytest.raises(FeatureStoreError, match="is a folder of something else, not a feature store"):
+        write(str(shards[0].parent), shards[:1])  # the shard folder given as --store by a slip
+    assert sorted(p.name for p in shards[0].parent.iterdir() if p.name.startswith("zarr")) == []
+    (tmp_path / "file.zarr").write_text("")
+    with pytest.raises(FeatureStoreError, match="is a file; a feature store is a folder"):
+        write(str(tmp_path / "file.zarr"), shards[:1])
+    (tmp_path / "empty").mkdir()
+    write(str(tmp_path / "empty"), shards[:1])
+    write(str(tmp_path / "empty"), shards[1:2])  # a store, once made, takes more shards
+
+
 def test_unfinished_group_is_replaced_and_done_group_never_rewritten(tmp_path: Path, shards: list[Path]) -> None:
     store = str(tmp_path / "f.zarr")
     writer, (f,) = write(store, shards[:1], done=False)
