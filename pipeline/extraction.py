@@ -580,7 +580,7 @@ def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
     sha = reading.sha256.result()
     if job.expected_sha256 and sha != job.expected_sha256:  # checked before anything of it is written
         raise ShardError(
-            f"shard {job.name}: its sha256 is not the one {INDEX_NAME} recorded when it was sharded (damaged or "
+            f"shard {job.name} ({job.shard}): its sha256 is not the one {INDEX_NAME} recorded when it was sharded (damaged or "
             f"replaced since); rebuild it with `semspai shard ... --force`"
         )
     return dataclasses.replace(features, sha256=sha), start

@@ -51,6 +51,8 @@ from semspai.store.sources import (
 
 log = logging.getLogger(__name__)
 STAGE = "shard"
+TOO_LARGE = "too large"  # how a skipped image over --max-pixels is listed
+MISSING = "missing: no such file"  # a manifest row naming a file that is not there
 SHARD_FILE = re.compile(r"^([A-Za-z0-9_]+-)?(train|val|test)-\d{6}\.tar(\.partial)?$")
 PREFIX = re.compile(r"^[A-Za-z0-9_]+$")  # dot-free and dash-free: the split stays the name's next-to-last part
 register_user_error(SourceError)
@@ -83,7 +85,8 @@ class ShardResult:
     out: Path
     up_to_date: bool  # True: nothing was done, the output already matched inputs and config
     n_written: int = 0
-    n_skipped: int = 0
+    n_skipped: int = 0  # unreadable or too large
+    n_too_large: int = 0  # of those, over --max-pixels
     n_duplicates: int = 0
     n_conflicting: int = 0  # duplicates whose label differs from the kept copy's
     n_unlabeled_skipped: int = 0
@@ -128,13 +131,15 @@ def collect_records(cfg: ShardConfig) -> list[SourceRecord]:
 def _probe(record: SourceRecord, max_pixels: int) -> _Probed:
     try:
         data = record.path.read_bytes()
+    except FileNotFoundError:
+        return _Probed(record, error=MISSING)
     except OSError as exc:
         return _Probed(record, error=f"unreadable file: {exc.strerror or exc}")
     probed = _Probed(record, sha256=hashlib.sha256(data).hexdigest())
     try:
         info = probe_image(data, max_pixels)
     except ImageTooLargeError as exc:
-        probed.error = f"too large: {exc}; raise --max-pixels to accept it"
+        probed.error = f"{TOO_LARGE}: {exc}; raise --max-pixels to accept it"
     except ImageDecodeError as exc:
         probed.error = str(exc)
     else:
@@ -224,6 +229,9 @@ def _run(cfg: ShardConfig) -> ShardResult:
             )
         )
     skipped = [{"path": str(p.record.path), "reason": p.error} for p in probed if p.error]
+    missing = [s["path"] for s in skipped if s["reason"] == MISSING]
+    if missing:  # a typo in a manifest, or files moved: said, not only counted
+        log.warning("%d file(s) the manifests name do not exist, e.g. %s; skipped", len(missing), missing[0])
     first_by_sha: dict[str, _Probed] = {}
     duplicates = []
     kept: list[_Probed] = []
@@ -297,6 +305,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         up_to_date=False,
         n_written=len(kept),
         n_skipped=len(skipped),
+        n_too_large=sum(1 for s in skipped if s["reason"].startswith(TOO_LARGE)),
         n_duplicates=len(duplicates),
         n_conflicting=sum(1 for d in duplicates if d.get("conflicting_label")),
         n_unlabeled_skipped=len(unlabeled),
@@ -388,6 +397,7 @@ def _write_sample(writer: ShardWriter, key: str, p: _Probed, split: str) -> None
     "--max-pixels",
     default=DEFAULT_MAX_PIXELS,
     show_default=True,
+    type=click.IntRange(min=1),
     help="Refuse images with more pixels (decompression-bomb guard).",
 )
 @click.option("--skip-unlabeled", is_flag=True, help="Skip and count files with no derivable label instead of failing.")
@@ -430,7 +440,9 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
     if result.n_skipped or result.n_duplicates or result.n_unlabeled_skipped:
         conflicting = f" ({result.n_conflicting} of them labelled both real and fake)" if result.n_conflicting else ""
         click.echo(
-            f"skipped {result.n_skipped} unreadable, {result.n_duplicates} duplicate{conflicting}, "
+            f"skipped {result.n_skipped - result.n_too_large} unreadable, "
+            + (f"{result.n_too_large} too large (--max-pixels), " if result.n_too_large else "")
+            + f"{result.n_duplicates} duplicate{conflicting}, "
             f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
         )
 

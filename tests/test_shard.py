@@ -327,6 +327,10 @@ def test_too_large_images_refused_naming_the_option(image_tree, tmp_path):
     (skipped,) = read_index(out)["skipped"]
     assert Path(skipped["path"]).name == "huge.png"
     assert "too large" in skipped["reason"] and "--max-pixels" in skipped["reason"] and "500x500" in skipped["reason"]
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "cli"), "--max-pixels", "220800"])
+    assert res.exit_code == 0 and "skipped 0 unreadable, 1 too large (--max-pixels), 0 duplicate" in res.output
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "zero"), "--max-pixels", "0"])
+    assert res.exit_code == 2 and "--max-pixels" in res.output
 
 
 def test_missing_manifest_target_is_skipped(tmp_path):
@@ -335,7 +339,7 @@ def test_missing_manifest_target_is_skipped(tmp_path):
     (src / "m.csv").write_text("path,label\na.png,real\nmissing.png,fake\n")
     result = run(ShardConfig(sources=[str(src / "m.csv")], out=str(tmp_path / "out")))
     assert result.n_written == 1 and result.n_skipped == 1
-    assert "unreadable" in read_index(tmp_path / "out")["skipped"][0]["reason"]
+    assert read_index(tmp_path / "out")["skipped"][0]["reason"] == "missing: no such file"
 
 
 @pytest.mark.parametrize(
@@ -787,6 +791,8 @@ def test_resolve_shards_spec_forms(tiny_shards, tmp_path):
     assert shard_name(train[0]) == "train-000000" and shard_split(train[0]) == "train"
     with pytest.raises(ShardError, match="do not exist"):
         resolve_shards(f"{tiny_shards}/train-{{000000..000099}}.tar")
+    with pytest.raises(ShardError, match=r"Unbalanced braces.*a brace pattern reads like"):
+        resolve_shards(f"{tiny_shards}/train-{{000000..000001.tar")
     with pytest.raises(ShardError, match="no shard matches"):
         resolve_shards(f"{tiny_shards}/nothing-*.tar")
     (tmp_path / "empty").mkdir()
