@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,25 +155,28 @@ def plan_split(
     generators: list[str],
     join: StoreJoin | None,
     skip_missing: bool,
+    missing_hint: str = "or set DATA.SKIP_MISSING=true",
 ) -> SplitPlan:
     """List the samples of `split` from the shards' sidecars (no image is read): reals always, fakes of
-    `generators` only (all when empty); each must be in the store when one is given. Each of `generators`
-    must have fakes somewhere in `shards` (a name nothing has is a typo), and no key may be in two shards."""
+    `generators` only (all when empty); each must be in the store when one is given (else an error ending
+    with `missing_hint`). Each of `generators` must have fakes somewhere in `shards` (a name nothing has is a
+    typo), and no key may be in two tars (a tar named twice counts once)."""
     wanted = set(generators)
+    shards = list({os.path.realpath(p): Path(p) for p in shards}.values())
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
     counts: dict[str, int] = {}
     fake_generators: set[str] = set()  # in any split: a name in DATA.GENERATORS that is none of these is a typo
-    holder: dict[str, str] = {}  # key -> the shard it was first seen in
+    holder: dict[str, Path] = {}  # key -> the tar it was first seen in (tars of one name may be two copies)
     for path in shards:
         kept = []
         name = shard_name(path)
         for key, meta in shard_sidecars(path):
-            if holder.setdefault(key, name) != name:
+            if holder.setdefault(key, path) != path:
                 raise DataError(
-                    f"shard {name}: sample {key} is also in shard {holder[key]}: the shards hold the same images "
-                    "twice (sharded twice?), which would count them twice; leave one copy out of --shards"
+                    f"{path}: sample {key} is also in {holder[key]}: the shards hold the same images twice (sharded "
+                    "twice, or a copy?), which would count them twice; leave one copy out of --shards"
                 )
             label = int(meta["label"])
             if label == 1:
@@ -193,7 +197,7 @@ def plan_split(
         name, key = missing[0]
         raise DataError(
             f"shard {name}: sample {key} is not in feature store {join.path} ({len(missing)} {split} sample(s) "
-            f"missing); run `semspai extract-clip` on these shards into that store, or set DATA.SKIP_MISSING=true"
+            f"missing); run `semspai extract-clip` on these shards into that store, {missing_hint}"
         )
     if missing:
         log.warning("%s: skipped %d sample(s) absent from the store (DATA.SKIP_MISSING)", split, len(missing))

@@ -218,7 +218,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
             spill = local_spill_dir(store, run_cfg.DATA.STORE_MEMORY_GB, Path(cfg.out) / STORE_CACHE_DIR)
         join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
     try:  # the memory-mapped copies go whatever happens: they can be as large as the store
-        plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False)
+        plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False,
+                          missing_hint="or leave out --store (CLIP then runs on the fly)")  # fmt: skip
         log_generators(plan, det.train_generators, checkpoint)
         clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
         clip_rows: list[tuple[np.ndarray, np.ndarray]] = []

@@ -180,10 +180,17 @@ def test_the_same_sample_in_two_shards_is_an_error_naming_both(tiny_shards, tmp_
     first = resolve_shards(tiny_shards)[0]
     copy = tmp_path / f"again-{first.name}"
     shutil.copy(first, copy)
-    with pytest.raises(
-        DataError, match=rf"shard again-{first.stem}: sample \S+ is also in shard {first.stem}: .*twice"
-    ):
+    with pytest.raises(DataError, match=rf"{copy}: sample \S+ is also in {first}: .*twice"):
         plan_split([first, copy], "train", [], None, skip_missing=False)
+    (tmp_path / "copy").mkdir()  # a copy of a tar under its own name, in another folder
+    same_name = Path(shutil.copy(first, tmp_path / "copy" / first.name))
+    with pytest.raises(DataError, match=rf"{same_name}: sample \S+ is also in {first}: .*twice"):
+        plan_split([first, same_name], "train", [], None, skip_missing=False)
+    train = resolve_shards(f"{tiny_shards}/train-*.tar")
+    once = plan_split(train, "train", [], None, skip_missing=False)
+    twice = plan_split([*train, train[0], tiny_shards / ".." / tiny_shards.name / train[1].name], "train", [], None,
+                       skip_missing=False)  # fmt: skip
+    assert len(twice) == len(once)  # one tar named twice (or by another path) counts once
 
 
 def test_sample_missing_from_store_names_shard_and_key(tiny_shards, tmp_path):

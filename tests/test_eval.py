@@ -151,6 +151,15 @@ def test_store_of_another_clip_is_refused(tiny_shards, checkpoints, tmp_path):
                        out=str(tmp_path / "out"), device="cpu"))  # fmt: skip
 
 
+def test_samples_missing_from_the_store_get_advice_eval_can_take(tiny_shards, checkpoints, tmp_path):
+    store = str(tmp_path / "part.zarr")  # the train split's first tar only
+    extract(ExtractConfig(shards=f"{tiny_shards}/train-000000.tar", store=store, clip="tiny-random", workers=0,
+                          device="cpu"))  # fmt: skip
+    with pytest.raises(DataError, match=r"not in feature store .* or leave out --store \(CLIP then runs on the fly\)$"):
+        run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
+                       split="train", out=str(tmp_path / "out"), device="cpu"))  # fmt: skip
+
+
 def test_empty_split_is_an_error_naming_it(tiny_shards, checkpoints, tmp_path):
     with pytest.raises(DataError, match="split 'val' is empty"):
         run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards / "test-*.tar"), split="val",
