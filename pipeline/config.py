@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "TRAIN.WEIGHT_DECAY": (0, None),
     "TRAIN.WARMUP_EPOCHS": (0, None),
     "TRAIN.CLIP_GRAD": (0, None),
+    "TRAIN.SEED": (0, 2**63 - 1),  # numpy's and torch's seeds are non-negative
     "LOSS.SEMANTIC_WEIGHT": (0, None),
     "LOSS.TEMPERATURE": (0, None),
 }

@@ -442,5 +442,8 @@ def loader_samples(stream: ShardStream, workers: int) -> Iterator[Sample]:
     for 0. Batches are formed from these by the caller, so a rank's batch count does not depend on `workers`."""
     if workers <= 0:
         return iter(stream)
-    loader = DataLoader(_Chunked(stream), batch_size=None, num_workers=workers, prefetch_factor=LOADER_PREFETCH)
+    # a generator of its own: the loader's worker seeds are drawn from it, not from torch's global generator,
+    # which dropout draws from (with the global one, a run with workers trained other weights than one without)
+    loader = DataLoader(_Chunked(stream), batch_size=None, num_workers=workers, prefetch_factor=LOADER_PREFETCH,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
     return (sample for chunk in loader for sample in chunk.unpack())

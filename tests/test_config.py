@@ -279,6 +279,7 @@ def test_either_spectral_only_key_alone_implies_the_other(tmp_path, given):
         ("MODEL.SEMANTIC.PROJ_DIM=0", "MODEL.SEMANTIC.PROJ_DIM"),
         ("DATA.MAX_PATCHES=0", "DATA.MAX_PATCHES"),
         ("DATA.NUM_WORKERS=-1", "DATA.NUM_WORKERS"),
+        ("TRAIN.SEED=-1", "TRAIN.SEED"),
         ("AUG.JPEG_QUALITY=[10, 200]", "AUG.JPEG_QUALITY"),
         ("AUG.FLIP_PROB=1.5", "AUG.FLIP_PROB"),
         ("LOSS.TEMPERATURE=0", "LOSS.TEMPERATURE"),

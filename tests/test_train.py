@@ -226,6 +226,17 @@ def test_augmenting_on_the_device_trains_the_same_run(full_run, tiny_shards, tra
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
+def test_loader_processes_train_the_same_run(full_run, tiny_shards, train_store, tmp_path):
+    """DATA.NUM_WORKERS is a speed setting: the loader draws its worker seeds from a generator of its own, so
+    dropout (torch's global generator) draws the same numbers with loader processes as without."""
+    out = tmp_path / "workers"
+    _train(tiny_shards, train_store, out, ("DATA.NUM_WORKERS=1",))
+    assert load_config(full_run / "config.yaml").MODEL.DROPOUT > 0
+    assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
+    a, b = load_checkpoint(out / "checkpoints" / "last.pt"), load_checkpoint(full_run / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
 @pytest.mark.slow
 def test_a_compiled_spectral_branch_trains_the_same_run(full_run, tiny_shards, train_store, tmp_path, monkeypatch):
     """TRAIN.COMPILE: inductor fuses the spectral branch's kernels; the run matches the eager one but for float
