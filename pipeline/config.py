@@ -55,6 +55,11 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
+# settings of how a run is computed that leave its results as they are (tests hold them to it): a run that
+# differs in these alone is the same run (up to date, resumable; e.g. a smaller memory budget to resume with)
+NOT_IDENTITY = ("DATA.STORE_MEMORY_GB", "MODEL.SPECTRAL.CHUNK_SIZE")
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
@@ -188,8 +193,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON form: equal configs hash equal whatever file they came from."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the canonical JSON form: equal configs hash equal whatever file they came from. Keys that
+        change how a run is computed but not its results (NOT_IDENTITY) count at their defaults."""
+        data, defaults = self.to_dict(), RunConfig().to_dict()
+        for key in NOT_IDENTITY:
+            *parents, leaf = key.split(".")
+            mine, theirs = data, defaults
+            for p in parents:
+                mine, theirs = mine[p], theirs[p]
+            mine[leaf] = theirs[leaf]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> RunConfig:

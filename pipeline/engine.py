@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from torch import nn
 
 from semspai import __version__
-from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
+from semspai.pipeline.config import NOT_IDENTITY, ConfigError, RunConfig, config_from_dict, save_config
 from semspai.pipeline.data import (
     BATCHES_AHEAD,
     STORE_CACHE_DIR,
@@ -56,6 +56,7 @@ from semspai.store.manifest import (
     StaleOutputError,
     check_stage,
     fingerprint_paths,
+    leaf_differences,
     read_manifest,
     write_manifest,
 )
@@ -454,9 +455,10 @@ class Trainer:
         state = load_checkpoint(last, map_location=self.device)
         saved = config_from_dict(state["config"], saved=True)
         if saved.digest() != self.cfg.digest():
+            keys = [k for k, _, _ in leaf_differences(saved.to_dict(), self.cfg.to_dict()) if k not in NOT_IDENTITY]
             raise ConfigError(
-                f"--resume: the config differs from the one {self.out} was trained with "
-                f"({self.out / CONFIG_NAME}); resume without --config/--set"
+                f"--resume: the config differs from the one {self.out} was trained with ({', '.join(keys[:3])}"
+                f"{' and more' if len(keys) > 3 else ''}; see {self.out / CONFIG_NAME}); resume without --config/--set"
             )
         have = read_manifest(self.out)
         changed = [n for n in self.inputs if have is not None and have.inputs.get(n) != self.inputs[n]]

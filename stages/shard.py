@@ -188,7 +188,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         config_digest=cfg.digest(),
         inputs={"sources": fingerprint_paths(input_files)},
         semspai_version=__version__,
-        config=asdict(cfg),
+        config={k: v for k, v in asdict(cfg).items() if k not in ("force", "workers")},  # what the output is made of
     )
     hint = {"sources": f"`semspai shard ... --out {out} --force` to rebuild it"}
     if not check_stage(out, wanted, hint, cfg.force):

@@ -61,8 +61,8 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
         raise ConfigError("--resume continues the run in --out and --force starts it over: pass one")
     config_path = cfg.config_path
     saved = Path(cfg.out) / CONFIG_NAME
-    if cfg.resume and config_path is None and not cfg.overrides and saved.exists():
-        config_path = str(saved)  # resuming means the run's own resolved config
+    if cfg.resume and config_path is None and saved.exists():
+        config_path = str(saved)  # resuming means the run's own resolved config (--set may change NOT_IDENTITY)
     run_cfg = load_config(config_path, cfg.overrides)
     lock = lock_beside(cfg.out)  # rank 0 holds it for all ranks
 

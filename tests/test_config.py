@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import pytest
 import yaml
@@ -315,6 +317,15 @@ def test_digest_tracks_every_change():
     changed = dataclasses.replace(base, TRAIN=dataclasses.replace(base.TRAIN, SEED=1))
     assert changed.digest() != base.digest()
     assert config_from_dict(base.to_dict()).digest() == base.digest()
+
+
+def test_settings_of_how_not_what_leave_the_digest_alone():
+    """DATA.STORE_MEMORY_GB and MODEL.SPECTRAL.CHUNK_SIZE change no result: a run differing in them alone is the
+    same run. They count at their defaults, so digests of configs with the defaults are those of before."""
+    base = load_config(None, [])
+    assert load_config(None, ["DATA.STORE_MEMORY_GB=0", "MODEL.SPECTRAL.CHUNK_SIZE=3"]).digest() == base.digest()
+    assert base.digest() == hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()
+    assert load_config(None, ["DATA.NUM_WORKERS=2"]).digest() != base.digest()  # the sample order may change
 
 
 def test_prompt_bank_ships_imagenet_names():
