@@ -144,6 +144,16 @@ def _same_weights(asked: str, stored_arg_weights: str, spec: dict) -> bool:
     return path.name == spec["weights_id"] and (not path.is_file() or file_sha256(path) == spec["sha256"])
 
 
+def is_best(aucs: list[float]) -> bool:
+    """Whether the last epoch's val AUC beats every earlier one's. Ties keep the earlier epoch, float noise
+    included: sklearn's trapezoids give one AUC as 0.711111111111111 and 0.7111111111111111, while two AUCs that
+    truly differ are at least 1 / (reals x fakes) apart."""
+    return len(aucs) == 1 or aucs[-1] > max(aucs[:-1]) + AUC_TIE
+
+
+AUC_TIE = 1e-12
+
+
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     """The P(fake) threshold maximising TPR - FPR on val (Youden's J): balanced between the classes whatever
     their ratio, unlike best accuracy, which follows the val set's class balance."""
@@ -561,8 +571,7 @@ class Trainer:
     def _save(self, epoch: int, history: list[dict]) -> None:
         state = self._checkpoint(epoch, history)
         save_checkpoint(self.checkpoints / f"epoch-{epoch:04d}.pt", state)
-        aucs = [h["val_auc"] for h in history]
-        if len(aucs) == 1 or aucs[-1] > max(aucs[:-1]):  # ties keep the earlier epoch
+        if is_best([h["val_auc"] for h in history]):
             save_checkpoint(self.checkpoints / "best.pt", state)
         save_checkpoint(self.checkpoints / "last.pt", state)  # last: it is what --resume trusts
         write_metrics(self.out / METRICS_NAME, history)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
-from semspai.pipeline.engine import INTERRUPT_WAIT_S, Trainer, lr_at, youden_threshold
+from semspai.pipeline.engine import INTERRUPT_WAIT_S, Trainer, is_best, lr_at, youden_threshold
 from semspai.pipeline.iterate import Background
 from semspai.stages import train as train_stage
 from semspai.stages.cli import cli
@@ -436,6 +436,12 @@ def test_schedule_and_threshold():
     lrs = [lr_at(s, total=10, warmup=2, base_lr=1.0, min_lr=0.0) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0] and all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
     assert youden_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.9]) == pytest.approx(0.35)
+
+
+def test_best_epoch_ties_keep_the_earlier_even_through_float_noise():
+    assert is_best([0.5]) and is_best([0.5, 0.52]) and not is_best([0.6, 0.52])
+    assert not is_best([0.711111111111111, 0.5, 0.7111111111111111])  # 32/45 twice, as a run's metrics had it
+    assert is_best([32 / 45, 0.5, 32 / 45 + 1 / (4000 * 4000)])  # the smallest true step of a large val set
 
 
 DDP_SCRIPT = """
