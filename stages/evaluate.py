@@ -319,7 +319,13 @@ def _auc_text(m: dict) -> str:
     if m["auc"] is None:
         return "–"
     lo, hi = m["auc_ci"]
-    return f"{m['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+    few = "†" if min(m["n_real"], m["n_fake"]) < FEW_FOR_CI else ""
+    return f"{m['auc']:.3f} [{lo:.3f}, {hi:.3f}]{few}"
+
+
+# a class this small gives the bootstrap few distinct resamples (one fake: every resample is that fake, and the
+# interval has no width): such intervals are marked, as understating the uncertainty
+FEW_FOR_CI = 10
 
 
 METRIC_HEADER = ["AUC [95% CI]", "AP", "acc @0.5", "acc @threshold", "TPR @1% FPR", "TPR @5% FPR", "reals", "fakes"]
@@ -363,7 +369,9 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
     if run.mode != "none":
         doc.text(f"Clean images: CLIP vectors {source}.")
     doc.text("AUC intervals are 95% stratified bootstrap intervals "
-             f"({cfg.bootstrap} rounds, seed {cfg.seed}); test sets here are small, so read them before the digits.")  # fmt: skip
+             f"({cfg.bootstrap} rounds, seed {cfg.seed}); test sets here are small, so read them before the digits. "
+             f"† marks an interval from fewer than {FEW_FOR_CI} reals or fakes: it understates the uncertainty "
+             "(with one fake it has no width at all).")  # fmt: skip
 
     doc.heading("Overall")
     doc.table(["", *METRIC_HEADER], [["all generators", *_metric_row(m["overall"])]])
@@ -576,6 +584,8 @@ def command(checkpoints, shards, out, store, split, perturb, overrides, clip, de
         click.echo(f"{r.label}: AUC {_auc_text(o)}, AP {_fmt(o['ap'])}, acc@threshold {_fmt(o['acc_at_threshold'])} "
                    f"({o['n_real']} real, {o['n_fake']} fake"
                    + (f"; unseen in training: {', '.join(unseen)}" if unseen else "") + ")")  # fmt: skip
+    if any(min(r.metrics["overall"]["n_real"], r.metrics["overall"]["n_fake"]) < FEW_FOR_CI for r in result.runs):
+        click.echo(f"†: fewer than {FEW_FOR_CI} reals or fakes; the bootstrap interval understates the uncertainty")
     click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "
                f"({result.seconds:.0f} s)")  # fmt: skip
 

@@ -269,6 +269,9 @@ def test_cli_eval(tiny_shards, checkpoints, tmp_path):
                                    "--heatmaps", "1"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "none: AUC" in res.output and "report.html" in res.output
+    # 2 reals and 2 fakes: the interval is marked, and the mark explained
+    assert re.search(r"none: AUC \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]†, AP", res.output)
+    assert "†: fewer than 10 reals or fakes" in res.output
     assert (tmp_path / "o" / "metrics.json").exists()
     bad = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
                                    "--out", str(tmp_path / "p"), "--perturb", "sharpen:2"])  # fmt: skip
