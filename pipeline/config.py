@@ -101,8 +101,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    PROMPTS_PATH: str = ""  # empty = the shipped ImageNet class names (configs/prompts/imagenet_classnames.txt)
-    PROMPT_TEMPLATE: str = "a photo of a {}."  # each class name becomes one prompt (CLIP's zero-shot convention)
+    # no effect: the prompt bank is fixed into the feature store at extraction (`extract-clip --prompts`). Kept so
+    # configs of earlier versions load; a value other than the default is refused (`check_ranges`)
+    PROMPTS_PATH: str = ""
+    PROMPT_TEMPLATE: str = "a photo of a {}."
     GENERATORS: list[str] = field(default_factory=list)  # keep only these generators (reals always kept); empty = all
     MAX_PATCHES: int = 16  # patches per image in a training view (a random subset of grid cells)
     NUM_WORKERS: int = 0  # DataLoader workers for training
@@ -232,6 +234,12 @@ def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> 
         raise ConfigError(f"MODEL.DROPOUT: {cfg.MODEL.DROPOUT} drops everything (expected 0 <= p < 1)")
     if wanted("LOSS.TEMPERATURE") and cfg.LOSS.TEMPERATURE <= 0:
         raise ConfigError(f"LOSS.TEMPERATURE: {cfg.LOSS.TEMPERATURE} (expected > 0)")
+    for key in ("PROMPTS_PATH", "PROMPT_TEMPLATE"):  # no effect: a value given would only be misleading
+        if wanted(f"DATA.{key}") and getattr(cfg.DATA, key) != getattr(DataConfig, key):
+            raise ConfigError(
+                f"DATA.{key}: the prompt bank is fixed into the feature store at extraction (`semspai extract-clip "
+                "--prompts FILE`, one class name a line); training and eval take it from there: leave this key out"
+            )
     return cfg
 
 
@@ -390,21 +398,3 @@ def config_from_dict(data: dict, saved: bool = False) -> RunConfig:
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (the form `--config` reads back)."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def prompts_path(cfg: RunConfig) -> Path:
-    if cfg.DATA.PROMPTS_PATH:
-        return Path(cfg.DATA.PROMPTS_PATH)
-    return Path(str(resources.files("semspai.configs") / "prompts" / "imagenet_classnames.txt"))
-
-
-def prompt_bank(cfg: RunConfig) -> list[str]:
-    """The prompt texts fixed into a store at extraction: one per non-empty line of the prompts file."""
-    path = prompts_path(cfg)
-    try:
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError as exc:
-        raise ConfigError(f"DATA.PROMPTS_PATH: {path} does not exist") from exc
-    if "{}" not in cfg.DATA.PROMPT_TEMPLATE:
-        raise ConfigError(f"DATA.PROMPT_TEMPLATE: {cfg.DATA.PROMPT_TEMPLATE!r} has no {{}} for the class name")
-    return [cfg.DATA.PROMPT_TEMPLATE.format(n) for n in names]

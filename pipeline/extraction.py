@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,8 +108,11 @@ def warm_up(factory: Callable[[], Embedder], log_level: int = logging.WARNING, d
     worker_embedder(factory)
 
 
-def prompt_bank(path: str | Path) -> list[str]:
-    """Class names (one a line) -> prompt texts `a photo of a {name}.`."""
+DEFAULT_PROMPTS = Path(str(resources.files("semspai.configs") / "prompts" / "imagenet_classnames.txt"))
+
+
+def prompt_bank(path: str | Path = DEFAULT_PROMPTS) -> list[str]:
+    """Class names (one a line; the ImageNet ones by default) -> prompt texts `a photo of a {name}.`."""
     try:
         names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:

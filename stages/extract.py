@@ -17,8 +17,8 @@ import torch
 
 from semspai import __version__
 from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError
-from semspai.pipeline.config import load_config, prompts_path
 from semspai.pipeline.extraction import (
+    DEFAULT_PROMPTS,
     ClipFactory,
     Embedder,
     ExtractOptions,
@@ -202,7 +202,7 @@ def _run(
     # an attached cluster's workers, not this client, say which devices exist (a login node may have no GPU)
     device = cfg.device if cfg.scheduler else resolve_device(cfg.device)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
-    prompts = prompt_bank(cfg.prompts or prompts_path(load_config()))
+    prompts = prompt_bank(cfg.prompts or DEFAULT_PROMPTS)
     existing = read_store_attrs(cfg.store)
     checker, stop = ThreadPoolExecutor(1, thread_name_prefix="check-inputs"), threading.Event()
     checked = checker.submit(check_inputs, cfg.store, paths, 8, stop)  # hashing tars overlaps the cluster's start

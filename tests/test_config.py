@@ -18,8 +18,6 @@ from semspai.pipeline.config import (
     config_from_dict,
     load_config,
     parse_override,
-    prompt_bank,
-    prompts_path,
     save_config,
     shipped_config,
 )
@@ -117,7 +115,7 @@ def test_bad_override_syntax(text):
             ("MODEL", "CLIP", "WEIGHTS"),
             "pretrained/clip/ViT-B-32.safetensors",
         ),
-        ("DATA.PROMPT_TEMPLATE=a picture of {}", ("DATA", "PROMPT_TEMPLATE"), "a picture of {}"),
+        ("MODEL.CLIP.NAME=ViT-B-16", ("MODEL", "CLIP", "NAME"), "ViT-B-16"),
     ],
 )
 def test_set_values_are_typed(override, path, expected):
@@ -301,7 +299,7 @@ def test_save_load_round_trip(tmp_path):
             "DATA.GENERATORS=a,b",
             "MODEL.USE_SEMANTIC_CONTEXT=false",
             "MODEL.SEMANTIC.MODE=none",
-            "DATA.PROMPT_TEMPLATE=an image of {}, maybe",
+            "MODEL.CLIP.WEIGHTS=my weights, v2.safetensors",
             "MODEL.CLIP.NAME=ViT-B-32",
         ],
     )
@@ -328,25 +326,14 @@ def test_settings_of_how_not_what_leave_the_digest_alone():
     assert load_config(None, ["DATA.NUM_WORKERS=2"]).digest() != base.digest()  # the sample order may change
 
 
-def test_prompt_bank_ships_imagenet_names():
-    cfg = RunConfig()
-    assert prompts_path(cfg).is_file()
-    bank = prompt_bank(cfg)
-    assert len(bank) == 1000
-    assert all(p.startswith("a photo of a ") and p.endswith(".") for p in bank)
-    assert len(set(bank)) >= 998  # ImageNet repeats two names (crane, maillot)
-
-
-def test_prompt_bank_from_a_file_and_errors(tmp_path):
-    (tmp_path / "p.txt").write_text("cat\n\n dog \n")
-    cfg = load_config(
-        None, [f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE='{} here'"]
-    )  # quoted: {} alone is YAML's empty mapping
-    assert prompt_bank(cfg) == ["cat here", "dog here"]
-    with pytest.raises(ConfigError, match="DATA.PROMPTS_PATH"):
-        prompt_bank(load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'none.txt'}"]))
-    with pytest.raises(ConfigError, match="DATA.PROMPT_TEMPLATE"):
-        prompt_bank(load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE=plain"]))
+def test_prompt_keys_of_old_configs_load_but_are_refused_when_given(tmp_path):
+    """The prompt bank is the store's (fixed at extraction): a DATA.PROMPTS_PATH given to train would do nothing."""
+    for override in (f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE='{} here'"):
+        with pytest.raises(ConfigError, match=r"^DATA.PROMPT.*fixed into the feature store at extraction"):
+            load_config(None, [override])
+    old = RunConfig().to_dict()
+    old["DATA"]["PROMPTS_PATH"] = "/somewhere/p.txt"  # a checkpoint's config of an earlier version
+    assert config_from_dict(old, saved=True).DATA.PROMPTS_PATH == "/somewhere/p.txt"
 
 
 def test_saved_configs_are_not_range_checked_again():

@@ -29,7 +29,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from semspai.pipeline import extraction
 from semspai.pipeline.clip import load_embedder
-from semspai.pipeline.config import load_config, prompts_path
 from semspai.pipeline.extraction import (
     ClipFactory,
     CpuCrops,
@@ -834,8 +833,10 @@ def test_injected_reader_and_unreadable_image(tmp_path: Path) -> None:
 
 
 def test_default_prompt_bank_is_imagenet() -> None:
-    bank = prompt_bank(prompts_path(load_config()))
+    bank = prompt_bank()
     assert len(bank) == 1000 and bank[0] == "a photo of a tench."
+    assert all(p.startswith("a photo of a ") and p.endswith(".") for p in bank)
+    assert len(set(bank)) >= 998  # ImageNet repeats two names (crane, maillot)
 
 
 def test_unreadable_or_empty_prompt_file_is_one_line_error(shards: Path, tmp_path: Path) -> None:
