@@ -208,7 +208,10 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     store = None
     if cfg.store:
         expect = det.clip_spec.identity() if det.clip_spec is not None else None
-        store = FeatureStore.open(cfg.store, expect_clip=expect, expect_patch_rule=DEFAULT_RULE.id)
+        arg = det.clip_spec.arg if det.clip_spec is not None else ""
+        store = FeatureStore.open(cfg.store, expect_clip=expect, expect_patch_rule=DEFAULT_RULE.id,
+                                  advice=f"the checkpoint needs a store extracted with its own encoder ({arg}), or no "
+                                  "--store (CLIP then runs on the fly)")  # fmt: skip
     shards = split_shards(cfg.shards, cfg.split)
     if store is not None:
         store.check_shards(shards)

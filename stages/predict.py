@@ -33,6 +33,7 @@ class PredictConfig:
     clip: str | None = None  # where the checkpoint's CLIP weights are now
     device: str = "auto"
     chunk_size: int | None = None  # patches per encoder step (memory); None = the checkpoint's
+    threshold: float | None = None  # label = fake when score >= this; None = the checkpoint's (chosen on val)
 
 
 @dataclass
@@ -83,6 +84,8 @@ def run(cfg: PredictConfig) -> PredictResult:
     det = load_detector(cfg.checkpoint, clip=cfg.clip, device=resolve_device(cfg.device))
     if cfg.chunk_size is not None:
         det.chunk_size = cfg.chunk_size
+    if cfg.threshold is not None:
+        det.threshold = cfg.threshold
     folder = Path(cfg.heatmaps) if cfg.heatmaps else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -123,15 +126,21 @@ def run(cfg: PredictConfig) -> PredictResult:
     type=click.IntRange(min=1),
     help="Patches per encoder step (bounds memory); default: the checkpoint's.",
 )
+@click.option(
+    "--threshold",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Label an image fake when its score is at least this; default: the checkpoint's, chosen on val (Youden's J).",
+)
 @user_errors
-def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size) -> None:
+def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold) -> None:
     """Score images (files, or directories walked recursively) of any size: score = P(fake).
 
     An unreadable file gets a row with its error and the others are still scored; the exit status is non-zero
     only when no file could be scored.
     """
     result = run(PredictConfig(inputs=list(inputs), checkpoint=checkpoint, out=out, heatmaps=heatmaps, clip=clip,
-                               device=device, chunk_size=chunk_size))  # fmt: skip
+                               device=device, chunk_size=chunk_size, threshold=threshold))  # fmt: skip
     if result.out is None:
         sys.stdout.write(format_csv(result.predictions))
     n = len(result.predictions)

@@ -114,15 +114,15 @@ def _attrs_identity(attrs: dict) -> dict:
     }
 
 
-def check_identity(path: str, have: dict, want: dict) -> None:
+def check_identity(path: str, have: dict, want: dict, advice: str = "") -> None:
+    """Raise unless the store's setup `have` is `want`; `advice` (default: a new store, or the store's own setup)
+    says what to do."""
     diffs = [f"{k}: store has {a!r}, asked for {b!r}" for k, a, b in leaf_differences(have, want)]
     if diffs:
         # the CPU decoder and the patch rule are this semspai version's own: no option asks for another one
         fixed = any(d.startswith(("decoder.cpu", "patch_rule")) for d in diffs)
-        raise FeatureStoreError(
-            f"feature store {path} was made with another setup ({'; '.join(diffs)}); extract into a new --store"
-            + ("" if fixed else ", or ask for the store's own setup")
-        )
+        advice = advice or "extract into a new --store" + ("" if fixed else ", or ask for the store's own setup")
+        raise FeatureStoreError(f"feature store {path} was made with another setup ({'; '.join(diffs)}); {advice}")
 
 
 def limit_zarr_concurrency(n: int) -> None:
@@ -461,9 +461,11 @@ class FeatureStore:
         expect_decoder: dict | None = None,
         expect_patch_rule: str | None = None,
         check: bool = True,
+        advice: str = "",
     ) -> FeatureStore:
         """Open a store for reading; each `expect_*` given must equal the store's (else FeatureStoreError), and
-        with `check` no array of a done shard may lack a chunk file (`damaged_arrays`)."""
+        with `check` no array of a done shard may lack a chunk file (`damaged_arrays`). `advice`: what a
+        mismatch's message tells to do."""
         path = str(path)
         root = _open_root(path, "r")
         attrs = root.attrs.asdict()
@@ -479,7 +481,7 @@ class FeatureStore:
         for key, value in (("clip", expect_clip), ("decoder", expect_decoder), ("patch_rule", expect_patch_rule)):
             if value is not None:
                 want[key] = value
-        check_identity(path, {k: have[k] for k in want}, want)
+        check_identity(path, {k: have[k] for k in want}, want, advice)
         shard_attrs = _shard_attrs(path)
         if check:
             damaged = damaged_arrays(path, {n: a for n, a in shard_attrs.items() if a.get("done")})

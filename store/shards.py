@@ -251,7 +251,9 @@ def resolve_shards(spec: str | Path) -> list[Path]:
         try:
             paths = [Path(p) for p in braceexpand.braceexpand(text)]
         except braceexpand.UnbalancedBracesError as exc:
-            raise ShardError(f"shard spec {text}: {exc} (a brace pattern reads like train-{{000000..000031}}.tar)") from exc
+            raise ShardError(
+                f"shard spec {text}: {exc} (a brace pattern reads like train-{{000000..000031}}.tar)"
+            ) from exc
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise ShardError(f"{len(missing)} shard(s) of {text} do not exist, e.g. {missing[0]}")

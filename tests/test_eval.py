@@ -146,7 +146,11 @@ def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, eva
 def test_store_of_another_clip_is_refused(tiny_shards, checkpoints, tmp_path):
     store = str(tmp_path / "other.zarr")
     extract(ExtractConfig(shards=str(tiny_shards), store=store, clip="timm/resnet10t:random", workers=0, device="cpu"))
-    with pytest.raises(FeatureStoreError, match="another setup"):
+    with pytest.raises(
+        FeatureStoreError,
+        match=r"another setup .*; the checkpoint needs a store extracted with its "
+        r"own encoder \(tiny-random\), or no --store \(CLIP then runs on the fly\)$",
+    ):
         run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
                        out=str(tmp_path / "out"), device="cpu"))  # fmt: skip
 

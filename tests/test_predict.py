@@ -290,3 +290,16 @@ def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, r
     (tmp_path / "notes.csv").write_text("my,own,table\n")
     assert predict(tmp_path / "notes.csv").exit_code == 1
     assert (tmp_path / "notes.csv").read_text() == "my,own,table\n"
+
+
+def test_threshold_sets_the_labels_and_defaults_to_the_checkpoints(checkpoint, tmp_path, rgb):
+    image = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
+    base = run(PredictConfig(inputs=[str(image)], checkpoint=str(checkpoint), device="cpu")).predictions[0]
+    assert base.label == ("fake" if base.score >= 0.5 else "real")  # this checkpoint's threshold is 0.5
+    for t, label in ((base.score, "fake"), (min(1.0, base.score + 1e-6), "real")):
+        (p,) = run(
+            PredictConfig(inputs=[str(image)], checkpoint=str(checkpoint), device="cpu", threshold=t)
+        ).predictions
+        assert p.score == base.score and p.label == label
+    res = CliRunner().invoke(cli, ["predict", str(image), "--checkpoint", str(checkpoint), "--threshold", "1.5"])
+    assert res.exit_code == 2 and "--threshold" in res.output
