@@ -373,9 +373,32 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = loaded
-    for text in overrides:
-        data = _merge(data, parse_override(text))
+    layers = [parse_override(text) for text in overrides]
+    # of the two keys that say "spectral only", one given by --set alone decides the other, whatever the file set
+    # (`--set MODEL.SEMANTIC.MODE=none` over a file that sets both turns the ablation off, not into an error)
+    use, mode = ("MODEL", "USE_SEMANTIC_CONTEXT"), ("MODEL", "SEMANTIC", "MODE")
+    for given, other in ((use, mode), (mode, use)):
+        if any(_has(layer, given) for layer in layers) and not any(_has(layer, other) for layer in layers):
+            data = _without(data, other)
+    for layer in layers:
+        data = _merge(data, layer)
     return config_from_dict(data)
+
+
+def _has(data: dict, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def _without(data: dict, path: tuple[str, ...]) -> dict:
+    """A copy of nested `data` without the key at `path` (the same when it has none)."""
+    if not _has(data, path):
+        return data
+    head, *rest = path
+    return {**data, head: _without(data[head], tuple(rest))} if rest else {k: v for k, v in data.items() if k != head}
 
 
 def config_from_dict(data: dict, saved: bool = False) -> RunConfig:

@@ -254,10 +254,16 @@ def test_either_spectral_only_key_alone_implies_the_other(tmp_path, given):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({section: nested}))  # the same from a file
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.MODEL.USE_SEMANTIC_CONTEXT, cfg.MODEL.SEMANTIC.MODE) == (False, "none")
-    # a mode a file gives still contradicts USE_SEMANTIC_CONTEXT=false given on the command line
-    (tmp_path / "m.yaml").write_text("MODEL:\n  SEMANTIC:\n    MODE: global\n")
+    # one given by --set alone decides the other over what a file set (the ablation recipe over the demo config,
+    # which sets both); the two given together still have to agree
+    (tmp_path / "m.yaml").write_text("MODEL:\n  USE_SEMANTIC_CONTEXT: true\n  SEMANTIC:\n    MODE: global\n")
+    cfg = load_config(tmp_path / "m.yaml", [given])
+    assert (cfg.MODEL.USE_SEMANTIC_CONTEXT, cfg.MODEL.SEMANTIC.MODE) == (False, "none")
+    (tmp_path / "n.yaml").write_text("MODEL:\n  USE_SEMANTIC_CONTEXT: false\n  SEMANTIC:\n    MODE: none\n")
+    cfg = load_config(tmp_path / "n.yaml", ["MODEL.SEMANTIC.MODE=global_local"])
+    assert (cfg.MODEL.USE_SEMANTIC_CONTEXT, cfg.MODEL.SEMANTIC.MODE) == (True, "global_local")
     with pytest.raises(ConfigError, match="MODEL.USE_SEMANTIC_CONTEXT is false but MODEL.SEMANTIC.MODE is 'global'"):
-        load_config(tmp_path / "m.yaml", ["MODEL.USE_SEMANTIC_CONTEXT=false"])
+        load_config(tmp_path / "m.yaml", ["MODEL.USE_SEMANTIC_CONTEXT=false", "MODEL.SEMANTIC.MODE=global"])
 
 
 @pytest.mark.parametrize(
