@@ -64,12 +64,26 @@ def scan_folder(root: Path) -> list[SourceRecord]:
     # the folder's own name however it was spelled (`.`, `../ds`, `ds/`): origins, and with them keys and hash
     # splits, must not depend on the working folder; symlinks are not followed (their name is what was given)
     name = Path(os.path.abspath(root)).name
-    records = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-        rel = path.relative_to(root)
-        label, generator = label_from_parts((name, *rel.parts))
-        records.append(SourceRecord(path=path, origin=f"{name}/{rel.as_posix()}", label=label, generator=generator))
-    return records
+    records, walked = [], set()
+    # linked folders are followed (each real folder once: a link loop ends); hidden files and folders (.git,
+    # macOS's ._name.jpg resource forks) are not images of the data set
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in walked:
+            dirs[:] = []
+            continue
+        walked.add(os.path.realpath(folder))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            path = Path(folder) / f
+            if f.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if not path.is_file():
+                log.warning("%s: a broken symlink or not a regular file, skipped", path)
+                continue
+            rel = path.relative_to(root)
+            label, generator = label_from_parts((name, *rel.parts))
+            records.append(SourceRecord(path=path, origin=f"{name}/{rel.as_posix()}", label=label, generator=generator))
+    return sorted(records, key=lambda r: r.path)
 
 
 def _parse_label(raw: str, where: str) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def test_scan_folder_rooted_at_a_label_folder(tmp_path):
     touch(tmp_path / "fake", "gan/a.png")
     (rec,) = scan_folder(tmp_path / "fake")
     assert (rec.label, rec.generator, rec.origin) == (1, "gan", "fake/gan/a.png")
+
+
+def test_scan_folder_follows_linked_folders_once_and_skips_hidden_and_broken(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    touch(elsewhere, "g2/b.png")
+    root = tmp_path / "set"
+    touch(root, "fake/g1/a.png")
+    touch(root, "fake/g1/._a.png")  # a macOS resource fork
+    touch(root, ".cache/fake/g1/c.png")
+    (root / "fake" / "g2").symlink_to(elsewhere / "g2")  # a generator's images linked in from another disk
+    (root / "fake" / "loop").symlink_to(root / "fake")  # a link back up: the walk still ends
+    (root / "fake" / "g1" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with caplog.at_level(logging.WARNING, logger="semspai.store.sources"):
+        got = [(r.origin, r.label, r.generator) for r in scan_folder(root)]
+    assert got == [("set/fake/g1/a.png", 1, "g1"), ("set/fake/g2/b.png", 1, "g2")]
+    assert any("gone.png: a broken symlink" in r.getMessage() for r in caplog.records)
 
 
 def write_csv(path: Path, text: str) -> Path:
