@@ -18,7 +18,6 @@ import torch
 from semspai import __version__
 from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError
 from semspai.pipeline.extraction import (
-    DEFAULT_PROMPTS,
     ClipFactory,
     Embedder,
     ExtractOptions,
@@ -64,11 +63,14 @@ register_user_error(FeatureStoreError, ClipLoadError, WriterProcessError)
 INPUT_ERRORS = (ShardError, FeatureStoreError, ImageDecodeError, ClipLoadError, WriterProcessError)
 
 
+DEFAULT_CLIP = "ViT-B-32:openai"  # a new store's encoder unless --clip names another
+
+
 @dataclass
 class ExtractConfig:
     shards: str  # SPEC: brace pattern, glob or shard folder
     store: str  # local path or fsspec URL that Zarr accepts
-    clip: str = "ViT-B-32:openai"  # MODEL[:WEIGHTS], tiny-random, or timm/MODEL:FILE
+    clip: str = ""  # MODEL[:WEIGHTS], tiny-random, or timm/MODEL:FILE; empty: the store's own, else DEFAULT_CLIP
     workers: int | None = None  # Dask worker processes; None = one per core (one per GPU on CUDA); 0 = no Dask
     scheduler: str | None = None  # tcp://HOST:PORT of an existing cluster (then `workers` is ignored)
     decode_workers: int = 2  # decode threads inside each task
@@ -76,7 +78,7 @@ class ExtractConfig:
     device: str = "auto"  # auto = cuda when available
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, bf16-weights
     gpu_decode: bool = False  # decode JPEGs with nvjpeg on the device (recorded: another decoder identity)
-    prompts: str = ""  # class-name file for the prompt bank; empty = the shipped ImageNet class names
+    prompts: str = ""  # class-name file for the prompt bank; empty: the store's own, else the ImageNet class names
     torch_threads: int = 1  # per worker; fixed so the bits do not depend on the worker count
 
 
@@ -202,8 +204,12 @@ def _run(
     # an attached cluster's workers, not this client, say which devices exist (a login node may have no GPU)
     device = cfg.device if cfg.scheduler else resolve_device(cfg.device)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
-    prompts = prompt_bank(cfg.prompts or DEFAULT_PROMPTS)
     existing = read_store_attrs(cfg.store)
+    # what is not asked for is the store's own when extending one: a later batch needs no repeated options
+    clip = cfg.clip or (existing["clip"]["arg"] if existing else DEFAULT_CLIP)
+    prompts = prompt_bank(cfg.prompts) if cfg.prompts else existing["prompts"] if existing else prompt_bank()
+    if existing and not cfg.clip:
+        log.info("extending %s with its own encoder, %s", cfg.store, clip)
     checker, stop = ThreadPoolExecutor(1, thread_name_prefix="check-inputs"), threading.Event()
     checked = checker.submit(check_inputs, cfg.store, paths, 8, stop)  # hashing tars overlaps the cluster's start
     checker.shutdown(wait=False)
@@ -219,7 +225,7 @@ def _run(
     try:
         if cfg.scheduler:
             device = dist.call(resolve_device, cfg.device)
-        factory = embedder_factory or ClipFactory(cfg.clip, device, cfg.precision)
+        factory = embedder_factory or ClipFactory(clip, device, cfg.precision)
         # every worker builds its embedder before any shard is handed out, so no worker idles while another
         # one is still loading; prompt vectors only for a new store
         dist.on_every_worker(warm_up, factory, logging.getLogger("semspai").getEffectiveLevel())
@@ -286,9 +292,9 @@ def _run(
 @click.option("--store", required=True, help="Feature store path or fsspec URL (created, or extended when it exists).")
 @click.option(
     "--clip",
-    default=ExtractConfig.clip,
-    show_default=True,
-    help="MODEL[:WEIGHTS]: hub tag, local .safetensors, MODEL:random, tiny-random, or timm/MODEL:FILE.",
+    default="",
+    help="MODEL[:WEIGHTS]: hub tag, local .safetensors, MODEL:random, tiny-random, or timm/MODEL:FILE "
+    f"(default: the store's own when extending one, else {DEFAULT_CLIP}).",
 )
 @click.option(
     "--workers",
@@ -326,7 +332,11 @@ def _run(
     help="Decode JPEGs with torchvision on --device (nvjpeg on CUDA; on the CPU it runs but gains nothing); "
     "recorded in the store.",
 )
-@click.option("--prompts", default="", help="Class-name file for the prompt bank (default: ImageNet class names).")
+@click.option(
+    "--prompts",
+    default="",
+    help="Class-name file for the prompt bank (default: the store's own, or for a new store the ImageNet class names).",
+)
 @user_errors
 def command(
     shards: str,
