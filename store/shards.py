@@ -264,6 +264,9 @@ def resolve_shards(spec: str | Path) -> list[Path]:
             raise ShardError(f"no shard matches {text}")
         return sorted(t for p in paths for t in (_folder_tars(p) if p.is_dir() else [p]))
     if os.path.isfile(text):
+        if not text.endswith(".tar"):  # e.g. the folder's index.json: the folder is the SPEC
+            raise ShardError(f"shard spec {text} is not a .tar file; name a tar, a shard folder, a glob or a brace "
+                             "pattern")  # fmt: skip
         return [Path(text)]
     raise ShardError(f"shard spec {text} is neither a folder, a tar, a glob nor a brace pattern that exists")
 

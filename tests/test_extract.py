@@ -472,7 +472,7 @@ def test_tar_unlike_its_index_fails_naming_it_and_keeps_the_others(
     tar.write_bytes(bytes(data))
     store = tmp_path / "s.zarr"
     line = one_line_error(cli_args(folder, store, "tiny-random", "--batch-size", str(BATCH)))
-    assert "shard train-000002: its sha256 is not the one index.json recorded" in line
+    assert f"shard train-000002 ({tar}): its sha256 is not the one index.json recorded" in line
     assert FeatureStore.open(str(store)).done_shards == ["train-000000", "train-000001"]
     tar.write_bytes(good)
     run(cfg(folder, store), embedder_factory=TINY)

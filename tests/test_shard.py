@@ -800,6 +800,8 @@ def test_resolve_shards_spec_forms(tiny_shards, tmp_path):
         resolve_shards(tmp_path / "empty")
     with pytest.raises(ShardError, match="neither"):
         resolve_shards(tmp_path / "nope")
+    with pytest.raises(ShardError, match="index.json is not a .tar file"):
+        resolve_shards(tiny_shards / "index.json")
     with pytest.raises(ShardError, match="index.json is missing"):
         read_index(tmp_path / "empty")
 
