@@ -136,8 +136,8 @@ def export(path: str, out: str) -> None:
     """Write the store's done shards (concatenated) to the HDF5 file OUT."""
     refuse_foreign_output(Path(out), is_export, "an earlier export-h5 file")
     store = FeatureStore.open(path)
+    click.echo(f"{export_h5(store, out)}: {store.n_images} images")
     pending = sorted(set(store.recorded_shards) - set(store.done_shards))
     if pending:  # an extraction still running, or stopped: the export is of what is done
         click.echo(f"warning: {len(pending)} shard(s) asked for are not done (an extract-clip running or stopped, "
                    f"e.g. {pending[0]}); the export holds the {len(store.done_shards)} done ones", err=True)  # fmt: skip
-    click.echo(f"{export_h5(store, out)}: {store.n_images} images")
