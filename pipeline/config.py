@@ -56,8 +56,10 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 # settings of how a run is computed that leave its results as they are (tests hold them to it): a run that
-# differs in these alone is the same run (up to date, resumable; e.g. a smaller memory budget to resume with)
-NOT_IDENTITY = ("DATA.STORE_MEMORY_GB", "MODEL.SPECTRAL.CHUNK_SIZE")
+# differs in these alone is the same run (up to date, resumable; e.g. a smaller memory budget to resume with).
+# Not MODEL.SPECTRAL.CHUNK_SIZE: a frozen encoder trains in chunks, and on a GPU dropout's draws follow them
+NOT_IDENTITY = ("DATA.STORE_MEMORY_GB",)
+PROMPT_TEMPLATE = "a photo of a {}."  # each class name of a store's prompt bank becomes one prompt (CLIP's zero-shot)
 
 
 class ConfigError(ValueError):
@@ -104,7 +106,7 @@ class DataConfig:
     # no effect: the prompt bank is fixed into the feature store at extraction (`extract-clip --prompts`). Kept so
     # configs of earlier versions load; a value other than the default is refused (`check_ranges`)
     PROMPTS_PATH: str = ""
-    PROMPT_TEMPLATE: str = "a photo of a {}."
+    PROMPT_TEMPLATE: str = PROMPT_TEMPLATE
     GENERATORS: list[str] = field(default_factory=list)  # keep only these generators (reals always kept); empty = all
     MAX_PATCHES: int = 16  # patches per image in a training view (a random subset of grid cells)
     NUM_WORKERS: int = 0  # DataLoader workers for training
@@ -194,9 +196,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def digest(self) -> str:
-        """sha256 of the canonical JSON form: equal configs hash equal whatever file they came from. Keys that
-        change how a run is computed but not its results (NOT_IDENTITY) count at their defaults."""
+    def identity(self) -> dict:
+        """What makes a run this run: the config, with the keys that change how it is computed but not its
+        results (NOT_IDENTITY) at their defaults."""
         data, defaults = self.to_dict(), RunConfig().to_dict()
         for key in NOT_IDENTITY:
             *parents, leaf = key.split(".")
@@ -204,7 +206,12 @@ class RunConfig:
             for p in parents:
                 mine, theirs = mine[p], theirs[p]
             mine[leaf] = theirs[leaf]
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return data
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form of `identity`: equal configs hash equal whatever file they came from
+        (and configs at NOT_IDENTITY's defaults as they did before it existed)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
 
 def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> RunConfig:
@@ -360,8 +367,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """The dataclass defaults <- `path` <- each `KEY=VALUE` override, then validated."""
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), saved: bool = False) -> RunConfig:
+    """The dataclass defaults <- `path` <- each `KEY=VALUE` override, then validated. `saved`: `path` is a run's
+    own config.yaml, whose values are not range-checked again (only the overrides are)."""
     data: dict = {}
     if path is not None:
         try:
@@ -382,7 +390,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             data = _without(data, other)
     for layer in layers:
         data = _merge(data, layer)
-    return config_from_dict(data)
+    if not saved:
+        return config_from_dict(data)
+    return check_ranges(config_from_dict(data, saved=True), [t.split("=", 1)[0].strip() for t in overrides])
 
 
 def _has(data: dict, path: tuple[str, ...]) -> bool:

@@ -162,7 +162,10 @@ def plan_split(
     with `missing_hint`). Each of `generators` must have fakes somewhere in `shards` (a name nothing has is a
     typo), and no key may be in two tars (a tar named twice counts once)."""
     wanted = set(generators)
-    shards = list({os.path.realpath(p): Path(p) for p in shards}.values())
+    unique: dict[str, Path] = {}
+    for p in shards:  # a tar named twice (or by two paths) counts once, under the name it had first
+        unique.setdefault(os.path.realpath(p), Path(p))
+    shards = list(unique.values())
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
     missing: list[tuple[str, str]] = []

@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from torch import nn
 
 from semspai import __version__
-from semspai.pipeline.config import NOT_IDENTITY, ConfigError, RunConfig, config_from_dict, save_config
+from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, save_config
 from semspai.pipeline.data import (
     BATCHES_AHEAD,
     STORE_CACHE_DIR,
@@ -144,14 +144,14 @@ def _same_weights(asked: str, stored_arg_weights: str, spec: dict) -> bool:
     return path.name == spec["weights_id"] and (not path.is_file() or file_sha256(path) == spec["sha256"])
 
 
+AUC_TIE = 1e-12  # far above float noise (1e-16), far below a true step of AUC (0.5 / (reals x fakes))
+
+
 def is_best(aucs: list[float]) -> bool:
     """Whether the last epoch's val AUC beats every earlier one's. Ties keep the earlier epoch, float noise
     included: sklearn's trapezoids give one AUC as 0.711111111111111 and 0.7111111111111111, while two AUCs that
-    truly differ are at least 1 / (reals x fakes) apart."""
+    truly differ are at least 0.5 / (reals x fakes) apart (a half for a tied score)."""
     return len(aucs) == 1 or aucs[-1] > max(aucs[:-1]) + AUC_TIE
-
-
-AUC_TIE = 1e-12
 
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -236,7 +236,7 @@ def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[
 
 def run_manifest(cfg: RunConfig, inputs: dict[str, str]) -> StageManifest:
     return StageManifest(stage=STAGE, schema_version=TRAIN_SCHEMA_VERSION, config_digest=cfg.digest(), inputs=inputs,
-                         semspai_version=__version__, config=cfg.to_dict())  # fmt: skip
+                         semspai_version=__version__, config=cfg.identity())  # fmt: skip
 
 
 def holds_run(out: Path) -> bool:
@@ -465,7 +465,7 @@ class Trainer:
         state = load_checkpoint(last, map_location=self.device)
         saved = config_from_dict(state["config"], saved=True)
         if saved.digest() != self.cfg.digest():
-            keys = [k for k, _, _ in leaf_differences(saved.to_dict(), self.cfg.to_dict()) if k not in NOT_IDENTITY]
+            keys = [k for k, _, _ in leaf_differences(saved.identity(), self.cfg.identity())]
             raise ConfigError(
                 f"--resume: the config differs from the one {self.out} was trained with ({', '.join(keys[:3])}"
                 f"{' and more' if len(keys) > 3 else ''}; see {self.out / CONFIG_NAME}); resume without --config/--set"

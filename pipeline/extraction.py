@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
-from semspai.pipeline.config import ConfigError
+from semspai.pipeline.config import PROMPT_TEMPLATE, ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.pipeline.progress import configure_logging
@@ -46,7 +46,6 @@ from semspai.store.writer import uses_writer_process, write_shard_rows, writer_p
 
 log = logging.getLogger(__name__)
 
-PROMPT_TEMPLATE = "a photo of a {}."
 # JPEGs decoded by torchvision on the device, crops resized there; other formats and EXIF-rotated JPEGs
 # still go through DECODER_ID. Part of the store identity: its pixels differ slightly from PIL's.
 GPU_DECODER_ID = "torchvision-decode_jpeg-rgb+torch-bicubic-aa-v1"
@@ -584,8 +583,8 @@ def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
     sha = reading.sha256.result()
     if job.expected_sha256 and sha != job.expected_sha256:  # checked before anything of it is written
         raise ShardError(
-            f"shard {job.name} ({job.shard}): its sha256 is not the one {INDEX_NAME} recorded when it was sharded (damaged or "
-            f"replaced since); rebuild it with `semspai shard ... --force`"
+            f"shard {job.name} ({job.shard}): its sha256 is not the one {INDEX_NAME} recorded when it was sharded "
+            "(damaged or replaced since); rebuild it with `semspai shard ... --force`"
         )
     return dataclasses.replace(features, sha256=sha), start
 

@@ -210,8 +210,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         expect = det.clip_spec.identity() if det.clip_spec is not None else None
         arg = det.clip_spec.arg if det.clip_spec is not None else ""
         store = FeatureStore.open(cfg.store, expect_clip=expect, expect_patch_rule=DEFAULT_RULE.id,
-                                  advice=f"the checkpoint needs a store extracted with its own encoder ({arg}), or no "
-                                  "--store (CLIP then runs on the fly)")  # fmt: skip
+                                  advice=f"the checkpoint needs a store extracted with its own encoder ({arg}) and "
+                                  "this semspai's patch rule, or no --store (CLIP then runs on the fly)")  # fmt: skip
     shards = split_shards(cfg.shards, cfg.split)
     if store is not None:
         store.check_shards(shards)
@@ -318,17 +318,21 @@ def render_heatmaps(run: CheckpointEval, plan_shards: list[Path], picks: dict[st
     return out
 
 
+# a class this small gives the bootstrap few distinct resamples (one fake: every resample is that fake, and the
+# interval has no width): such intervals are marked, as understating the uncertainty
+FEW_FOR_CI = 10
+
+
+def few_for_ci(m: dict) -> bool:
+    """Whether metrics block `m` has too few reals or fakes for its bootstrap interval to be read as one."""
+    return min(m["n_real"], m["n_fake"]) < FEW_FOR_CI
+
+
 def _auc_text(m: dict) -> str:
     if m["auc"] is None:
         return "–"
     lo, hi = m["auc_ci"]
-    few = "†" if min(m["n_real"], m["n_fake"]) < FEW_FOR_CI else ""
-    return f"{m['auc']:.3f} [{lo:.3f}, {hi:.3f}]{few}"
-
-
-# a class this small gives the bootstrap few distinct resamples (one fake: every resample is that fake, and the
-# interval has no width): such intervals are marked, as understating the uncertainty
-FEW_FOR_CI = 10
+    return f"{m['auc']:.3f} [{lo:.3f}, {hi:.3f}]{'†' if few_for_ci(m) else ''}"
 
 
 METRIC_HEADER = ["AUC [95% CI]", "AP", "acc @0.5", "acc @threshold", "TPR @1% FPR", "TPR @5% FPR", "reals", "fakes"]
@@ -587,7 +591,7 @@ def command(checkpoints, shards, out, store, split, perturb, overrides, clip, de
         click.echo(f"{r.label}: AUC {_auc_text(o)}, AP {_fmt(o['ap'])}, acc@threshold {_fmt(o['acc_at_threshold'])} "
                    f"({o['n_real']} real, {o['n_fake']} fake"
                    + (f"; unseen in training: {', '.join(unseen)}" if unseen else "") + ")")  # fmt: skip
-    if any(min(r.metrics["overall"]["n_real"], r.metrics["overall"]["n_fake"]) < FEW_FOR_CI for r in result.runs):
+    if any(few_for_ci(r.metrics["overall"]) for r in result.runs):
         click.echo(f"†: fewer than {FEW_FOR_CI} reals or fakes; the bootstrap interval understates the uncertainty")
     click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "
                f"({result.seconds:.0f} s)")  # fmt: skip

@@ -37,6 +37,7 @@ from semspai.store.features import (
     FeatureStoreError,
     FeatureStoreWriter,
     StoreHeader,
+    check_new_store_path,
     check_shard_unchanged,
     done_shard_attrs,
     read_store_attrs,
@@ -205,6 +206,8 @@ def _run(
     device = cfg.device if cfg.scheduler else resolve_device(cfg.device)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     existing = read_store_attrs(cfg.store)
+    if existing is None:  # before the cluster and the encoder start: a wrong --store costs no minutes
+        check_new_store_path(cfg.store)
     # what is not asked for is the store's own when extending one: a later batch needs no repeated options
     clip = cfg.clip or (existing["clip"]["arg"] if existing else DEFAULT_CLIP)
     prompts = prompt_bank(cfg.prompts) if cfg.prompts else existing["prompts"] if existing else prompt_bank()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeErro
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import (
     StageManifest,
+    StaleOutputError,
     check_stage,
     fingerprint_paths,
     manifest_path,
@@ -35,7 +37,9 @@ from semspai.store.shards import (
     SHARD_SCHEMA_VERSION,
     SPLITS,
     STAGING,
+    ShardError,
     ShardWriter,
+    damaged_tars,
     write_json_atomic,
 )
 from semspai.store.sources import (
@@ -71,12 +75,14 @@ class ShardConfig:
     workers: int = 0  # decode threads; 0 = one per core
     prefix: str = ""  # tars named PREFIX-train-000000.tar: shards made apart (a later batch) can share one store
 
-    def digest(self) -> str:
-        """Hash of what changes the output (not `force`, `workers` or where the sources are listed)."""
+    def digest(self, split_as_given: bool = False) -> str:
+        """Hash of what changes the output (not `force`, `workers` or where the sources are listed). The split
+        counts as its ratios, not their spelling: `0,0,1` and `0,0,1.0` shard alike (`split_as_given`: as
+        versions before this one hashed it; the default's digest is the same either way)."""
         keys = ("shard_size", "split", "max_pixels", "skip_unlabeled", "prefix")
         payload = {k: getattr(self, k) for k in keys} | {"schema": SHARD_SCHEMA_VERSION, "decoder": DECODER_ID}
-        # the ratios, not their spelling: `0,0,1` and `0,0,1.0` shard alike (the default's text is unchanged)
-        payload["split"] = ",".join(map(repr, split_ratios(self.split)))
+        if not split_as_given:
+            payload["split"] = ",".join(map(repr, split_ratios(self.split)))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -182,17 +188,25 @@ def _run(cfg: ShardConfig) -> ShardResult:
     input_files = [r.path for r in records if r.path.exists()] + [
         Path(m) for m in cfg.sources + cfg.manifests if Path(m).is_file()
     ]
+    digest = cfg.digest()
+    with contextlib.suppress(StaleOutputError):  # an unreadable manifest is check_stage's to report
+        had = None if cfg.force else read_manifest(out)
+        if had is not None and had.config_digest == cfg.digest(split_as_given=True):
+            digest = had.config_digest  # made by an earlier version with this very config: not stale for its hash
     wanted = StageManifest(
         stage=STAGE,
         schema_version=SHARD_SCHEMA_VERSION,
-        config_digest=cfg.digest(),
+        config_digest=digest,
         inputs={"sources": fingerprint_paths(input_files)},
         semspai_version=__version__,
         config={k: v for k, v in asdict(cfg).items() if k not in ("force", "workers")},  # what the output is made of
     )
     hint = {"sources": f"`semspai shard ... --out {out} --force` to rebuild it"}
     if not check_stage(out, wanted, hint, cfg.force):
-        damage = _damaged_outputs(out)
+        try:
+            damage = damaged_tars(out)
+        except ShardError as exc:  # index.json gone or corrupt
+            damage = [str(exc)]
         if not damage:
             return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
         # the same inputs and config give the same tars: rebuilding repairs, and stores of them stay valid
@@ -313,23 +327,6 @@ def _run(cfg: ShardConfig) -> ShardResult:
         counts=index["counts"],
         seconds=time.perf_counter() - start,
     )
-
-
-def _damaged_outputs(out: Path) -> list[str]:
-    """What is wrong with an up-to-date output's files: index.json unreadable, tars it lists gone or of
-    another size than it recorded (indexes of older versions recorded none: only their existence is checked)."""
-    try:
-        entries = json.loads((out / INDEX_NAME).read_text())["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{INDEX_NAME} is unreadable ({exc})"]
-    damage = []
-    for e in entries:
-        tar = out / e["name"]
-        if not tar.is_file():
-            damage.append(f"{e['name']} is missing")
-        elif "bytes" in e and tar.stat().st_size != e["bytes"]:
-            damage.append(f"{e['name']} has {tar.stat().st_size} bytes, {INDEX_NAME} recorded {e['bytes']}")
-    return damage
 
 
 def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], shard_size: int, prefix: str = ""):

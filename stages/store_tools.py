@@ -15,6 +15,7 @@ from semspai.store.features import (
     FeatureStoreError,
     damage_error,
     damaged_arrays,
+    done_shard_attrs,
     export_h5,
     is_export,
     verify_store,
@@ -82,9 +83,6 @@ def format_info(s: dict) -> list[str]:
     lines += [f"  {k['shard']}/{k['key']}: {k['reason']}" for k in s["skipped"][:SKIPPED_SHOWN]]
     if len(s["skipped"]) > SKIPPED_SHOWN:
         lines.append(f"  … and {len(s['skipped']) - SKIPPED_SHOWN} more (--json lists all)")
-    if s["damaged"]:  # the counts above include what Zarr reads in place of the missing chunks: fill values
-        lines.append(f"DAMAGED (the counts above are not to be trusted): {len(s['damaged'])} array(s)")
-        lines += [f"  {d}" for d in s["damaged"]]
     return lines
 
 
@@ -99,11 +97,13 @@ def group() -> None:
 @user_errors
 def info(path: str, as_json: bool) -> None:
     """Counts, CLIP spec, shards and skipped images of the store at PATH (first line: `images: N`)."""
-    store = FeatureStore.open(path, check=False)  # damage is reported here, with everything else
-    summary = summarize(store) | {"damaged": damaged_arrays(path, store.shard_info)}
+    damaged = damaged_arrays(path, done_shard_attrs(path))
+    if damaged:  # counts read from a damaged store would include Zarr's fill values: only the damage is reported
+        lines = [f"DAMAGED: {len(damaged)} array(s) of the store are gone or lack chunk files"]
+        click.echo(json.dumps({"damaged": damaged}, indent=1) if as_json else "\n".join(lines + damaged))
+        raise damage_error(path, damaged)
+    summary = summarize(FeatureStore.open(path, check=False))  # just checked
     click.echo(json.dumps(summary, indent=1, ensure_ascii=False) if as_json else "\n".join(format_info(summary)))
-    if summary["damaged"]:
-        raise damage_error(path, summary["damaged"])
 
 
 @group.command("verify")
@@ -112,7 +112,12 @@ def info(path: str, as_json: bool) -> None:
 @user_errors
 def verify(path: str, shards: str) -> None:
     """Check every sample of SPEC is in the store exactly once, the tars are unchanged, vectors are sane."""
-    store = FeatureStore.open(path, check=False)  # damaged arrays are among the problems listed
+    damaged = damaged_arrays(path, done_shard_attrs(path))
+    for d in damaged:
+        click.echo(f"problem: {d}", err=True)
+    if damaged:  # nothing else is checked: where chunks are missing, Zarr reads fill values
+        raise damage_error(path, damaged)
+    store = FeatureStore.open(path, check=False)  # just checked
     rule = PatchRule(**{k: v for k, v in store.attrs["patch_rule"].items() if k != "id"})
     paths = resolve_shards(shards)
     problems = verify_store(store, paths, lambda h, w: grid_boxes(h, w, rule))
@@ -139,5 +144,6 @@ def export(path: str, out: str) -> None:
     click.echo(f"{export_h5(store, out)}: {store.n_images} images")
     pending = sorted(set(store.recorded_shards) - set(store.done_shards))
     if pending:  # an extraction still running, or stopped: the export is of what is done
-        click.echo(f"warning: {len(pending)} shard(s) asked for are not done (an extract-clip running or stopped, "
-                   f"e.g. {pending[0]}); the export holds the {len(store.done_shards)} done ones", err=True)  # fmt: skip
+        click.echo(f"warning: {len(pending)} shard(s) asked for are not done (an extract-clip running or "
+                   f"stopped, e.g. {pending[0]}); the export holds the {len(store.done_shards)} done ones",
+                   err=True)  # fmt: skip

@@ -61,9 +61,10 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
         raise ConfigError("--resume continues the run in --out and --force starts it over: pass one")
     config_path = cfg.config_path
     saved = Path(cfg.out) / CONFIG_NAME
-    if cfg.resume and config_path is None and saved.exists():
-        config_path = str(saved)  # resuming means the run's own resolved config (--set may change NOT_IDENTITY)
-    run_cfg = load_config(config_path, cfg.overrides)
+    own = cfg.resume and config_path is None and saved.exists()
+    if own:  # resuming means the run's own resolved config (--set may change NOT_IDENTITY), checked when it began
+        config_path = str(saved)
+    run_cfg = load_config(config_path, cfg.overrides, saved=own)
     lock = lock_beside(cfg.out)  # rank 0 holds it for all ranks
 
     def busy(holder: str) -> FileExistsError:

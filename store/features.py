@@ -54,7 +54,7 @@ STR_ARRAYS = ("key", "generator", "split")
 # check no chunk file is missing (a partial copy of a store, a deleted file). In older stores a chunk of fill
 # values may be absent by right: there only these arrays, whose chunks never hold fill values alone, are checked
 ALL_CHUNKS = {"write_empty_chunks": True}
-NEVER_FILL_ONLY = ("global", "local", "boxes", "key", "width", "height", TEXT_ARRAY)
+NEVER_FILL_ONLY = ("global", "local", "boxes", "key", "width", "height")
 
 
 class FeatureStoreError(ValueError):
@@ -240,6 +240,17 @@ def _put(group: zarr.Group, name: str, arr: np.ndarray) -> None:
         a[...] = arr
 
 
+def check_new_store_path(path: str) -> None:
+    """Raise unless a store may be made at local `path`: a new or empty folder, or a store's own (one whose
+    creation died); not a file, nor a folder of something else (shards, images). URLs are not checked."""
+    if os.path.isfile(path):
+        raise FeatureStoreError(f"--store {path} is a file; a feature store is a folder (or a URL)")
+    if os.path.isdir(path) and any(os.scandir(path)) and not os.path.exists(os.path.join(path, "zarr.json")):
+        raise FeatureStoreError(
+            f"--store {path} is a folder of something else, not a feature store; give a new or empty folder"
+        )
+
+
 class FeatureStoreWriter:
     """Creates or extends a store. The driver writes the root; each shard task writes its own group."""
 
@@ -259,12 +270,7 @@ class FeatureStoreWriter:
                 )
             check_identity(path, _attrs_identity(attrs), header.identity())
             return cls(path)
-        if os.path.isfile(path):
-            raise FeatureStoreError(f"--store {path} is a file; a feature store is a folder (or a URL)")
-        if os.path.isdir(path) and any(os.scandir(path)) and not os.path.exists(os.path.join(path, "zarr.json")):
-            raise FeatureStoreError(
-                f"--store {path} is a folder of something else, not a feature store; give a new or empty folder"
-            )
+        check_new_store_path(path)
         root = _zopen(path, mode="a")
         root.require_group(SHARDS_GROUP)
         if TEXT_ARRAY in root:  # left by a creation that died before its attrs
@@ -336,68 +342,71 @@ def _shard_attrs(path: str) -> dict[str, dict]:
     return out
 
 
+REBUILD = "delete the damaged shard's group (shards/NAME) and rerun `semspai extract-clip` to extract it again"
+# the prompt vectors are written once, when the store is made: no rerun rewrites them
+REBUILD_TEXT = "restore the store's text/ folder from a copy, or extract into a new --store"
+
+
 def read_array(group: zarr.Group, name: str, where: str) -> np.ndarray:
-    """All of array `name` of `group` (at `where`), or a FeatureStoreError saying how to rebuild what is damaged."""
+    """All of array `name` of `group` (at `where`), or a FeatureStoreError: for damage (no metadata, a chunk that
+    does not decode), saying how to rebuild it; for other I/O errors (access rights, a remote store's network),
+    without that advice, as the data may be whole."""
     try:
         return group[name][...]
-    except (KeyError, RuntimeError, ValueError, OSError) as exc:  # no metadata; undecodable or truncated chunk
-        raise FeatureStoreError(f"{where}/{name} is unreadable ({type(exc).__name__}: {exc}); {REBUILD}") from exc
-
-
-REBUILD = "delete the damaged shard's group (shards/NAME) and rerun `semspai extract-clip` to extract it again"
+    except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        advice = REBUILD_TEXT if name == TEXT_ARRAY else REBUILD
+        raise FeatureStoreError(f"{where}/{name} is damaged ({type(exc).__name__}: {exc}); {advice}") from exc
+    except OSError as exc:
+        raise FeatureStoreError(
+            f"{where}/{name} could not be read ({exc}); check access to the store, or retry"
+        ) from exc
 
 
 def damaged_arrays(path: str, done: dict[str, dict]) -> list[str]:
     """`shards/NAME/ARRAY: what` for each array of the done shards (name -> attrs) that is gone or lacks chunk
-    files, and for the prompt vectors: from one listing of the store (and, for shards of older stores, which
-    recorded no chunk counts, each array's metadata); no chunk is read."""
+    files, and `text: what` for the prompt vectors; from one listing of the store and no chunk read (shards of
+    older stores, which recorded no chunk counts, have their arrays' metadata read for them)."""
     root = _zopen(path, mode="r")
+    arrays, files = set(), Counter()  # "NAME/ARRAY" (or "text") with metadata; its chunk files
+    for key in _list_keys(root):
+        parts = key.split("/")  # shards, NAME, ARRAY, then zarr.json or c/...; or text, then zarr.json or c/...
+        head, rest = ("/".join(parts[1:3]), parts[3:]) if parts[0] == SHARDS_GROUP else (parts[0], parts[1:])
+        if rest[:1] == ["zarr.json"]:
+            arrays.add(head)
+        elif rest[:1] == ["c"]:
+            files[head] += 1
 
-    def lacking(where: str, a: zarr.Array, want: int) -> list[str]:
-        have = a.nchunks_initialized
+    def lacking(where: str, have: int, want: int) -> list[str]:
         return [f"{where}: {want - have} of its {want} chunk files are missing"] if have < want else []
 
-    problems = lacking(TEXT_ARRAY, root[TEXT_ARRAY], root[TEXT_ARRAY].nchunks) if TEXT_ARRAY in root else []
-    if not done:
-        return problems
-    arrays, files = set(), Counter()  # "NAME/ARRAY" with metadata; its chunk files
-    for key in _list_keys(root, f"{SHARDS_GROUP}/"):
-        parts = key.split("/")  # shards, NAME, ARRAY, then zarr.json or c/...
-        if len(parts) > 3 and parts[3] == "zarr.json":
-            arrays.add(f"{parts[1]}/{parts[2]}")
-        elif len(parts) > 3 and parts[3] == "c":
-            files[f"{parts[1]}/{parts[2]}"] += 1
+    problems = lacking(TEXT_ARRAY, files[TEXT_ARRAY], root[TEXT_ARRAY].nchunks) if TEXT_ARRAY in arrays else []
     for name in sorted(done):
-        where = f"{SHARDS_GROUP}/{name}"
         chunks = done[name].get("chunks")
         if chunks is None:  # an older store: only arrays whose chunks are never all fill values are sure to exist
             group = root[SHARDS_GROUP][name]
-            problems += [
-                p for a in NEVER_FILL_ONLY if a in group for p in lacking(f"{where}/{a}", group[a], group[a].nchunks)
-            ]
-            continue
+            chunks = {a: group[a].nchunks for a in NEVER_FILL_ONLY if f"{name}/{a}" in arrays}
         for array, want in sorted(chunks.items()):
+            where = f"{SHARDS_GROUP}/{name}/{array}"
             if f"{name}/{array}" not in arrays:
-                problems.append(f"{where}/{array}: missing")
-            elif files[f"{name}/{array}"] < want:
-                problems.append(
-                    f"{where}/{array}: {want - files[f'{name}/{array}']} of its {want} chunk files are missing"
-                )
+                problems.append(f"{where}: missing")
+            else:
+                problems += lacking(where, files[f"{name}/{array}"], want)
     return problems
 
 
-def _list_keys(root: zarr.Group, prefix: str) -> list[str]:
-    """Every key of `root`'s store under `prefix` (Zarr's store API is async)."""
+def _list_keys(root: zarr.Group) -> list[str]:
+    """Every key of `root`'s store (Zarr's store API is async)."""
 
     async def keys() -> list[str]:
-        return [k async for k in root.store.list_prefix(prefix)]
+        return [k async for k in root.store.list_prefix("")]
 
     return sync(keys())
 
 
 def damage_error(path: str, damaged: list[str]) -> FeatureStoreError:
     more = f" (and {len(damaged) - 1} more: `semspai store info {path}` lists them)" if len(damaged) > 1 else ""
-    return FeatureStoreError(f"feature store {path} is damaged: {damaged[0]}{more}; {REBUILD}")
+    advice = REBUILD_TEXT if damaged[0].startswith(TEXT_ARRAY) else REBUILD
+    return FeatureStoreError(f"feature store {path} is damaged: {damaged[0]}{more}; {advice}")
 
 
 def done_shard_attrs(path: str) -> dict[str, dict]:

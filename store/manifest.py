@@ -73,13 +73,15 @@ def write_manifest(out: str | Path, manifest: StageManifest) -> None:
     write_json_atomic(manifest_path(out), asdict(manifest))
 
 
-def leaf_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) of every leaf that differs between two nested dicts."""
+def leaf_differences(old: dict, new: dict, prefix: str = "", shared: bool = False) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two nested dicts; with `shared`,
+    only of keys both have (a config written by another version may have keys this one has not, or lack some)."""
     out = []
-    for key in sorted(set(old) | set(new), key=str):
+    keys = set(old) & set(new) if shared else set(old) | set(new)
+    for key in sorted(keys, key=str):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += leaf_differences(a, b, f"{prefix}{key}.")
+            out += leaf_differences(a, b, f"{prefix}{key}.", shared)
         elif a != b:
             out.append((f"{prefix}{key}", a, b))
     return out
@@ -107,7 +109,7 @@ def check_stage(out: str | Path, wanted: StageManifest, rerun_hint: dict[str, st
             f"it was made by schema version {have.schema_version}, this semspai writes {wanted.schema_version}"
         )
     if have.config_digest != wanted.config_digest:
-        keys = [k for k, _, _ in leaf_differences(have.config, wanted.config)]
+        keys = [k for k, _, _ in leaf_differences(have.config, wanted.config, shared=True)]
         shown = f" ({', '.join(keys[:3])}{' and more' if len(keys) > 3 else ''} differ)" if keys else ""
         reasons.append(f"it was made with another configuration{shown}")
     for name, fp in wanted.inputs.items():

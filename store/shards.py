@@ -285,11 +285,11 @@ def _folder_tars(folder: Path) -> list[Path]:
         return paths  # tars made elsewhere: WebDataset tars with semspai's sidecars
     found = {p.name for p in paths}
     listed = [e.get("name") for e in read_index(folder).get("shards", [])]
-    missing = [n for n in listed if n not in found]
-    if missing:
+    damage = damaged_tars(folder)
+    if damage:
         raise ShardError(
-            f"{folder}: {len(missing)} tar(s) that {INDEX_NAME} lists are missing, e.g. {missing[0]}; "
-            f"restore them or rebuild with `semspai shard ... --out {folder} --force`"
+            f"{folder}: {len(damage)} tar(s) that {INDEX_NAME} lists are missing or cut short, e.g. {damage[0]}; "
+            "restore them, or rerun the `semspai shard` that made the folder: it rebuilds them"
         )
     extra = sorted(found - set(listed))
     if extra:
@@ -322,6 +322,19 @@ def shard_split(path: str | Path) -> str:
     """The split a shard holds, from its name (`val-000002.tar` or `PREFIX-val-000002.tar` -> `val`)."""
     parts = shard_name(path).rsplit("-", 2)
     return parts[-2] if len(parts) > 1 else ""
+
+
+def damaged_tars(folder: Path) -> list[str]:
+    """What is wrong with the tars a shard folder's index.json lists: gone, or of another size than it recorded
+    (indexes of older versions recorded no sizes: only existence is checked). ShardError without an index."""
+    damage = []
+    for e in read_index(folder).get("shards", []):
+        tar = folder / str(e.get("name", ""))
+        if not e.get("name") or not tar.is_file():
+            damage.append(f"{e.get('name') or '(a nameless entry)'} is missing")
+        elif "bytes" in e and tar.stat().st_size != e["bytes"]:
+            damage.append(f"{e['name']} has {tar.stat().st_size} bytes, {INDEX_NAME} recorded {e['bytes']}")
+    return damage
 
 
 def read_index(shard_dir: str | Path) -> dict:

@@ -149,7 +149,7 @@ def test_store_of_another_clip_is_refused(tiny_shards, checkpoints, tmp_path):
     with pytest.raises(
         FeatureStoreError,
         match=r"another setup .*; the checkpoint needs a store extracted with its "
-        r"own encoder \(tiny-random\), or no --store \(CLIP then runs on the fly\)$",
+        r"own encoder \(tiny-random\) and this semspai's patch rule, or no --store \(CLIP then runs on the fly\)$",
     ):
         run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
                        out=str(tmp_path / "out"), device="cpu"))  # fmt: skip

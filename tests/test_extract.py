@@ -901,3 +901,13 @@ def test_the_input_check_ends_when_the_run_has_failed(shards: Path, reference: P
     with pytest.raises(FeatureStoreError, match="changed since it was extracted"):  # not stopped: it hashes
         extract_stage.check_inputs(str(reference), resolve_shards(shards))
     assert len(hashed) == 1
+
+
+def test_a_store_in_a_folder_of_something_else_is_refused_before_anything_starts(shards: Path) -> None:
+    def no_cluster(*args):
+        raise AssertionError("a cluster was started (and the encoder loaded) before the path was checked")
+
+    before = sorted(p.name for p in shards.iterdir())
+    with pytest.raises(FeatureStoreError, match="is a folder of something else, not a feature store"):
+        run(cfg(shards, shards), distributor_factory=no_cluster)  # the shard folder given as --store by a slip
+    assert sorted(p.name for p in shards.iterdir()) == before

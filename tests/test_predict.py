@@ -276,14 +276,14 @@ def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, r
     image = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
     before = image.read_bytes()
 
-    def predict(out: Path):
+    def predict(out: Path, *extra: str):
         return CliRunner().invoke(cli, ["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(out),
-                                        "--device", "cpu"])  # fmt: skip
+                                        "--device", "cpu", *extra])  # fmt: skip
 
     for out in (tmp_path / "s.csv", tmp_path / "s.json"):
-        assert predict(out).exit_code == 0
-        first = out.read_text()
-        assert predict(out).exit_code == 0 and out.read_text() == first  # its own earlier result: replaced
+        assert predict(out, "--threshold", "0").exit_code == 0 and "fake" in out.read_text()
+        assert predict(out, "--threshold", "1").exit_code == 0  # its own earlier result: replaced
+        assert "fake" not in out.read_text() and "real" in out.read_text()
     res = predict(image)  # the input itself, by a slip
     assert res.exit_code == 1 and f"Error: {image} exists and is not an earlier predict result" in res.output
     assert image.read_bytes() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -614,6 +615,15 @@ def test_split_spelled_otherwise_is_the_same_config(image_tree, tmp_path):
         assert shard(image_tree, out, split=spelling).up_to_date
     with pytest.raises(StaleOutputError, match="split"):
         shard(image_tree, out, split="0,1,1")
+    # an output of an earlier version: its digest held the --split text as given, its config --force and --workers
+    path = out / MANIFEST_NAME
+    old = json.loads(path.read_text())
+    old["config_digest"] = ShardConfig(sources=[], out="", split="0,0,1").digest(split_as_given=True)
+    old["config"] |= {"force": False, "workers": 2}
+    path.write_text(json.dumps(old))
+    assert shard(image_tree, out, split="0,0,1").up_to_date
+    with pytest.raises(StaleOutputError, match=r"another configuration \(shard_size differ\)"):
+        shard(image_tree, out, split="0,0,1", shard_size=3)
 
 
 def test_changed_config_is_stale_until_forced(image_tree, tmp_path):
@@ -814,7 +824,11 @@ def test_spec_naming_folders_takes_their_tars_and_a_folder_missing_an_indexed_ta
     gone = sorted(b.glob("*.tar"))[1]
     gone.unlink()
     for spec in (b, f"{tmp_path}/sh{{A,B}}"):
-        with pytest.raises(ShardError, match=rf"1 tar\(s\) that index.json lists are missing, e.g. {gone.name}"):
+        with pytest.raises(
+            ShardError,
+            match=rf"1 tar\(s\) that index.json lists are missing or cut short, e.g. "
+            rf"{gone.name} is missing; .*rerun the `semspai shard`",
+        ):
             resolve_shards(spec)
     assert resolve_shards(f"{b}/train-*.tar")  # naming tars, not the folder, picks a subset on purpose
     shutil.copy(sorted(a.glob("*.tar"))[0], a / "extra.tar")  # a tar its index does not list, copied in

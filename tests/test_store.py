@@ -268,15 +268,34 @@ def test_a_missing_chunk_file_is_damage_every_reader_refuses(tmp_path: Path, sha
         with pytest.raises(FeatureStoreError, match=rf"shards/{f.name}/{array}: 1 of its 1 chunk files are missing"):
             FeatureStore.open(str(store))
         info = CliRunner().invoke(cli, ["store", "info", str(store)])
-        assert info.exit_code == 1 and f"  shards/{f.name}/{array}: 1 of its 1 chunk files are missing" in info.output
+        assert info.exit_code == 1 and f"shards/{f.name}/{array}: 1 of its 1 chunk files are missing" in info.output
         assert "is damaged" in info.output and "rerun `semspai extract-clip`" in info.output
         problems = verify_store(FeatureStore.open(str(store), check=False), shards[:2], grid_boxes)
         assert problems == [f"shards/{f.name}/{array}: 1 of its 1 chunk files are missing"]
         (tmp_path / "aside").rename(store / "shards" / f.name / array / "c" / "0")
     assert verify_store(FeatureStore.open(str(store)), shards[:2], grid_boxes) == []
-    # the repair the message gives: the damaged shard's group deleted, extracted again
+    before = FeatureStore.open(str(store)).global_vectors()
+    # a whole array gone: info and verify still list the damage (they read no array of a damaged store)
     shutil.rmtree(store / "shards" / f.name / "label")
     assert damaged_arrays(str(store), done_shard_attrs(str(store))) == [f"shards/{f.name}/label: missing"]
+    info = CliRunner().invoke(cli, ["store", "info", str(store), "--json"])
+    assert info.exit_code == 1 and json.loads(info.output[: info.output.rindex("}") + 1]) == {
+        "damaged": [f"shards/{f.name}/label: missing"]
+    }
+    verify = CliRunner().invoke(cli, ["store", "verify", str(store), "--shards", str(shards[0])])
+    assert verify.exit_code == 1 and f"problem: shards/{f.name}/label: missing" in verify.output
+    # the repair the message gives: the damaged shard's group deleted, the shard extracted again
+    shutil.rmtree(store / "shards" / f.name)
+    writer = FeatureStoreWriter(str(store))
+    writer.write_rows(f)
+    writer.mark_done(f)
+    assert np.array_equal(FeatureStore.open(str(store)).global_vectors(), before)
+    # the prompt vectors are written once: their damage gets other advice
+    shutil.rmtree(store / "text" / "c")
+    with pytest.raises(
+        FeatureStoreError, match=r"is damaged: text: 1 of its 1 chunk files .*restore the store's text/"
+    ):
+        FeatureStore.open(str(store))
 
 
 def test_fill_value_chunks_are_written_and_corrupt_ones_named(tmp_path: Path, shards: list[Path]) -> None:
@@ -290,7 +309,7 @@ def test_fill_value_chunks_are_written_and_corrupt_ones_named(tmp_path: Path, sh
     assert (store / "shards" / f.name / "generator" / "c" / "0").is_file()
     (store / "shards" / f.name / "global" / "c" / "0" / "0").write_bytes(b"not zstd")
     fs = FeatureStore.open(str(store))  # every file is there: the damage shows when the chunk is read
-    with pytest.raises(FeatureStoreError, match=rf"f.zarr/shards/{f.name}/global is unreadable .*extract it again"):
+    with pytest.raises(FeatureStoreError, match=rf"f.zarr/shards/{f.name}/global is damaged .*extract it again"):
         fs.global_vectors()
 
 
