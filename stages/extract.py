@@ -78,7 +78,8 @@ class ExtractConfig:
     batch_size: int = 256  # crops per encoder call; part of what makes two runs bit-identical
     device: str = "auto"  # auto = cuda when available
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16, bf16-weights
-    gpu_decode: bool = False  # decode JPEGs with nvjpeg on the device (recorded: another decoder identity)
+    # decode JPEGs with nvjpeg on the device (recorded: another decoder identity); None: the store's own, else no
+    gpu_decode: bool | None = None
     prompts: str = ""  # class-name file for the prompt bank; empty: the store's own, else the ImageNet class names
     torch_threads: int = 1  # per worker; fixed so the bits do not depend on the worker count
 
@@ -211,6 +212,7 @@ def _run(
     # what is not asked for is the store's own when extending one: a later batch needs no repeated options
     clip = cfg.clip or (existing["clip"]["arg"] if existing else DEFAULT_CLIP)
     prompts = prompt_bank(cfg.prompts) if cfg.prompts else existing["prompts"] if existing else prompt_bank()
+    gpu_decode = bool(existing and existing["decoder"].get("gpu")) if cfg.gpu_decode is None else cfg.gpu_decode
     if existing and not cfg.clip:
         log.info("extending %s with its own encoder, %s", cfg.store, clip)
     checker, stop = ThreadPoolExecutor(1, thread_name_prefix="check-inputs"), threading.Event()
@@ -238,7 +240,7 @@ def _run(
             clip_identity=info.identity,
             has_text=info.has_text,
             embed_dim=info.embed_dim,
-            decoder=decoder_record(cfg.gpu_decode),
+            decoder=decoder_record(gpu_decode),
             patch_rule={"id": DEFAULT_RULE.id, **DEFAULT_RULE.to_dict()},
             prompts=prompts,
             preprocessing={
@@ -255,7 +257,7 @@ def _run(
         writer = FeatureStoreWriter.create_or_check(cfg.store, header, info.text)
         done = writer.done_shards()
         writer.record_shards({n: str(p) for p, n in zip(paths, names, strict=True)})
-        opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, cfg.gpu_decode, device)
+        opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, gpu_decode, device)
         recorded = indexed_sha256(paths)
         jobs = [
             ShardJob(
@@ -330,10 +332,10 @@ def _run(
     "(faster on GPUs; recorded in the store).",
 )
 @click.option(
-    "--gpu-decode",
-    is_flag=True,
-    help="Decode JPEGs with torchvision on --device (nvjpeg on CUDA; on the CPU it runs but gains nothing); "
-    "recorded in the store.",
+    "--gpu-decode/--cpu-decode",
+    default=None,
+    help="Decode JPEGs with torchvision on --device (nvjpeg on CUDA; on the CPU it runs but gains nothing), or with "
+    "the CPU decode function; recorded in the store. Default: the store's own when extending one, else the CPU.",
 )
 @click.option(
     "--prompts",
@@ -351,7 +353,7 @@ def command(
     batch_size: int,
     device: str,
     precision: str,
-    gpu_decode: bool,
+    gpu_decode: bool | None,
     prompts: str,
 ) -> None:
     """Fill the feature store with CLIP vectors of every image and grid patch; reruns skip done shards."""

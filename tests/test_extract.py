@@ -440,6 +440,18 @@ def test_gpu_decoder_on_a_cpu_store_is_refused(shards: Path, reference: Path) ->
         run(cfg(shards, reference, gpu_decode=True), embedder_factory=TINY)
 
 
+def test_extending_a_store_keeps_its_decoder_unless_told(shards: Path, tmp_path: Path) -> None:
+    store = tmp_path / "gpu.zarr"
+    run(cfg(f"{shards}/train-000000.tar", store, gpu_decode=True), embedder_factory=TINY)
+    result = run(cfg(f"{shards}/train-000001.tar", store), embedder_factory=TINY)  # no decoder asked for
+    assert [s.name for s in result.extracted] == ["train-000001"]
+    assert FeatureStore.open(str(store)).attrs["decoder"]["gpu"] is not None
+    with pytest.raises(FeatureStoreError, match="decoder.gpu: store has 'torchvision.*asked for None"):
+        run(cfg(f"{shards}/train-000002.tar", store, gpu_decode=False), embedder_factory=TINY)
+    assert run(cfg(f"{shards}/train-000000.tar", tmp_path / "cpu.zarr"), embedder_factory=TINY).extracted
+    assert FeatureStore.open(str(tmp_path / "cpu.zarr")).attrs["decoder"]["gpu"] is None  # a new store: the CPU
+
+
 def test_changed_shard_is_refused(reference: Path, tmp_path: Path) -> None:
     # a tar of the same name from another folder: two shard folders in one store need other names
     make_shards(tmp_path / "other", n_shards=1, per_shard=3)
