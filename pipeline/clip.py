@@ -180,7 +180,7 @@ def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(state_dict, strict=True)
 
 
-def _is_path(weights: str) -> bool:
+def is_weights_path(weights: str) -> bool:
     # hub tags are bare words (laion2b_s34b_b79k); paths hold a separator or a weights suffix
     return "/" in weights or "\\" in weights or weights.endswith(STATE_DICT_SUFFIXES) or Path(weights).is_file()
 
@@ -304,7 +304,7 @@ def _build_open_clip(
     if weights == RANDOM_WEIGHTS:
         model = _seeded(lambda: open_clip.create_model(name, pretrained=None))
         weights_id, sha = f"seed:{RANDOM_SEED}", state_dict_sha256(model.state_dict())
-    elif _is_path(weights):
+    elif is_weights_path(weights):
         path = Path(weights)
         state_dict = read_state_dict(path, arg)
         model = open_clip.create_model(name, pretrained=None)  # its random init is overwritten below
@@ -359,7 +359,7 @@ def _build_timm(
     if weights == RANDOM_WEIGHTS:
         model = _seeded(lambda: timm.create_model(name, pretrained=False, num_classes=0))
         weights_id, sha = f"seed:{RANDOM_SEED}", state_dict_sha256(model.state_dict())
-    elif weights and _is_path(weights):
+    elif weights and is_weights_path(weights):
         path = Path(weights)
         state_dict = read_state_dict(path, arg)
         default_cfg = timm.models.get_pretrained_cfg(name)

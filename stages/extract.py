@@ -16,7 +16,7 @@ import click
 import torch
 
 from semspai import __version__
-from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError
+from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError, is_weights_path, parse_clip_arg
 from semspai.pipeline.extraction import (
     ClipFactory,
     Embedder,
@@ -214,6 +214,10 @@ def _run(
     prompts = prompt_bank(cfg.prompts) if cfg.prompts else existing["prompts"] if existing else prompt_bank()
     gpu_decode = bool(existing and existing["decoder"].get("gpu")) if cfg.gpu_decode is None else cfg.gpu_decode
     if existing and not cfg.clip:
+        _, weights = parse_clip_arg(clip)
+        if is_weights_path(weights) and not os.path.isfile(weights):  # recorded as given, maybe from elsewhere
+            raise ClipLoadError(f"{cfg.store} was made with --clip {clip}, whose weights file is not at {weights} "
+                                "from here: pass --clip with the file's path now")  # fmt: skip
         log.info("extending %s with its own encoder, %s", cfg.store, clip)
     checker, stop = ThreadPoolExecutor(1, thread_name_prefix="check-inputs"), threading.Event()
     checked = checker.submit(check_inputs, cfg.store, paths, 8, stop)  # hashing tars overlaps the cluster's start

@@ -28,7 +28,7 @@ from store_data import CORRUPT_KEY, make_shards
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from semspai.pipeline import extraction
-from semspai.pipeline.clip import load_embedder
+from semspai.pipeline.clip import ClipLoadError, load_embedder
 from semspai.pipeline.extraction import (
     ClipFactory,
     CpuCrops,
@@ -433,6 +433,27 @@ def test_other_weights_are_refused(shards: Path, reference: Path, tmp_path: Path
     line = one_line_error(cli_args(shards, reference, f"tiny-random:{weights}"))
     assert f"feature store {reference} was made with another setup" in line
     assert "clip.sha256: store has '" in line and "asked for '" in line
+
+
+def test_a_store_whose_recorded_weights_path_is_not_found_from_here_asks_for_clip(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import save_file
+
+    (tmp_path / "w").mkdir()
+    save_file(
+        {k: v.clone().contiguous() for k, v in TINY().model.state_dict().items()}, str(tmp_path / "w" / "t.safetensors")
+    )
+    monkeypatch.chdir(tmp_path)  # the store records --clip as given: a path relative to here
+    run(cfg(f"{shards}/train-000000.tar", tmp_path / "s.zarr", clip="tiny-random:w/t.safetensors"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(
+        ClipLoadError,
+        match=r"made with --clip tiny-random:w/t.safetensors, whose weights file is not at w/t.safetensors",
+    ):
+        run(cfg(f"{shards}/train-000001.tar", tmp_path / "s.zarr", clip=""))
+    run(cfg(f"{shards}/train-000001.tar", tmp_path / "s.zarr", clip=f"tiny-random:{tmp_path / 'w' / 't.safetensors'}"))
 
 
 def test_gpu_decoder_on_a_cpu_store_is_refused(shards: Path, reference: Path) -> None:
