@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from semspai.pipeline.grid import crop_patches
 from semspai.pipeline.iterate import batched
 from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.images import ImageDecodeError, decode_image
+from semspai.store.manifest import unique_files
 from semspai.store.shards import ShardSample, iter_shard, shard_name, shard_sidecars
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,7 @@ def plan_split(
     with `missing_hint`). Each of `generators` must have fakes somewhere in `shards` (a name nothing has is a
     typo), and no key may be in two tars (a tar named twice counts once)."""
     wanted = set(generators)
-    unique: dict[str, Path] = {}
-    for p in shards:  # a tar named twice (or by two paths) counts once, under the name it had first
-        unique.setdefault(os.path.realpath(p), Path(p))
-    shards = list(unique.values())
+    shards = unique_files(shards)  # a tar named twice (or by two paths) counts once, under the name it had first
     keys: dict[Path, list[str]] = {}
     labels: dict[str, int] = {}
     missing: list[tuple[str, str]] = []

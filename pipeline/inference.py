@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, pil_to_rgb
+from semspai.store.manifest import unique_files
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,7 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(item)
         else:
             raise FileNotFoundError(f"{item} does not exist")
-    unique: dict[str, Path] = {}  # real path -> the file as first given
-    for p in found:
-        unique.setdefault(os.path.realpath(p), p)
-    return list(unique.values())
+    return unique_files(found)
 
 
 def patch_batches(items: Iterable[tuple[T, np.ndarray | None]], max_images: int = DEFAULT_BATCH_IMAGES,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,15 @@ class StageManifest:
     semspai_version: str = ""
     config: dict = field(default_factory=dict)  # the resolved config itself, so the output says how it was made
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def unique_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Each file once, as it was first named: the same file named twice, from another working directory or
+    through a symlink (one real path) counts once."""
+    first: dict[str, Path] = {}
+    for p in paths:
+        first.setdefault(os.path.realpath(p), Path(p))
+    return list(first.values())
 
 
 def fingerprint_paths(paths: list[Path], root: Path | None = None) -> str:

@@ -284,8 +284,9 @@ def _folder_tars(folder: Path) -> list[Path]:
     if not indexed:
         return paths  # tars made elsewhere: WebDataset tars with semspai's sidecars
     found = {p.name for p in paths}
-    listed = [e.get("name") for e in read_index(folder).get("shards", [])]
-    damage = damaged_tars(folder)
+    index = read_index(folder)
+    listed = [e.get("name") for e in index.get("shards", [])]
+    damage = damaged_tars(folder, index)
     if damage:
         raise ShardError(
             f"{folder}: {len(damage)} tar(s) that {INDEX_NAME} lists are missing or cut short, e.g. {damage[0]}; "
@@ -324,11 +325,12 @@ def shard_split(path: str | Path) -> str:
     return parts[-2] if len(parts) > 1 else ""
 
 
-def damaged_tars(folder: Path) -> list[str]:
-    """What is wrong with the tars a shard folder's index.json lists: gone, or of another size than it recorded
-    (indexes of older versions recorded no sizes: only existence is checked). ShardError without an index."""
+def damaged_tars(folder: Path, index: dict | None = None) -> list[str]:
+    """What is wrong with the tars a shard folder's index.json (`index`, when already read) lists: gone, or of
+    another size than it recorded (indexes of older versions recorded no sizes: only existence is checked).
+    ShardError without an index."""
     damage = []
-    for e in read_index(folder).get("shards", []):
+    for e in (read_index(folder) if index is None else index).get("shards", []):
         tar = folder / str(e.get("name", ""))
         if not e.get("name") or not tar.is_file():
             damage.append(f"{e.get('name') or '(a nameless entry)'} is missing")

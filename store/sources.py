@@ -62,16 +62,17 @@ def label_from_parts(parts: tuple[str, ...]) -> tuple[int | None, str]:
 def scan_folder(root: Path) -> list[SourceRecord]:
     root = Path(root)
     # the folder's own name however it was spelled (`.`, `../ds`, `ds/`): origins, and with them keys and hash
-    # splits, must not depend on the working folder; symlinks are not followed (their name is what was given)
+    # splits, must not depend on the working folder; a linked root keeps its own name (not its target's)
     name = Path(os.path.abspath(root)).name
     records, walked = [], set()
     # linked folders are followed (each real folder once: a link loop ends); hidden files and folders (.git,
     # macOS's ._name.jpg resource forks) are not images of the data set
     for folder, dirs, files in os.walk(root, followlinks=True):
-        if os.path.realpath(folder) in walked:
+        real = os.path.realpath(folder)
+        if real in walked:
             dirs[:] = []
             continue
-        walked.add(os.path.realpath(folder))
+        walked.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
             path = Path(folder) / f
@@ -147,8 +148,9 @@ def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
 
 def parse_split_ratios(text: str) -> tuple[float, float, float]:
     """`--split` as train, val and test ratios summing to 1; another sum is scaled, with a warning."""
-    total = sum(_split_parts(text))
-    ratios = split_ratios(text)
+    parts = _split_parts(text)
+    total = sum(parts)
+    ratios = _normalised(parts)
     if abs(total - 1) > 1e-6:
         log.warning("--split %s sums to %g: taken as %s", text, total, ",".join(f"{r:.3g}" for r in ratios))
     return ratios
@@ -156,7 +158,10 @@ def parse_split_ratios(text: str) -> tuple[float, float, float]:
 
 def split_ratios(text: str) -> tuple[float, float, float]:
     """`--split` normalised, without logging: equal ratios (`0,0,1`, `0,0,1.0`, `0,0,5`) give equal tuples."""
-    parts = _split_parts(text)
+    return _normalised(_split_parts(text))
+
+
+def _normalised(parts: list[float]) -> tuple[float, float, float]:
     total = sum(parts)
     return parts[0] / total, parts[1] / total, parts[2] / total
 
