@@ -43,6 +43,7 @@ from semspai.store.shards import (
     write_json_atomic,
 )
 from semspai.store.sources import (
+    LABEL_NAMES,
     SourceError,
     SourceRecord,
     hash_split,
@@ -94,7 +95,7 @@ class ShardResult:
     n_skipped: int = 0  # unreadable or too large
     n_too_large: int = 0  # of those, over --max-pixels
     n_duplicates: int = 0
-    n_conflicting: int = 0  # duplicates whose label differs from the kept copy's
+    n_conflicting: int = 0  # files whose bytes other files carry under the other label: none of them is kept
     n_unlabeled_skipped: int = 0
     shards: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
@@ -246,27 +247,28 @@ def _run(cfg: ShardConfig) -> ShardResult:
     missing = [s["path"] for s in skipped if s["reason"] == MISSING]
     if missing:  # a typo in a manifest, or files moved: said, not only counted
         log.warning("%d file(s) the manifests name do not exist, e.g. %s; skipped", len(missing), missing[0])
-    first_by_sha: dict[str, _Probed] = {}
-    duplicates = []
-    kept: list[_Probed] = []
+    by_sha: dict[str, list[_Probed]] = {}
     for p in probed:
-        if p.error:
+        if not p.error:
+            by_sha.setdefault(p.sha256, []).append(p)
+    duplicates, conflicting = [], []
+    kept: list[_Probed] = []
+    for copies in by_sha.values():
+        if len({c.record.label for c in copies}) > 1:
+            # the same bytes called real and fake: the data has a mistake, and either label would teach (or
+            # score) a detector something false, so no copy is kept
+            conflicting.append({"sha256": copies[0].sha256, "files": [
+                {"path": str(c.record.path), "label": LABEL_NAMES[c.record.label]} for c in copies]})  # fmt: skip
             continue
-        if p.sha256 in first_by_sha:
-            kept_one = first_by_sha[p.sha256].record
-            entry = {"path": str(p.record.path), "duplicate_of": str(kept_one.path)}
-            if p.record.label != kept_one.label:  # the same bytes called real and fake: the data has a mistake
-                entry["conflicting_label"] = True
-                log.warning(
-                    "%s and %s are the same file labelled %s and %s; kept once, as %s (see index.json duplicates)",
-                    kept_one.path,
-                    p.record.path,
-                    *(("real", "fake")[r.label] for r in (kept_one, p.record, kept_one)),
-                )
-            duplicates.append(entry)
-            continue
-        first_by_sha[p.sha256] = p
-        kept.append(p)
+        kept.append(copies[0])
+        duplicates += [{"path": str(c.record.path), "duplicate_of": str(copies[0].record.path)} for c in copies[1:]]
+    n_conflicting = sum(len(c["files"]) for c in conflicting)
+    if conflicting:
+        example = {f["label"]: f["path"] for f in reversed(conflicting[0]["files"])}  # the first of each label
+        log.warning(
+            "%d image(s) are labelled both real and fake (the same bytes), e.g. %s (real) and %s (fake); no copy "
+            "of them is sharded (see index.json conflicting)", len(conflicting), example["real"], example["fake"]
+        )  # fmt: skip
 
     by_split: dict[str, list[tuple[str, _Probed]]] = {s: [] for s in SPLITS}
     for p in kept:
@@ -276,7 +278,8 @@ def _run(cfg: ShardConfig) -> ShardResult:
 
     if not kept:
         # refused before the output is touched: a failed run keeps the shards a previous run made
-        why = [f"{n} {what}" for n, what in ((len(skipped), "unreadable"), (len(unlabeled), "unlabeled")) if n]
+        why = [f"{n} {what}" for n, what in ((len(skipped), "unreadable"), (len(unlabeled), "unlabeled"),
+                                             (n_conflicting, "labelled both real and fake")) if n]  # fmt: skip
         raise SourceError(f"no image could be sharded ({', '.join(why)} skipped); {out} is left as it was")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +312,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         "n_samples": len(kept),
         "skipped": skipped,
         "duplicates": duplicates,
+        "conflicting": conflicting,
         "unlabeled_skipped": [str(r.path) for r in unlabeled],
     }
     write_json_atomic(out / INDEX_NAME, index)
@@ -321,7 +325,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         n_skipped=len(skipped),
         n_too_large=sum(1 for s in skipped if s["reason"].startswith(TOO_LARGE)),
         n_duplicates=len(duplicates),
-        n_conflicting=sum(1 for d in duplicates if d.get("conflicting_label")),
+        n_conflicting=n_conflicting,
         n_unlabeled_skipped=len(unlabeled),
         shards=[s["name"] for s in shards],
         counts=index["counts"],
@@ -348,9 +352,10 @@ def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], s
                            "bytes": (staging / name).stat().st_size})  # fmt: skip
         for _, p in items:
             counts["split"][split] += 1
-            counts["label"]["fake" if p.record.label else "real"] += 1
+            label = LABEL_NAMES[p.record.label]
+            counts["label"][label] += 1
             counts["generator"][p.record.generator] += 1
-            counts["split_label"][f"{split}/{'fake' if p.record.label else 'real'}"] += 1
+            counts["split_label"][f"{split}/{label}"] += 1
     return shards, counts
 
 
@@ -434,14 +439,13 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
     )
     click.echo("splits: " + ", ".join(f"{k}={v}" for k, v in result.counts["split"].items()))
     click.echo("labels: " + ", ".join(f"{k}={v}" for k, v in result.counts["label"].items()))
-    if result.n_skipped or result.n_duplicates or result.n_unlabeled_skipped:
-        conflicting = f" ({result.n_conflicting} of them labelled both real and fake)" if result.n_conflicting else ""
+    if result.n_skipped or result.n_duplicates or result.n_conflicting or result.n_unlabeled_skipped:
         click.echo(
             f"skipped {result.n_skipped - result.n_too_large} unreadable, "
             + (f"{result.n_too_large} too large (--max-pixels), " if result.n_too_large else "")
-            + f"{result.n_duplicates} duplicate{conflicting}, "
-            f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
+            + f"{result.n_duplicates} duplicate, "
+            + (f"{result.n_conflicting} labelled both real and fake, " if result.n_conflicting else "")
+            + f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
         )
-
 
 __all__ = ["ShardConfig", "ShardResult", "run", "command"]

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 REAL_NAMES = {"real", "0_real"}
 FAKE_NAMES = {"fake", "1_fake"}
 LABEL_VALUES = {"real": 0, "0": 0, "fake": 1, "1": 1}
+LABEL_NAMES = ("real", "fake")  # by label value
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 

@@ -301,23 +301,47 @@ def test_unlabeled_file_is_an_error_naming_it(image_tree, tmp_path):
     assert [Path(p).name for p in read_index(out)["unlabeled_skipped"]] == ["stray.png"]
 
 
-def test_duplicates_kept_once_and_reported(image_tree, tmp_path, caplog):
+def test_duplicates_kept_once_and_conflicting_labels_dropped(image_tree, tmp_path, caplog):
+    # a same-label duplicate is kept once
+    kept = image_tree / "real" / "camera" / "002.jpg"
+    (image_tree / "real" / "camera" / "again.jpg").write_bytes(kept.read_bytes())
+    # one file's bytes under both labels (twice under fake): no copy is sharded
     original = image_tree / "real" / "camera" / "000.jpg"
-    copy = image_tree / "fake" / "gan_b" / "copy.jpg"
-    copy.write_bytes(original.read_bytes())
-    (image_tree / "fake" / "gan_b" / "same.jpg").write_bytes(original.read_bytes())  # a copy with the kept label
+    for name in ("copy.jpg", "copy2.jpg"):
+        (image_tree / "fake" / "gan_b" / name).write_bytes(original.read_bytes())
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="semspai"):
         result = shard(image_tree, out)
-    assert result.n_duplicates == 2 and result.n_conflicting == 1 and result.n_written == 16
-    dups = {Path(d["path"]).name: d for d in read_index(out)["duplicates"]}
-    # records are taken in origin order, so the copy under fake/ comes first and is the one kept
-    assert {n: Path(d["duplicate_of"]).name for n, d in dups.items()} == {"000.jpg": "copy.jpg", "same.jpg": "copy.jpg"}
-    assert dups["000.jpg"].get("conflicting_label") is True and "conflicting_label" not in dups["same.jpg"]
-    (warning,) = [r.getMessage() for r in caplog.records if "same file labelled" in r.getMessage()]
-    assert "labelled fake and real; kept once, as fake" in warning
-    digests = Counter(s.meta["sha256"] for _, s in samples(out).values())
-    assert max(digests.values()) == 1
+    assert result.n_duplicates == 1 and result.n_conflicting == 3 and result.n_written == 15
+    index = read_index(out)
+    assert [(Path(d["path"]).name, Path(d["duplicate_of"]).name) for d in index["duplicates"]] == [("again.jpg", "002.jpg")]
+    (group,) = index["conflicting"]
+    assert sorted((Path(f["path"]).name, f["label"]) for f in group["files"]) == [
+        ("000.jpg", "real"), ("copy.jpg", "fake"), ("copy2.jpg", "fake")]  # fmt: skip
+    (warning,) = [r.getMessage() for r in caplog.records if "both real and fake" in r.getMessage()]
+    assert "1 image(s) are labelled both real and fake" in warning and "000.jpg" in warning
+    sharded = Counter(s.meta["sha256"] for _, s in samples(out).values())
+    assert max(sharded.values()) == 1 and group["sha256"] not in sharded
+    assert index["counts"]["label"] == {"fake": 8, "real": 7}
+
+
+def test_shard_command_counts_conflicting_labels(image_tree, tmp_path):
+    original = image_tree / "real" / "camera" / "000.jpg"
+    (image_tree / "fake" / "gan_b" / "copy.jpg").write_bytes(original.read_bytes())
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "0 duplicate, 2 labelled both real and fake, 0 unlabeled" in res.output
+
+
+def test_nothing_left_but_conflicting_labels_is_an_error(tmp_path):
+    photo = tmp_path / "one.png"
+    write_image(photo, 32, 32, seed=1)
+    for label in ("real", "fake"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        shutil.copy(photo, tmp_path / "data" / label / "x.png")
+    with pytest.raises(SourceError, match="2 labelled both real and fake skipped"):
+        shard(tmp_path / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_too_large_images_refused_naming_the_option(image_tree, tmp_path):
