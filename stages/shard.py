@@ -448,4 +448,5 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
             + f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
         )
 
+
 __all__ = ["ShardConfig", "ShardResult", "run", "command"]

@@ -314,7 +314,9 @@ def test_duplicates_kept_once_and_conflicting_labels_dropped(image_tree, tmp_pat
         result = shard(image_tree, out)
     assert result.n_duplicates == 1 and result.n_conflicting == 3 and result.n_written == 15
     index = read_index(out)
-    assert [(Path(d["path"]).name, Path(d["duplicate_of"]).name) for d in index["duplicates"]] == [("again.jpg", "002.jpg")]
+    assert [(Path(d["path"]).name, Path(d["duplicate_of"]).name) for d in index["duplicates"]] == [
+        ("again.jpg", "002.jpg")
+    ]
     (group,) = index["conflicting"]
     assert sorted((Path(f["path"]).name, f["label"]) for f in group["files"]) == [
         ("000.jpg", "real"), ("copy.jpg", "fake"), ("copy2.jpg", "fake")]  # fmt: skip
