@@ -60,7 +60,7 @@ from semspai.store.manifest import (
     read_manifest,
     write_manifest,
 )
-from semspai.store.shards import file_sha256, resolve_shards, shard_name
+from semspai.store.shards import file_sha256, resolve_shards, shard_name, tar_sha256s
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +221,31 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[str, str] | None = None) -> dict:
-    """A run's input fingerprints: its shard tars (names, sizes, mtimes) and, with a store, the store's CLIP
-    weights and what it extracted from these tars (shards added to the store for other runs change nothing)."""
-    inputs = {"shards": fingerprint_paths(paths)}
+def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[str, str] | None = None,
+               tar_shas: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """A run's input fingerprints: its shard tars' names and contents (sha256: `tar_shas` by str(path), hashed
+    here when not given), so that tars moved, copied or rebuilt the same are the same input; with a store,
+    also the store's CLIP weights and what it extracted from these tars (shards added to the store for other
+    runs change nothing)."""
+    tar_shas = tar_shas if tar_shas is not None else tar_sha256s(paths)
+    contents = sorted({(shard_name(p), tar_shas[str(p)]) for p in paths})
+    inputs = {"shards": hashlib.sha256(json.dumps(contents).encode()).hexdigest()}
     if clip_sha is not None:
         names = {shard_name(p) for p in paths}
         done = {n: sha for n, sha in (shard_shas or {}).items() if n in names}
         inputs["store"] = hashlib.sha256(
             json.dumps({"clip": clip_sha, "shards": done}, sort_keys=True).encode()
         ).hexdigest()
+    return inputs
+
+
+def legacy_inputs(out: Path, inputs: dict[str, str], paths: list[Path]) -> dict[str, str]:
+    """`inputs`, with the shards' fingerprint as earlier semspai wrote it (tar paths, sizes and mtimes) when
+    the run in `out` holds that one and it still matches: such runs stay up to date and resumable."""
+    have = read_manifest(out) if holds_run(out) else None
+    legacy = have.inputs.get("shards") if have is not None else None
+    if legacy is not None and legacy != inputs["shards"] and legacy == fingerprint_paths(paths):
+        return inputs | {"shards": legacy}
     return inputs
 
 
@@ -301,11 +316,12 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
     if attrs is None or "clip" not in attrs:
         if store_path or cfg.MODEL.SEMANTIC.MODE != "none" or cfg.LOSS.SEMANTIC_WEIGHT > 0:
             return None  # no such store, or one is needed: the trainer's own checks say so
-        inputs = run_inputs(resolve_shards(shards))
+        inputs = run_inputs(paths := resolve_shards(shards))
     else:
         cfg = record_store_clip(cfg, attrs["clip"], store_path)
         shas = {n: a["sha256"] for n, a in done_shard_attrs(store_path).items()}
-        inputs = run_inputs(resolve_shards(shards), attrs["clip"]["sha256"], shas)
+        inputs = run_inputs(paths := resolve_shards(shards), attrs["clip"]["sha256"], shas)
+    inputs = legacy_inputs(out, inputs, paths)
     _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS)
     return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"])
 
@@ -356,13 +372,14 @@ class Trainer:
             self.spill_dir = local_spill_dir(self.store, cfg.DATA.STORE_MEMORY_GB, where)
         join = StoreJoin(self.store, *need, spill_dir=self.spill_dir) if self.store is not None and any(need) else None
         paths = resolve_shards(shards)
-        if self.store is not None:
-            self.store.check_shards(paths)
+        tar_shas = tar_sha256s(paths)  # each tar read once, for the store's check and the run's fingerprint
         if self.store is None:
-            self.inputs = run_inputs(paths)
+            self.inputs = run_inputs(paths, tar_shas=tar_shas)
         else:
+            self.store.check_shards(paths, tar_shas)
             shas = {n: i["sha256"] for n, i in self.store.shard_info.items()}
-            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas)
+            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas, tar_shas)
+        self.inputs = legacy_inputs(self.out, self.inputs, paths)
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
         self.train_generators = plans["train"].generators  # kept in checkpoints: eval tells seen from unseen

@@ -607,13 +607,15 @@ class FeatureStore:
     def prompts(self) -> list[str]:
         return list(self.attrs.get("prompts", []))
 
-    def check_shards(self, paths: Iterable[str | Path]) -> None:
-        """Raise if a tar among `paths` that the store holds changed since it was extracted."""
+    def check_shards(self, paths: Iterable[str | Path], tar_shas: dict[str, str] | None = None) -> None:
+        """Raise if a tar among `paths` that the store holds changed since it was extracted (`tar_shas`: the
+        tars' sha256 by str(path), when already hashed)."""
         for path in paths:
             name = shard_name(path)
             if name in self.shard_info:
                 sha = self.shard_info[name]["sha256"]
-                check_shard_unchanged(self.path, name, sha, file_sha256(path), path, self.recorded_shards.get(name, ""))
+                now = tar_shas[str(path)] if tar_shas is not None else file_sha256(path)
+                check_shard_unchanged(self.path, name, sha, now, path, self.recorded_shards.get(name, ""))
 
 
 def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, path: str | Path,

@@ -33,7 +33,8 @@ from semspai.stages.train import TrainStageConfig, run
 from semspai.store.checkpoints import load_checkpoint
 from semspai.store.features import FeatureStore
 from semspai.store.locks import run_lock
-from semspai.store.manifest import StaleOutputError
+from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, fingerprint_paths
+from semspai.store.shards import resolve_shards
 from tests.conftest import make_tree
 
 MICRO = [
@@ -101,19 +102,18 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(full_run, tiny_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "last.pt"]
     with pytest.raises(FileExistsError, match="--resume"):
         _train(tiny_shards, train_store, out)
-    tar = sorted(tiny_shards.glob("*.tar"))[0]  # touched since the run started: it may hold other data now
-    st = tar.stat()
-    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    try:
-        with pytest.raises(StaleOutputError, match=r"--resume: the run's input shards changed since it started"):
-            run(TrainStageConfig(shards=str(tiny_shards), out=str(out), store=str(train_store), resume=True), CPU)
-    finally:
-        os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # the shards copied elsewhere (new paths, new mtimes, as to a node's scratch disk) are the same input
+    moved = Path(shutil.copytree(tiny_shards, tmp_path / "scratch" / "shards", copy_function=shutil.copyfile))
+    assert (moved / "train-000000.tar").stat().st_mtime_ns != (tiny_shards / "train-000000.tar").stat().st_mtime_ns
+    names = [t.stem for t in sorted(moved.glob("*.tar")) if not t.name.startswith("test-")]
+    fewer = str(moved / f"{{{','.join(names)}}}.tar")  # test tars left out: other input
+    with pytest.raises(StaleOutputError, match=r"--resume: the run's input shards changed since it started"):
+        run(TrainStageConfig(shards=fewer, out=str(out), store=str(train_store), resume=True), CPU)
     with pytest.raises(ConfigError, match=r"--resume: the config differs .*\(TRAIN.EPOCHS; see "):
         run(TrainStageConfig(shards=str(tiny_shards), out=str(out), store=str(train_store), resume=True,
                              overrides=["TRAIN.EPOCHS=3"]), CPU)  # fmt: skip
     # a memory budget is no part of what the run is: resumable with another (its store then memory-mapped)
-    result = run(TrainStageConfig(shards=str(tiny_shards), out=str(out), store=str(train_store), resume=True,
+    result = run(TrainStageConfig(shards=str(moved), out=str(out), store=str(train_store), resume=True,
                                   overrides=["DATA.STORE_MEMORY_GB=0"]), CPU)  # fmt: skip
     assert result.epochs_run == 1
     assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
@@ -149,6 +149,20 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     shard_stage(ShardConfig(sources=[str(make_tree(tmp_path / "more"))], out=str(other), prefix="more"))
     extract(ExtractConfig(shards=str(other), store=str(grown), clip="tiny-random", workers=0))
     assert run(TrainStageConfig(str(tiny_shards), str(out), str(grown), overrides=MICRO), CPU).nothing_to_do
+    # a run fingerprinted by an earlier semspai (tar paths, sizes, mtimes) stays up to date while that holds
+    old = Path(shutil.copytree(full_run, tmp_path / "old"))
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    tars = resolve_shards(str(tiny_shards))
+    manifest["inputs"]["shards"] = fingerprint_paths(tars)
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert run(TrainStageConfig(str(tiny_shards), str(old), str(train_store), overrides=MICRO), CPU).nothing_to_do
+    st = tars[0].stat()
+    os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # its fingerprint then changes (not the tar)
+    try:
+        with pytest.raises(StaleOutputError, match="its input shards changed"):
+            run(TrainStageConfig(str(tiny_shards), str(old), str(train_store), overrides=MICRO), CPU)
+    finally:
+        os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns))
     monkeypatch.undo()
     with pytest.raises(
         StaleOutputError,
