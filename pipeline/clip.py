@@ -6,12 +6,16 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
+import socket
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub.constants
 import numpy as np
 import open_clip
 import timm
@@ -38,6 +42,8 @@ EMBEDDER_PRECISIONS = (*PRECISIONS, BF16_WEIGHTS)
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_TRANSFORMERS_PREFIXES = ("vision_model.", "text_model.")
 _KEYS_SHOWN = 5  # errors name this many offending keys, not hundreds
+HUB_PROBE_S = 5.0  # how long a weights download waits to learn that the network is unreachable
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 class ClipLoadError(ValueError):
@@ -326,10 +332,12 @@ def _build_open_clip(
         # a file saved from these weights must be loaded under a model name with the same activation
         file_name = f"{name}-quickgelu" if quick_gelu and not cfg.get("quick_gelu") else name
         try:
-            model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
+            with _cache_only_when_offline(tag_cfg) as offline:
+                model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
         except RuntimeError as exc:
+            why = f"{offline} could not be reached and they are not in the local cache" if offline else exc
             raise ClipLoadError(
-                f"--clip {arg}: the weights could not be downloaded ({exc}); without network, save "
+                f"--clip {arg}: the weights could not be downloaded ({why}); without network, save "
                 f"open_clip.create_model('{file_name}', pretrained='{weights}').state_dict() with safetensors on a "
                 f"machine that has it and pass --clip {file_name}:/path/to/weights.safetensors"
             ) from exc
@@ -349,6 +357,39 @@ def _build_open_clip(
         "interpolation": pp["interpolation"],
     }
     return model, info, image_transform_v2(PreprocessCfg(**pp), is_train=False)
+
+
+def reachable(url: str, timeout: float = HUB_PROBE_S) -> bool:
+    """Whether a TCP connection to `url`'s host opens (through a proxy, when one is set, it is assumed to)."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    parts = urlparse(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _cache_only_when_offline(tag_cfg: dict):
+    """Around an open_clip download from the Hugging Face hub: when the hub cannot be reached, the hub library
+    is put in offline mode (weights come from its local cache, or fail at once): it would otherwise retry for
+    about a minute. Yields the unreachable host, or "" when the download goes ahead as usual."""
+    if (
+        not tag_cfg.get("hf_hub")
+        or huggingface_hub.constants.HF_HUB_OFFLINE
+        or reachable(huggingface_hub.constants.ENDPOINT)
+    ):
+        yield ""
+        return
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    logger.info("%s cannot be reached: CLIP weights are taken from the local cache only", host)
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield host
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = False
 
 
 def _build_timm(

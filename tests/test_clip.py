@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import logging
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import save_file
 
+from semspai.pipeline import clip as clip_module
 from semspai.pipeline.clip import (
     BF16_WEIGHTS,
     TINY_RANDOM,
@@ -30,6 +33,7 @@ from semspai.pipeline.clip import (
     NoTextTowerError,
     load_embedder,
     parse_clip_arg,
+    reachable,
     resolve_precision,
     state_dict_sha256,
 )
@@ -250,6 +254,7 @@ def test_hub_tag_offline_says_how_to_pass_a_file(monkeypatch: pytest.MonkeyPatch
     def offline(*args, **kwargs):
         raise OSError("Network is unreachable")
 
+    monkeypatch.setattr(clip_module, "reachable", lambda url: True)  # the download itself fails
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
     with pytest.raises(ClipLoadError, match=r"could not be downloaded.*--clip ViT-B-32:/path/to/weights.safetensors"):
         load_embedder("ViT-B-32:laion2b_s34b_b79k")
@@ -269,11 +274,60 @@ def test_hub_tag_path_records_the_tags_quick_gelu(
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", tag_cfg)
     monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", tag_cfg)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: str(tiny_files["safetensors"]))
+    monkeypatch.setattr(clip_module, "reachable", lambda url: True)
     emb = load_embedder("tiny-random:fake")
     assert emb.spec.quick_gelu and emb.spec.weights_id == "fake" and emb.spec.sha256 == tiny.spec.sha256
     assert isinstance(emb.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
     assert isinstance(tiny.model.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
     assert emb.spec.identity() != tiny.spec.identity()
+
+
+def test_hub_unreachable_takes_cached_weights_at_once(
+    tiny: ClipEmbedder, tiny_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without network, a tag's weights come from the hub library's local cache, with no download tried (it
+    would retry for about a minute); not cached, the error says the hub could not be reached."""
+    import huggingface_hub.constants
+
+    def tag_cfg(model: str, tag: str) -> dict:
+        return {"hf_hub": "semspai-test/tiny/"} if (model, tag) == (TINY_RANDOM, "cached") else {}
+
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", tag_cfg)
+    monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", tag_cfg)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(clip_module, "reachable", lambda url: False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a connection was tried")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    repo = tmp_path / "hub" / "models--semspai-test--tiny"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    shutil.copy(tiny_files["safetensors"], repo / "snapshots" / revision / "open_clip_model.safetensors")
+    emb = load_embedder("tiny-random:cached")
+    assert emb.spec.weights_id == "cached" and emb.spec.sha256 == tiny.spec.sha256
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only for the load
+    shutil.rmtree(repo)
+    with pytest.raises(ClipLoadError, match=r"huggingface.co could not be reached and they are not in the local cache"):
+        load_embedder("tiny-random:cached")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert reachable(f"http://127.0.0.1:{port}")
+    assert not reachable(f"http://127.0.0.1:{port}", timeout=1)  # closed now
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert reachable(f"http://127.0.0.1:{port}")  # a proxy may reach what a direct connection cannot
 
 
 @pytest.mark.parametrize(
