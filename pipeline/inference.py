@@ -19,6 +19,7 @@ from semspai.pipeline.clip import (
     ClipLoadError,
     ClipSpec,
     load_embedder,
+    parse_clip_arg,
     resolve_precision,
 )
 from semspai.pipeline.config import RunConfig, config_from_dict
@@ -282,10 +283,11 @@ def _load_recorded_embedder(recorded: dict | None, override: str | None, file: P
         raise CheckpointError(f"checkpoint {file} uses CLIP vectors but records no CLIP spec")
     spec = ClipSpec.from_dict(recorded)
     arg = override or spec.arg
+    model = parse_clip_arg(spec.arg)[0]  # as --clip names it (timm/NAME for a timm encoder)
     if spec.meaningless:  # weights drawn from a seed: no file to point at
-        hint = f"Pass --clip {spec.arg.split(':')[0]}" + ("" if spec.model == TINY_RANDOM else f":{RANDOM_WEIGHTS}")
+        hint = f"Pass --clip {model}" + ("" if spec.model == TINY_RANDOM else f":{RANDOM_WEIGHTS}")
     else:
-        hint = f"Pass --clip {spec.model}:/path/to/{spec.weights_id} (the same weights at another path)"
+        hint = f"Pass --clip {model}:/path/to/{spec.weights_id} (the same weights at another path)"
     try:
         embedder = load_embedder(arg, device, precision)
     except ClipLoadError as exc:

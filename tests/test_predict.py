@@ -173,6 +173,11 @@ def test_missing_clip_weights_name_the_fix_and_clip_overrides(checkpoint, tmp_pa
     save_checkpoint(tmp_path / "file.pt", state | {"clip_spec": file_spec})
     with pytest.raises(ClipLoadError, match=r"Pass --clip tiny-random:/path/to/tiny.safetensors \(the same weights"):
         load_detector(tmp_path / "file.pt")
+    timm_spec = file_spec | {"arg": "timm/efficientnet_lite0:/gone/w.safetensors", "model": "efficientnet_lite0",
+                             "kind": "timm", "weights_id": "w.safetensors"}  # fmt: skip
+    save_checkpoint(tmp_path / "timm.pt", state | {"clip_spec": timm_spec})
+    with pytest.raises(ClipLoadError, match=r"Pass --clip timm/efficientnet_lite0:/path/to/w.safetensors \(the same"):
+        load_detector(tmp_path / "timm.pt")
     det = load_detector(moved, clip="tiny-random")  # same weights found elsewhere: accepted
     assert det.predict(rgb)[0].score == load_detector(checkpoint).predict(rgb)[0].score
     state["clip_spec"] = state["clip_spec"] | {"arg": "tiny-random", "sha256": "0" * 64}
