@@ -156,11 +156,12 @@ def plan_split(
     join: StoreJoin | None,
     skip_missing: bool,
     missing_hint: str = "or set DATA.SKIP_MISSING=true",
+    shards_are: str = "the given shards",
 ) -> SplitPlan:
     """List the samples of `split` from the shards' sidecars (no image is read): reals always, fakes of
     `generators` only (all when empty); each must be in the store when one is given (else an error ending
     with `missing_hint`). Each of `generators` must have fakes somewhere in `shards` (a name nothing has is a
-    typo), and no key may be in two tars (a tar named twice counts once)."""
+    typo), and no key may be in two tars (a tar named twice counts once). Errors call the tars `shards_are`."""
     wanted = set(generators)
     shards = unique_files(shards)  # a tar named twice (or by two paths) counts once, under the name it had first
     keys: dict[Path, list[str]] = {}
@@ -204,7 +205,7 @@ def plan_split(
     unknown = sorted(wanted - fake_generators)
     if unknown:
         raise DataError(
-            f"DATA.GENERATORS: no fake image of the given shards comes from {unknown[0]!r} "
+            f"DATA.GENERATORS: no fake image of {shards_are} comes from {unknown[0]!r} "
             f"(their generators: {', '.join(sorted(fake_generators)) or 'none'})"
         )
     plan = SplitPlan(
@@ -212,7 +213,7 @@ def plan_split(
     )
     if not len(plan):
         which = f" with DATA.GENERATORS={','.join(generators)}" if generators else ""
-        raise DataError(f"split {split!r} is empty{which} in the given shards")
+        raise DataError(f"split {split!r} is empty{which} in {shards_are}")
     if len(set(labels.values())) < 2:
         only = "real" if 0 in labels.values() else "fake"
         raise DataError(f"split {split!r} holds only {only} images; it needs both reals and fakes")

@@ -222,7 +222,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
     try:  # the memory-mapped copies go whatever happens: they can be as large as the store
         plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False,
-                          missing_hint="or leave out --store (CLIP then runs on the fly)")  # fmt: skip
+                          missing_hint="or leave out --store (CLIP then runs on the fly)",
+                          shards_are=f"the tars of {cfg.shards} that may hold split {cfg.split}")  # fmt: skip
         log_generators(plan, det.train_generators, checkpoint)
         clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
         clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
@@ -318,8 +319,9 @@ def render_heatmaps(run: CheckpointEval, plan_shards: list[Path], picks: dict[st
     return out
 
 
-# a class this small gives the bootstrap few distinct resamples (one fake: every resample is that fake, and the
-# interval has no width): such intervals are marked, as understating the uncertainty
+# a class this small gives the bootstrap few distinct resamples (one fake: every resample holds only that fake,
+# so the interval says nothing of how another fake would score): such intervals are marked, as understating the
+# uncertainty
 FEW_FOR_CI = 10
 
 
@@ -378,7 +380,7 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
     doc.text("AUC intervals are 95% stratified bootstrap intervals "
              f"({cfg.bootstrap} rounds, seed {cfg.seed}); test sets here are small, so read them before the digits. "
              f"† marks an interval from fewer than {FEW_FOR_CI} reals or fakes: it understates the uncertainty "
-             "(with one fake it has no width at all).")  # fmt: skip
+             "(with one fake, every resample holds that fake; with one of each, the interval has no width).")  # fmt: skip
 
     doc.heading("Overall")
     doc.table(["", *METRIC_HEADER], [["all generators", *_metric_row(m["overall"])]])
