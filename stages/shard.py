@@ -215,6 +215,14 @@ def _run(cfg: ShardConfig) -> ShardResult:
         log.warning("%s: %s%s; rebuilding its shards (the same tars as before)", out, damage[0], more)
     if (out / "zarr.json").exists():  # not even with --force: a store's own files would be mixed with tars
         raise SourceError(f"--out {out} is a Zarr store (a feature store?), not a shard folder; pick another folder")
+    stray = sorted(p.name for p in out.iterdir() if p.suffix == ".tar" and not SHARD_FILE.match(p.name)) if (
+        out.is_dir()) else []  # fmt: skip
+    if stray:  # not even with --force, which replaces only tars of its own names
+        raise SourceError(
+            f"{out} holds {stray[0]}{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, not a tar `semspai "
+            "shard` makes; a shard folder holds its own tars only (the next stages refuse others), so move it out "
+            "or pick another --out"
+        )
     if not cfg.force and read_manifest(out) is None:
         # a rebuild replaces shard-named files and index.json: never ones this stage did not record making (a
         # run of its own that died while swapping outputs left PREVIOUS behind: those are its own)

@@ -512,6 +512,16 @@ def test_tars_it_did_not_make_are_refused_without_force(image_tree, tmp_path):
     result = shard(small_tree(tmp_path / "other", 6), out, force=True)
     assert not result.up_to_date and len(samples(out)) == 6
     assert (out / "notes.txt").read_text() == "mine"  # only shard-named files and index.json are replaced
+    # a tar of another name would stay beside the shards, where the next stages refuse it: not even --force
+    (out / "mydata.tar").write_bytes(b"mine too")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "mydata.tar").write_bytes(b"mine too")
+    before = {p: p.read_bytes() for p in [*out.iterdir(), *fresh.iterdir()]}
+    for folder, force in ((fresh, False), (out, True)):
+        with pytest.raises(SourceError, match=r"holds mydata.tar, not a tar `semspai shard` makes.*move it out"):
+            shard(small_tree(tmp_path / "third", 5), folder, force=force)
+    assert {p: p.read_bytes() for p in [*out.iterdir(), *fresh.iterdir()]} == before
 
 
 def test_a_later_batch_sharded_with_a_prefix_joins_the_same_store(tmp_path):
