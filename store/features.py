@@ -36,7 +36,7 @@ from zarr.core.sync import sync
 
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import leaf_differences
-from semspai.store.shards import file_sha256, iter_shard, shard_name
+from semspai.store.shards import INDEX_NAME, ShardError, file_sha256, indexed_sha256, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -624,6 +624,16 @@ def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, 
     if stored_sha == tar_sha:
         return
     shas = f"sha256 {stored_sha[:12]}… then, {tar_sha[:12]}… now"
+    try:
+        sharded = indexed_sha256([Path(path)]).get(str(path), "")
+    except ShardError:  # its folder's index.json is unreadable: the checks below still say what is wrong
+        sharded = ""
+    if sharded and sharded != tar_sha:  # damaged or changed since `semspai shard` wrote it, whatever the store
+        raise FeatureStoreError(
+            f"shard {name}: {path} is not the tar `semspai shard` wrote ({INDEX_NAME} recorded sha256 "
+            f"{sharded[:12]}…, it has {tar_sha[:12]}… now): damaged or changed since. Restore it, or rerun the "
+            "`semspai shard` that made its folder with --force (the same sources give the same tars)"
+        )
     # stores of an earlier semspai recorded paths as given, relative to a working directory unknown here
     if os.path.isabs(was_at) and was_at != os.path.abspath(path):
         raise FeatureStoreError(

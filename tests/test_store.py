@@ -214,6 +214,25 @@ def test_unfinished_group_is_replaced_and_done_group_never_rewritten(tmp_path: P
         writer.write_rows(f)
 
 
+def test_a_tar_damaged_since_sharding_is_named_so_with_the_repair(
+    tiny_shards: Path, train_store: Path, tmp_path: Path
+) -> None:
+    """A tar unlike the one its index.json recorded is damaged whatever a store says: the advice is to restore
+    or reshard it, not to extract into a new store (which would refuse it too) or to rename shard folders."""
+    copy = Path(shutil.copytree(tiny_shards, tmp_path / "copy"))  # a copied folder: the store saw other paths
+    tar = copy / "val-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[-1] ^= 1  # the end-of-archive padding: still a readable tar, of the recorded size
+    tar.write_bytes(bytes(data))
+    res = CliRunner().invoke(cli, ["store", "verify", str(train_store), "--shards", str(copy)])
+    assert res.exit_code == 1
+    assert "val-000000.tar is not the tar `semspai shard` wrote" in res.output
+    assert "damaged or changed since. Restore it, or rerun the `semspai shard` that made its folder with --force" in (
+        res.output
+    )
+    assert "--prefix" not in res.output and "new --store" not in res.output
+
+
 def test_changed_shard_is_named(tmp_path: Path, shards: list[Path]) -> None:
     store = str(tmp_path / "f.zarr")
     write(store, shards)
