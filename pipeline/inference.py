@@ -143,8 +143,9 @@ class Detector:
 
     def __init__(self, model: SemSpaiDetector, config: RunConfig, embedder: ClipEmbedder | None, threshold: float,
                  device: torch.device, precision: str, checkpoint: str = "",
-                 train_generators: dict[str, int] | None = None) -> None:  # fmt: skip
+                 train_generators: dict[str, int] | None = None, clip_spec: ClipSpec | None = None) -> None:  # fmt: skip
         self.model = model.to(device).eval()
+        self._clip_spec = clip_spec  # the encoder the checkpoint was trained with, when none is loaded
         self.train_generators = train_generators  # generator -> fakes it was trained on; None: not recorded
         self.config = config
         self.embedder = embedder
@@ -159,7 +160,7 @@ class Detector:
 
     @property
     def clip_spec(self) -> ClipSpec | None:
-        return self.embedder.spec if self.embedder is not None else None
+        return self.embedder.spec if self.embedder is not None else self._clip_spec
 
     @property
     def chunk_size(self) -> int:
@@ -247,11 +248,13 @@ class Detector:
 
 
 def load_detector(checkpoint: str | Path, clip: str | None = None, device: str | torch.device = "cpu",
-                  precision: str = "auto") -> Detector:  # fmt: skip
+                  precision: str = "auto", encoder: bool = True) -> Detector:  # fmt: skip
     """The detector a checkpoint (or a run directory, meaning its best checkpoint) holds, with its CLIP encoder.
 
     `clip` overrides where the encoder's weights are read from (e.g. the file moved); it must still be the
     encoder the checkpoint was trained with, since the fusion weights only understand that one's vectors.
+    `encoder=False` leaves the encoder unloaded, for a caller that gives every CLIP vector (from a store); the
+    detector's `clip_spec` is then the one the checkpoint recorded.
     """
     file = resolve_checkpoint(checkpoint)
     state = load_checkpoint(file)
@@ -268,20 +271,19 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
         bad = sorted(unexpected or set(missing) - frozen)
         raise CheckpointError(f"checkpoint {file} does not fit its own config ({len(bad)} mismatched keys, e.g. "
                               f"{bad[0]}); was it written by another semspai version?")  # fmt: skip
-    embedder = None
+    embedder = spec = None
     if model.semantic_mode != "none":
-        recorded = state.get("clip_spec")
-        embedder = _load_recorded_embedder(recorded, clip, file, device, precision)
+        if not state.get("clip_spec"):
+            raise CheckpointError(f"checkpoint {file} uses CLIP vectors but records no CLIP spec")
+        spec = ClipSpec.from_dict(state["clip_spec"])
+        embedder = _load_recorded_embedder(spec, clip, file, device, precision) if encoder else None
     gens = state.get("train_generators")  # absent from checkpoints written before it was recorded
     return Detector(model, config, embedder, float(state["threshold"]), device, precision, str(file),
-                    None if gens is None else {str(g): int(n) for g, n in gens.items()})  # fmt: skip
+                    None if gens is None else {str(g): int(n) for g, n in gens.items()}, spec)  # fmt: skip
 
 
-def _load_recorded_embedder(recorded: dict | None, override: str | None, file: Path, device: torch.device,
+def _load_recorded_embedder(spec: ClipSpec, override: str | None, file: Path, device: torch.device,
                             precision: str) -> ClipEmbedder:  # fmt: skip
-    if not recorded:
-        raise CheckpointError(f"checkpoint {file} uses CLIP vectors but records no CLIP spec")
-    spec = ClipSpec.from_dict(recorded)
     arg = override or spec.arg
     model = parse_clip_arg(spec.arg)[0]  # as --clip names it (timm/NAME for a timm encoder)
     if spec.meaningless:  # weights drawn from a seed: no file to point at

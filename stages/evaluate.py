@@ -201,7 +201,8 @@ def clip_score_vectors(store: FeatureStore | None, det: Detector, samples: list[
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Perturbation], primary: bool,
                         device: str) -> CheckpointEval:  # fmt: skip
     """Score one checkpoint on the split, clean and under each perturbation, and compute its metrics."""
-    det = load_detector(checkpoint, clip=cfg.clip, device=device)
+    # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
+    det = load_detector(checkpoint, clip=cfg.clip, device=device, encoder=not cfg.store or bool(perturbations))
     run_cfg = apply_overrides(det.config, cfg.overrides)
     det.chunk_size = run_cfg.MODEL.SPECTRAL.CHUNK_SIZE
     mode = det.semantic_mode

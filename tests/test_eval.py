@@ -14,6 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from semspai.pipeline import inference
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
 from semspai.pipeline.inference import load_detector
@@ -125,9 +126,12 @@ def test_resolved_config_and_ablation_written(evaluated):
     assert info["clip_score"]["real"]["n"] == 2  # tiny_shards gives every image a caption
 
 
-def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, evaluated, tmp_path):
+def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, evaluated, tmp_path, monkeypatch):
     store = str(tmp_path / "features.zarr")
     extract(ExtractConfig(shards=str(tiny_shards), store=store, clip="tiny-random", workers=0, device="cpu"))
+    loads = []
+    real_load = inference.load_embedder
+    monkeypatch.setattr(inference, "load_embedder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     res = run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
                          out=str(tmp_path / "out"), device="cpu", bootstrap=50, n_heatmaps=1))  # fmt: skip
     cached = {r.keys[i]: r.scores[i] for r in res.runs[:1] for i in range(len(r.keys))}
@@ -135,12 +139,18 @@ def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, eva
     for key, score in zip(fly.keys, fly.scores, strict=True):
         assert cached[key] == pytest.approx(score, abs=1e-4)
     assert "read from the feature store" in res.report_md.read_text()
+    assert loads == []  # every vector came from the store: no encoder was loaded (eval works without its weights)
     # a store over DATA.STORE_MEMORY_GB is memory-mapped from a copy: same scores, copy gone afterwards
     mapped = run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
                             out=str(tmp_path / "mapped"), device="cpu", bootstrap=50, n_heatmaps=1,
                             overrides=["DATA.STORE_MEMORY_GB=0"]))  # fmt: skip
     assert np.array_equal(mapped.runs[0].scores, res.runs[0].scores)
     assert not (tmp_path / "mapped" / STORE_CACHE_DIR).exists()
+    perturbed = run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
+                               out=str(tmp_path / "perturbed"), device="cpu", bootstrap=50, n_heatmaps=0,
+                               perturb=["blur:1.0"]))  # fmt: skip
+    assert len(loads) == 1  # perturbed pixels need the encoder
+    assert np.array_equal(perturbed.runs[0].scores, res.runs[0].scores)
 
 
 def test_store_of_another_clip_is_refused(tiny_shards, checkpoints, tmp_path):
