@@ -241,12 +241,15 @@ def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> 
         raise ConfigError(f"MODEL.DROPOUT: {cfg.MODEL.DROPOUT} drops everything (expected 0 <= p < 1)")
     if wanted("LOSS.TEMPERATURE") and cfg.LOSS.TEMPERATURE <= 0:
         raise ConfigError(f"LOSS.TEMPERATURE: {cfg.LOSS.TEMPERATURE} (expected > 0)")
-    for key in ("PROMPTS_PATH", "PROMPT_TEMPLATE"):  # no effect: a value given would only be misleading
+    fixed = {  # no effect: a value other than the default would only mislead
+        "PROMPTS_PATH": "the prompt bank is fixed into the feature store at extraction (`semspai extract-clip "
+        "--prompts FILE`, one class name a line); training and eval take it from there",
+        "PROMPT_TEMPLATE": f"every prompt is {PROMPT_TEMPLATE!r} filled with a class name of the store's prompt bank, "
+        "made at extraction (`semspai extract-clip --prompts FILE` chooses the names; the template is fixed)",
+    }
+    for key, why in fixed.items():
         if wanted(f"DATA.{key}") and getattr(cfg.DATA, key) != getattr(DataConfig, key):
-            raise ConfigError(
-                f"DATA.{key}: the prompt bank is fixed into the feature store at extraction (`semspai extract-clip "
-                "--prompts FILE`, one class name a line); training and eval take it from there: leave this key out"
-            )
+            raise ConfigError(f"DATA.{key}: {why}: leave this key out")
     return cfg
 
 

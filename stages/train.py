@@ -86,7 +86,7 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
     "store",
     type=click.Path(),
     default=None,
-    help="Feature store of CLIP vectors (required unless MODEL.SEMANTIC.MODE is none).",
+    help="Feature store of CLIP vectors (required unless MODEL.SEMANTIC.MODE is none and LOSS.SEMANTIC_WEIGHT is 0).",
 )
 @click.option("--shards", required=True, help="Shard SPEC: folder, glob or brace pattern.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")

@@ -335,9 +335,15 @@ def test_settings_of_how_not_what_leave_the_digest_alone():
 
 def test_prompt_keys_of_old_configs_load_but_are_refused_when_given(tmp_path):
     """The prompt bank is the store's (fixed at extraction): a DATA.PROMPTS_PATH given to train would do nothing."""
-    for override in (f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}", "DATA.PROMPT_TEMPLATE='{} here'"):
-        with pytest.raises(ConfigError, match=r"^DATA.PROMPT.*fixed into the feature store at extraction"):
-            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"^DATA.PROMPTS_PATH: the prompt bank is fixed into the feature store"):
+        load_config(None, [f"DATA.PROMPTS_PATH={tmp_path / 'p.txt'}"])
+    with pytest.raises(
+        ConfigError, match=r"^DATA.PROMPT_TEMPLATE: every prompt is 'a photo of a \{\}.' .*template is fixed"
+    ):
+        load_config(None, ["DATA.PROMPT_TEMPLATE='{} here'"])
+    saved = tmp_path / "resolved.yaml"
+    save_config(RunConfig(), saved)  # a resolved config.yaml holds both keys, at their defaults: it loads
+    assert load_config(saved).DATA.PROMPT_TEMPLATE == RunConfig().DATA.PROMPT_TEMPLATE
     old = RunConfig().to_dict()
     old["DATA"]["PROMPTS_PATH"] = "/somewhere/p.txt"  # a checkpoint's config of an earlier version
     assert config_from_dict(old, saved=True).DATA.PROMPTS_PATH == "/somewhere/p.txt"
