@@ -94,6 +94,7 @@ class ShardResult:
     n_written: int = 0
     n_skipped: int = 0  # unreadable or too large
     n_too_large: int = 0  # of those, over --max-pixels
+    n_missing: int = 0  # of those, named by a manifest but not there
     n_duplicates: int = 0
     n_conflicting: int = 0  # files whose bytes other files carry under the other label: none of them is kept
     n_unlabeled_skipped: int = 0
@@ -200,7 +201,9 @@ def _run(cfg: ShardConfig) -> ShardResult:
         config_digest=digest,
         inputs={"sources": fingerprint_paths(input_files)},
         semspai_version=__version__,
-        config={k: v for k, v in asdict(cfg).items() if k not in ("force", "workers")},  # what the output is made of
+        config={
+            k: v for k, v in asdict(cfg).items() if k not in ("force", "workers", "out")
+        },  # what the output is made of
     )
     hint = {"sources": f"`semspai shard ... --out {out} --force` to rebuild it"}
     if not check_stage(out, wanted, hint, cfg.force):
@@ -274,8 +277,9 @@ def _run(cfg: ShardConfig) -> ShardResult:
     if conflicting:
         example = {f["label"]: f["path"] for f in reversed(conflicting[0]["files"])}  # the first of each label
         log.warning(
-            "%d image(s) are labelled both real and fake (the same bytes), e.g. %s (real) and %s (fake); no copy "
-            "of them is sharded (see index.json conflicting)", len(conflicting), example["real"], example["fake"]
+            "%d image(s) are labelled both real and fake (%d files of the same bytes), e.g. %s (real) and %s (fake); "
+            "no copy of them is sharded (see index.json conflicting)", len(conflicting), n_conflicting,
+            example["real"], example["fake"],
         )  # fmt: skip
 
     by_split: dict[str, list[tuple[str, _Probed]]] = {s: [] for s in SPLITS}
@@ -332,6 +336,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         n_written=len(kept),
         n_skipped=len(skipped),
         n_too_large=sum(1 for s in skipped if s["reason"].startswith(TOO_LARGE)),
+        n_missing=len(missing),
         n_duplicates=len(duplicates),
         n_conflicting=n_conflicting,
         n_unlabeled_skipped=len(unlabeled),
@@ -449,11 +454,12 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
     click.echo("labels: " + ", ".join(f"{k}={v}" for k, v in result.counts["label"].items()))
     if result.n_skipped or result.n_duplicates or result.n_conflicting or result.n_unlabeled_skipped:
         click.echo(
-            f"skipped {result.n_skipped - result.n_too_large} unreadable, "
+            f"skipped {result.n_skipped - result.n_too_large - result.n_missing} unreadable, "
             + (f"{result.n_too_large} too large (--max-pixels), " if result.n_too_large else "")
+            + (f"{result.n_missing} missing (named by a manifest), " if result.n_missing else "")
             + f"{result.n_duplicates} duplicate, "
             + (f"{result.n_conflicting} labelled both real and fake, " if result.n_conflicting else "")
-            + f"{result.n_unlabeled_skipped} unlabeled file(s); see {out}/index.json"
+            + f"{result.n_unlabeled_skipped} unlabeled file(s); see {Path(out) / INDEX_NAME}"
         )
 
 

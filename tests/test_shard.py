@@ -321,7 +321,7 @@ def test_duplicates_kept_once_and_conflicting_labels_dropped(image_tree, tmp_pat
     assert sorted((Path(f["path"]).name, f["label"]) for f in group["files"]) == [
         ("000.jpg", "real"), ("copy.jpg", "fake"), ("copy2.jpg", "fake")]  # fmt: skip
     (warning,) = [r.getMessage() for r in caplog.records if "both real and fake" in r.getMessage()]
-    assert "1 image(s) are labelled both real and fake" in warning and "000.jpg" in warning
+    assert "1 image(s) are labelled both real and fake (3 files of the same bytes)" in warning and "000.jpg" in warning
     sharded = Counter(s.meta["sha256"] for _, s in samples(out).values())
     assert max(sharded.values()) == 1 and group["sha256"] not in sharded
     assert index["counts"]["label"] == {"fake": 8, "real": 7}
@@ -365,8 +365,10 @@ def test_missing_manifest_target_is_skipped(tmp_path):
     write_image(src / "a.png", 20, 20, seed=0)
     (src / "m.csv").write_text("path,label\na.png,real\nmissing.png,fake\n")
     result = run(ShardConfig(sources=[str(src / "m.csv")], out=str(tmp_path / "out")))
-    assert result.n_written == 1 and result.n_skipped == 1
+    assert result.n_written == 1 and result.n_skipped == 1 and result.n_missing == 1
     assert read_index(tmp_path / "out")["skipped"][0]["reason"] == "missing: no such file"
+    res = CliRunner().invoke(cli, ["shard", str(src / "m.csv"), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 0 and "skipped 0 unreadable, 1 missing (named by a manifest), 0 duplicate" in res.output
 
 
 @pytest.mark.parametrize(
@@ -651,6 +653,10 @@ def test_split_spelled_otherwise_is_the_same_config(image_tree, tmp_path):
         assert shard(image_tree, out, split=spelling).up_to_date
     with pytest.raises(StaleOutputError, match="split"):
         shard(image_tree, out, split="0,1,1")
+    moved = Path(shutil.copytree(out, tmp_path / "moved"))  # where the output is is no part of its config
+    assert shard(image_tree, moved, split="0,0,1").up_to_date
+    with pytest.raises(StaleOutputError, match=r"another configuration \(shard_size differ\)"):
+        shard(image_tree, moved, split="0,0,1", shard_size=3)
     # an output of an earlier version: its digest held the --split text as given, its config --force and --workers
     path = out / MANIFEST_NAME
     old = json.loads(path.read_text())
