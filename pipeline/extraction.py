@@ -32,7 +32,7 @@ from semspai.pipeline.config import PROMPT_TEMPLATE, ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.pipeline.progress import configure_logging
-from semspai.store.features import ShardFeatures, sidecar_fields
+from semspai.store.features import ShardFeatures, done_marker, sidecar_fields
 from semspai.store.images import (
     DECODER_ID,
     DEFAULT_MAX_PIXELS,
@@ -606,8 +606,24 @@ _COMPUTE = threading.Lock()
 _AHEAD = threading.Lock()
 
 
+def already_done(job: ShardJob) -> ShardSummary | None:
+    """The summary of a shard done in the store (from the same tar, where its index recorded one), else None."""
+    done = done_marker(job.store, job.name)
+    if done is None or (job.expected_sha256 and done["sha256"] != job.expected_sha256):
+        return None
+    log.info("shard %s: already done in %s (a task run again after its worker was lost)", job.name, job.store)
+    writer = done.get("writer", {})
+    return ShardSummary(job.name, int(done["n_images"]), len(done.get("skipped", [])), 0.0,
+                        int(writer.get("pid", 0)), str(writer.get("host", "")))  # fmt: skip
+
+
 def extract_shard(job: ShardJob) -> ShardSummary:
-    """Read, embed and write one shard: rows first, then the done marker (the task a Dask worker runs)."""
+    """Read, embed and write one shard: rows first, then the done marker (the task a Dask worker runs). A shard
+    already done is not redone: Dask reruns the task of a worker lost after it marked the shard done and before
+    its result reached the scheduler."""
+    done = already_done(job)
+    if done is not None:
+        return done
     with _AHEAD:
         reading = begin_shard(job)  # while another task of this process still holds the encoder
         _COMPUTE.acquire()

@@ -17,6 +17,7 @@ import torch
 
 from semspai import __version__
 from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError, is_weights_path, parse_clip_arg
+from semspai.pipeline.config import ConfigError
 from semspai.pipeline.extraction import (
     ClipFactory,
     Embedder,
@@ -55,7 +56,7 @@ from semspai.store.shards import (
     shard_name,
     shard_sidecars,
 )
-from semspai.store.writer import WriterProcessError
+from semspai.store.writer import PROCESS_LOCAL, WriterProcessError
 
 log = logging.getLogger(__name__)
 register_user_error(FeatureStoreError, ClipLoadError, WriterProcessError)
@@ -203,9 +204,17 @@ def _run(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ShardError(f"{cfg.shards}: two tars are named {dup}.tar; a store keys its shards by name")
+    if cfg.scheduler and cfg.workers is not None:
+        raise ConfigError(f"--workers {cfg.workers} sizes the local cluster; with --scheduler the cluster's own "
+                          "workers take the shards: leave --workers out")  # fmt: skip
     # an attached cluster's workers, not this client, say which devices exist (a login node may have no GPU)
     device = cfg.device if cfg.scheduler else resolve_device(cfg.device)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
+    if cfg.store.startswith(PROCESS_LOCAL):  # a store in this process's memory: no other process can write it
+        if cfg.scheduler or cfg.workers:
+            raise ConfigError(f"--store {cfg.store} lives in this process's memory, where Dask workers cannot "
+                              "write: extract with --workers 0 (and no --scheduler), or into a path or URL")  # fmt: skip
+        workers = 0
     existing = read_store_attrs(cfg.store)
     if existing is None:  # before the cluster and the encoder start: a wrong --store costs no minutes
         check_new_store_path(cfg.store)
@@ -263,10 +272,18 @@ def _run(
         writer.record_shards({n: str(p) for p, n in zip(paths, names, strict=True)})
         opts = ExtractOptions(cfg.batch_size, cfg.decode_workers, gpu_decode, device)
         recorded = indexed_sha256(paths)
+        # workers (of a cluster started elsewhere, too) get paths that do not depend on their working folder
+        store = cfg.store if "://" in cfg.store else os.path.abspath(cfg.store)
         jobs = [
             ShardJob(
-                str(p), cfg.store, factory, opts, cfg.torch_threads, read=read, expected_sha256=recorded.get(str(p), "")
-            )
+                os.path.abspath(p),
+                store,
+                factory,
+                opts,
+                cfg.torch_threads,
+                read=read,
+                expected_sha256=recorded.get(str(p), ""),
+            )  # fmt: skip
             for p, n in zip(paths, names, strict=True)
             if n not in done
         ]

@@ -409,6 +409,15 @@ def damage_error(path: str, damaged: list[str]) -> FeatureStoreError:
     return FeatureStoreError(f"feature store {path} is damaged: {damaged[0]}{more}; {advice}")
 
 
+def done_marker(path: str, name: str) -> dict | None:
+    """Shard `name`'s attrs when it is done in the store at `path` (its group's metadata alone is read)."""
+    try:
+        attrs = _zopen(path, mode="r")[f"{SHARDS_GROUP}/{name}"].attrs.asdict()
+    except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+    return attrs if attrs.get("done") else None
+
+
 def done_shard_attrs(path: str) -> dict[str, dict]:
     """Done shard name -> its attrs (sha256, n_images, skipped, ...), from the attributes alone (no array read)."""
     return {name: a for name, a in _shard_attrs(path).items() if a.get("done")}

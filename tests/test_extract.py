@@ -312,6 +312,17 @@ def test_an_unreachable_scheduler_is_one_line_error(shards: Path, tmp_path: Path
         line = one_line_error([*args, "--scheduler", f"tcp://127.0.0.1:{port}"])
     assert f"--scheduler tcp://127.0.0.1:{port}: cannot reach a Dask scheduler" in line
     assert not (tmp_path / "s.zarr").exists()
+    # --workers sizes the local cluster only: given with --scheduler, it is refused rather than ignored
+    line = one_line_error([*args, "--scheduler", f"tcp://127.0.0.1:{port}", "--workers", "2"])
+    assert "--workers 2 sizes the local cluster; with --scheduler the cluster's own workers" in line
+
+
+@pytest.mark.parametrize("extra", [["--workers", "2"], ["--scheduler", "tcp://127.0.0.1:1"]])
+def test_a_memory_store_with_other_processes_is_refused_before_they_start(shards: Path, extra: list[str]) -> None:
+    args = ["extract-clip", "--shards", str(shards), "--store", "memory://m.zarr", "--clip", "tiny-random", *extra]
+    assert "lives in this process's memory, where Dask workers cannot write: extract with --workers 0" in (
+        one_line_error(args)
+    )
 
 
 @pytest.mark.parametrize(
@@ -561,6 +572,7 @@ def test_inline_run_reads_the_next_shard_ahead_and_writes_beside_the_embedding(m
         events.append(("write", job))
         return f"done-{job}"
 
+    monkeypatch.setattr(extraction, "already_done", lambda job: None)
     monkeypatch.setattr(extraction, "begin_shard", begin)
     monkeypatch.setattr(extraction, "compute_shard", compute)
     monkeypatch.setattr(extraction, "write_shard", write)
@@ -622,6 +634,7 @@ def test_dask_task_threads_embed_one_shard_at_a_time_and_read_and_write_beside_i
             events.append(("another computed during a's write", str(b_computing.wait(timeout=10))))
         return f"done-{job}"
 
+    monkeypatch.setattr(extraction, "already_done", lambda job: None)
     monkeypatch.setattr(extraction, "begin_shard", begin)
     monkeypatch.setattr(extraction, "compute_shard", compute)
     monkeypatch.setattr(extraction, "write_shard", write)
@@ -668,6 +681,51 @@ def test_a_device_reading_never_embedded_stops_its_producer_when_closed(tmp_path
     reading.close()
     assert not any(t.is_alive() for t in producers)
     reading.sha256.result(timeout=10)
+
+
+def test_a_task_run_again_for_a_shard_its_lost_worker_finished_reports_it_done(
+    shards: Path, reference: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Dask reruns the task of a worker lost after it marked its shard done and before its result came back:
+    the rerun reports the shard as the store has it, computing and writing nothing (it used to fail the run
+    with "already done")."""
+    store = Path(shutil.copytree(reference, tmp_path / "s.zarr"))
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    monkeypatch.setattr(extraction, "begin_shard", lambda job: pytest.fail("a done shard was read again"))
+    job = ShardJob(str(shards / "train-000001.tar"), str(store), TINY, ExtractOptions(BATCH, 0))
+    summary = extraction.extract_shard(job)
+    marker = FeatureStore.open(str(store)).shard_info["train-000001"]
+    assert (summary.name, summary.n_images, summary.n_skipped) == ("train-000001", marker["n_images"],
+                                                                   len(marker["skipped"]))  # fmt: skip
+    assert summary.n_images > 0 and summary.pid == marker["writer"]["pid"]
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    # a shard not done (its group removed) is extracted as ever
+    shutil.rmtree(store / "shards" / "train-000001")
+    with pytest.raises(pytest.fail.Exception, match="read again"):
+        extraction.extract_shard(job)
+
+
+def test_workers_get_paths_that_do_not_depend_on_their_working_folder(
+    shards: Path, reference: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Relative --shards and --store, as typed on a cluster's login node: each task runs in a worker started
+    elsewhere (here: another working folder), and the store is the same as the reference."""
+
+    class Elsewhere(extraction.InlineDistributor):
+        def map_shards(self, jobs):
+            monkeypatch.chdir(tmp_path / "elsewhere")  # a worker's own working folder
+            try:
+                yield from ((job, extraction.extract_shard(job), None) for job in jobs)
+            finally:
+                monkeypatch.chdir(tmp_path)
+
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copytree(shards, tmp_path / "shards")
+    monkeypatch.chdir(tmp_path)
+    result = run(cfg("shards", "rel.zarr"), embedder_factory=TINY, distributor_factory=lambda *a: Elsewhere())
+    assert len(result.extracted) == 3 and not (tmp_path / "elsewhere" / "rel.zarr").exists()
+    ours, ref = FeatureStore.open(str(tmp_path / "rel.zarr")), FeatureStore.open(str(reference))
+    assert ours.keys == ref.keys and np.array_equal(ours.global_vectors(), ref.global_vectors())
 
 
 def test_batches_are_full_and_keep_order() -> None:
