@@ -11,8 +11,8 @@ import click
 from semspai import __version__
 from semspai.pipeline.progress import configure_logging
 
-# command name -> "module:attribute"; imported only when that command runs (or `--help` lists them all),
-# so `semspai shard` does not pay for importing torch models and open_clip
+# command name -> "module:attribute"; imported only when that command runs, so `semspai shard` does not pay
+# for importing torch models and open_clip
 COMMANDS = {
     "shard": "semspai.stages.shard:command",
     "extract-clip": "semspai.stages.extract:command",
@@ -21,6 +21,18 @@ COMMANDS = {
     "eval": "semspai.stages.evaluate:command",
     "predict": "semspai.stages.predict:command",
     "demo": "semspai.stages.demo:command",
+}
+# what `semspai --help` lists, without importing every command (seconds of torch imports); each is the first
+# sentence of its command's own help (a test holds them equal)
+SUMMARIES = {
+    "shard": "Pack images (folders with real/fake label folders, or CSV manifests) into WebDataset tars.",
+    "extract-clip": "Fill the feature store with CLIP vectors of every image and grid patch; reruns skip done shards.",
+    "store": "Inspect, verify and export a feature store.",
+    "train": "Train the spectral encoder and fusion head; CLIP vectors come from the store, never from CLIP.",
+    "eval": "Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report.",
+    "predict": "Score images (files, or directories walked recursively) of any size: score = P(fake).",
+    "demo": "Make a small synthetic demo set (photos from scikit-image and generator-like re-syntheses of them) and "
+    "run every stage on it, offline.",
 }
 
 
@@ -40,6 +52,10 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("\nAborted!", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SUMMARIES[name]) for name in COMMANDS])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:

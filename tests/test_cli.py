@@ -137,3 +137,17 @@ def test_ctrl_c_exits_130(monkeypatch):
     monkeypatch.setattr(shard, "run", interrupted)
     result = CliRunner().invoke(cli, ["shard", ".", "--out", "x"])
     assert result.exit_code == EXIT_INTERRUPTED == 130 and "Aborted!" in result.output
+
+
+def test_top_level_help_lists_every_command_by_its_own_first_sentence():
+    """`semspai --help` lists the commands without importing them; each line is its command's own summary."""
+    from semspai.stages.cli import COMMANDS, SUMMARIES
+
+    assert list(SUMMARIES) == list(COMMANDS)
+    for name in COMMANDS:
+        command = cli.get_command(click.Context(cli), name)
+        own = " ".join(command.help.split())
+        assert own.startswith(SUMMARIES[name]), name
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    assert all(name in res.output for name in COMMANDS)
