@@ -452,10 +452,13 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
         doc.images([report.plot_roc(abl, plots / "roc_ablation.png", "ROC per checkpoint")], out)
 
     doc.heading("Where the detector looked")
-    doc.text("Attention weight of each 224-px patch in the pooling (× number of patches, so 1 is an even share)"
-             + (" and the fusion gate per patch" if any(mp.gates is not None for mp in run.maps.values()) else "")
-             + ", overlaid on the image as the detector saw it (small images padded).")  # fmt: skip
-    for group, items in heatmaps.items():
+    if cfg.n_heatmaps:
+        doc.text("Attention weight of each 224-px patch in the pooling (× number of patches, so 1 is an even share)"
+                 + (" and the fusion gate per patch" if any(mp.gates is not None for mp in run.maps.values()) else "")
+                 + ", overlaid on the image as the detector saw it (small images padded).")  # fmt: skip
+    else:
+        doc.text("No heatmaps were drawn (`--heatmaps 0`).")
+    for group, items in heatmaps.items() if cfg.n_heatmaps else ():
         doc.text(f"**{group}**" if items else f"**{group}**: none")
         if items:
             doc.images([p for p, _ in items], out, [c for _, c in items])

@@ -300,7 +300,9 @@ def test_without_heatmaps_the_report_still_tells_whether_any_image_is_misclassif
     r = res.runs[0]
     wrong = int(np.sum((r.scores >= r.threshold).astype(int) != r.labels))
     assert wrong > 0  # this checkpoint errs on the tiny test split: the claim below would be false
-    assert "No image is on the wrong side" not in res.report_md.read_text()
+    md = res.report_md.read_text()
+    assert "No image is on the wrong side" not in md
+    assert "No heatmaps were drawn (`--heatmaps 0`)." in md and "**most confident fakes**" not in md
     res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
                                    "--out", str(tmp_path / "x"), "--heatmaps", "-1"])  # fmt: skip
     assert res.exit_code == 2 and "--heatmaps" in res.output
