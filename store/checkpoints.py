@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from semspai.store.manifest import MANIFEST_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +40,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         if not best.exists():
+            other = _other_output(path)
+            if other:
+                raise CheckpointError(f"{path} is {other}, not a training run; pass a run directory or a checkpoint")
             raise CheckpointError(
                 f"run directory {path} has no checkpoints/best.pt (did `semspai train` finish an epoch?)"
             )
@@ -44,6 +50,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
+
+
+def _other_output(path: Path) -> str:
+    """What another stage's output folder `path` is ('' when it is none of them)."""
+    if (path / "zarr.json").exists():
+        return "a Zarr store (a feature store?)"
+    try:
+        stage = json.loads((path / MANIFEST_NAME).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f"the output of `semspai {stage}`" if stage and stage != "train" else ""
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -160,6 +160,14 @@ def test_run_dir_resolves_to_best(checkpoint, tmp_path, rgb):
     assert by_run != load_detector(other).predict(rgb)[0].score
     with pytest.raises(CheckpointError, match="no checkpoints/best.pt"):
         load_detector(tmp_path)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "semspai-stage.json").write_text('{"stage": "shard"}')
+    with pytest.raises(CheckpointError, match=r"shards is the output of `semspai shard`, not a training run"):
+        load_detector(tmp_path / "shards")
+    (tmp_path / "f.zarr").mkdir()
+    (tmp_path / "f.zarr" / "zarr.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"f.zarr is a Zarr store \(a feature store\?\), not a training run"):
+        load_detector(tmp_path / "f.zarr")
 
 
 def test_missing_clip_weights_name_the_fix_and_clip_overrides(checkpoint, tmp_path, rgb):
