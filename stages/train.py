@@ -129,12 +129,22 @@ def command(store, shards, out, config_path, overrides, resume, force) -> None:
     last = result.history[-1]
     best = max(result.history, key=lambda h: h["val_auc"])  # the first of equals, as best.pt keeps it
     click.echo(
-        f"trained {result.epochs_run} epoch(s) into {out}: last epoch val AUC {last['val_auc']:.4f}, "
+        f"trained {result.epochs_run} epoch(s) into {out}"
+        + (
+            f" ({_epochs(last['epoch'] - result.epochs_run + 1, last['epoch'])} of {last['epoch']}, resumed)"
+            if len(result.history) > result.epochs_run
+            else ""
+        )
+        + f": last epoch val AUC {last['val_auc']:.4f}, "
         f"AP {last['val_ap']:.4f}; best.pt (what eval and predict take for RUN) is epoch {best['epoch']}: "
         f"val AUC {best['val_auc']:.4f}, AP {best['val_ap']:.4f}, threshold {best['threshold']:.3f}"
     )
     if result.dropped_batches:
         click.echo(f"dropped {result.dropped_batches} batch(es) to keep the DDP ranks in step")
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {last}" if first == last else f"epochs {first}-{last}"
 
 
 __all__ = ["TrainStageConfig", "run", "command"]

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
-from semspai.pipeline.engine import INTERRUPT_WAIT_S, Trainer, is_best, lr_at, youden_threshold
+from semspai.pipeline.engine import INTERRUPT_WAIT_S, Trainer, TrainResult, is_best, lr_at, youden_threshold
 from semspai.pipeline.iterate import Background
 from semspai.stages import train as train_stage
 from semspai.stages.cli import cli
@@ -517,3 +517,13 @@ def test_ddp_two_cpu_processes_split_the_epoch(tiny_shards, train_store, tmp_pat
     assert (out / "checkpoints" / "last.pt").exists()
     for line in ("train: ", "epoch 2: loss", "epoch 2/2: done"):  # rank 0 reports for both (the rest: warnings)
         assert proc.stderr.count(line) == 1, (line, proc.stderr[-3000:])
+
+
+@pytest.mark.parametrize("ran,line", [(3, "trained 3 epoch(s) into r: "), (1, "trained 1 epoch(s) into r (epoch 3 of 3, "
+                                      "resumed): "), (2, "trained 2 epoch(s) into r (epochs 2-3 of 3, resumed): ")])  # fmt: skip
+def test_the_summary_line_says_which_epochs_a_resumed_run_trained(monkeypatch, ran, line):
+    rows = [{"epoch": e, "val_auc": 0.5, "val_ap": 0.5, "threshold": 0.5} for e in (1, 2, 3)]
+    monkeypatch.setattr(train_stage, "run", lambda cfg, device: TrainResult(Path("r"), False, ran, rows))
+    res = CliRunner().invoke(cli, ["train", "--shards", "s", "--out", "r", *(["--resume"] if ran < 3 else [])])
+    assert res.exit_code == 0, res.output
+    assert line in res.output
