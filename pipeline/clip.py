@@ -359,6 +359,27 @@ def _build_open_clip(
     return model, info, image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
 
+class _OpenClipNoise(logging.Filter):
+    """open_clip's own root-logger lines that semspai says better: "No pretrained weights loaded" (also when
+    semspai then loads a weights file itself) and "Failed to download weights" (before the ClipLoadError)."""
+
+    PREFIXES = ("No pretrained weights loaded", "Failed to download weights")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (f"{os.sep}open_clip{os.sep}" in record.pathname and record.getMessage().startswith(self.PREFIXES))
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    noise = _OpenClipNoise()
+    root = logging.getLogger()
+    root.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+
+
 def reachable(url: str, timeout: float = HUB_PROBE_S) -> bool:
     """Whether a TCP connection to `url`'s host opens (through a proxy, when one is set, it is assumed to)."""
     if any(os.environ.get(v) for v in _PROXY_VARS):
@@ -455,7 +476,8 @@ def load_embedder(arg: str, device: str | torch.device = "cpu", precision: str =
                 f"--clip {arg}: name the weights: {name}:TAG (hub, needs network), {name}:/path/weights.safetensors, "
                 f"or {name}:{RANDOM_WEIGHTS} (meaningless vectors, for benchmarks)"
             )
-        model, info, transform = _build_open_clip(arg, name, weights or RANDOM_WEIGHTS)
+        with _quiet_open_clip():
+            model, info, transform = _build_open_clip(arg, name, weights or RANDOM_WEIGHTS)
     meaningless = info["weights_id"].startswith("seed:")
     spec = ClipSpec(arg=arg, model=name, meaningless=meaningless, **info)
     if meaningless:
