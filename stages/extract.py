@@ -228,6 +228,10 @@ def _run(
             raise ClipLoadError(f"{cfg.store} was made with --clip {clip}, whose weights file is not at {weights} "
                                 "from here: pass --clip with the file's path now")  # fmt: skip
         log.info("extending %s with its own encoder, %s", cfg.store, clip)
+    model_name, weights = parse_clip_arg(clip)
+    if is_weights_path(weights) and os.path.isfile(weights) and not os.path.isabs(weights):
+        # as workers started elsewhere find it, and as the store records it for later runs from other folders
+        clip = f"{model_name}:{os.path.abspath(weights)}"
     checker, stop = ThreadPoolExecutor(1, thread_name_prefix="check-inputs"), threading.Event()
     checked = checker.submit(check_inputs, cfg.store, paths, 8, stop)  # hashing tars overlaps the cluster's start
     checker.shutdown(wait=False)
