@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -43,6 +44,7 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_TRANSFORMERS_PREFIXES = ("vision_model.", "text_model.")
 _KEYS_SHOWN = 5  # errors name this many offending keys, not hundreds
 HUB_PROBE_S = 5.0  # how long a weights download waits to learn that the network is unreachable
+_HUB_LOADS = threading.Lock()
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
@@ -386,7 +388,8 @@ def reachable(url: str, timeout: float = HUB_PROBE_S) -> bool:
         return True
     parts = urlparse(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -396,21 +399,23 @@ def reachable(url: str, timeout: float = HUB_PROBE_S) -> bool:
 def _cache_only_when_offline(tag_cfg: dict):
     """Around an open_clip download from the Hugging Face hub: when the hub cannot be reached, the hub library
     is put in offline mode (weights come from its local cache, or fail at once): it would otherwise retry for
-    about a minute. Yields the unreachable host, or "" when the download goes ahead as usual."""
-    if (
-        not tag_cfg.get("hf_hub")
-        or huggingface_hub.constants.HF_HUB_OFFLINE
-        or reachable(huggingface_hub.constants.ENDPOINT)
-    ):
-        yield ""
-        return
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
-    logger.info("%s cannot be reached: CLIP weights are taken from the local cache only", host)
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield host
-    finally:
-        huggingface_hub.constants.HF_HUB_OFFLINE = False
+    about a minute. Yields the unreachable host, or "" when the download goes ahead as usual. One load at a time
+    per process: the offline switch is the hub library's global, which another thread's load would see."""
+    with _HUB_LOADS:
+        if (
+            not tag_cfg.get("hf_hub")
+            or huggingface_hub.constants.HF_HUB_OFFLINE
+            or reachable(huggingface_hub.constants.ENDPOINT)
+        ):
+            yield ""
+            return
+        host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+        logger.info("%s cannot be reached: CLIP weights are taken from the local cache only", host)
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        try:
+            yield host
+        finally:
+            huggingface_hub.constants.HF_HUB_OFFLINE = False
 
 
 def _build_timm(

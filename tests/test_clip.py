@@ -327,6 +327,15 @@ def test_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
         port = server.getsockname()[1]
         assert reachable(f"http://127.0.0.1:{port}")
     assert not reachable(f"http://127.0.0.1:{port}", timeout=1)  # closed now
+    tried = []
+
+    def connect(address, timeout):
+        tried.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert not reachable("http://mirror.example") and not reachable("https://hub.example")
+    assert tried == [("mirror.example", 80), ("hub.example", 443)]  # each scheme's own port
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert reachable(f"http://127.0.0.1:{port}")  # a proxy may reach what a direct connection cannot
 
