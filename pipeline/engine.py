@@ -60,7 +60,7 @@ from semspai.store.manifest import (
     read_manifest,
     write_manifest,
 )
-from semspai.store.shards import file_sha256, resolve_shards, shard_name, tar_sha256s
+from semspai.store.shards import file_sha256, file_stats, resolve_shards, shard_name, tar_sha256s
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,18 @@ def legacy_inputs(out: Path, inputs: dict[str, str], paths: list[Path]) -> dict[
     return inputs
 
 
-def run_manifest(cfg: RunConfig, inputs: dict[str, str]) -> StageManifest:
+def run_manifest(cfg: RunConfig, inputs: dict[str, str], file_shas: dict[str, list] | None = None) -> StageManifest:
     return StageManifest(stage=STAGE, schema_version=TRAIN_SCHEMA_VERSION, config_digest=cfg.digest(), inputs=inputs,
-                         semspai_version=__version__, config=cfg.identity())  # fmt: skip
+                         semspai_version=__version__, config=cfg.identity(), file_shas=file_shas or {})  # fmt: skip
+
+
+def known_shas(out: Path) -> dict[str, list]:
+    """The tar hashes the run in `out` recorded (real path -> [size, mtime_ns, sha256]); {} when none."""
+    try:
+        have = read_manifest(out)
+    except StaleOutputError:  # unreadable: the checks that read it say so
+        return {}
+    return have.file_shas if have is not None else {}
 
 
 def holds_run(out: Path) -> bool:
@@ -307,7 +316,8 @@ def clear_run(out: Path) -> None:
 
 def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str | None) -> TrainResult | None:
     """The result of the run in `out` when it is this run, finished (same config and inputs), found without
-    building anything: the store's attributes and the tars' fingerprints only. None when `out` holds no run or
+    building anything: the store's attributes and the tars' hashes only (those the run recorded, for tars of
+    unchanged size and mtime). None when `out` holds no run or
     when the full setup must say what is wrong; raises when the run there is stale or unfinished."""
     out = Path(out)
     if not holds_run(out):
@@ -316,11 +326,14 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
     if attrs is None or "clip" not in attrs:
         if store_path or cfg.MODEL.SEMANTIC.MODE != "none" or cfg.LOSS.SEMANTIC_WEIGHT > 0:
             return None  # no such store, or one is needed: the trainer's own checks say so
-        inputs = run_inputs(paths := resolve_shards(shards))
+    paths = resolve_shards(shards)
+    tar_shas = tar_sha256s(paths, known_shas(out))  # unchanged tars are not read again
+    if attrs is None or "clip" not in attrs:
+        inputs = run_inputs(paths, tar_shas=tar_shas)
     else:
         cfg = record_store_clip(cfg, attrs["clip"], store_path)
         shas = {n: a["sha256"] for n, a in done_shard_attrs(store_path).items()}
-        inputs = run_inputs(paths := resolve_shards(shards), attrs["clip"]["sha256"], shas)
+        inputs = run_inputs(paths, attrs["clip"]["sha256"], shas, tar_shas)
     inputs = legacy_inputs(out, inputs, paths)
     _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS)
     return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"])
@@ -372,14 +385,16 @@ class Trainer:
             self.spill_dir = local_spill_dir(self.store, cfg.DATA.STORE_MEMORY_GB, where)
         join = StoreJoin(self.store, *need, spill_dir=self.spill_dir) if self.store is not None and any(need) else None
         paths = resolve_shards(shards)
-        tar_shas = tar_sha256s(paths)  # each tar read once, for the store's check and the run's fingerprint
+        # each tar read once, for the store's check and the run's fingerprint; not at all when the run recorded
+        # its hash and it is unchanged since (same size and mtime)
+        tar_shas = tar_sha256s(paths, known_shas(self.out))
         if self.store is None:
             self.inputs = run_inputs(paths, tar_shas=tar_shas)
         else:
             self.store.check_shards(paths, tar_shas)
             shas = {n: i["sha256"] for n, i in self.store.shard_info.items()}
             self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas, tar_shas)
-        self.inputs = legacy_inputs(self.out, self.inputs, paths)
+        self.paths, self.file_shas = paths, file_stats(paths, tar_shas)
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
         self.train_generators = plans["train"].generators  # kept in checkpoints: eval tells seen from unseen
@@ -465,7 +480,9 @@ class Trainer:
         """(first epoch to train, history so far): a fresh run dir, the state of the last checkpoint, or (for a
         finished run rerun with the same config and inputs) past its last epoch."""
         last = self.checkpoints / "last.pt"
-        manifest = run_manifest(self.cfg, self.inputs)
+        # a run fingerprinted the old way is still itself; one started over (--force) gets the new fingerprint
+        inputs = self.inputs if force else legacy_inputs(self.out, self.inputs, self.paths)
+        manifest = run_manifest(self.cfg, inputs, self.file_shas)
         if not resume:
             if holds_run(self.out) and not force:
                 return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS)
@@ -488,7 +505,7 @@ class Trainer:
                 f"{' and more' if len(keys) > 3 else ''}; see {self.out / CONFIG_NAME}); resume without --config/--set"
             )
         have = read_manifest(self.out)
-        changed = [n for n in self.inputs if have is not None and have.inputs.get(n) != self.inputs[n]]
+        changed = [n for n in inputs if have is not None and have.inputs.get(n) != inputs[n]]
         if changed:  # the epochs left would learn from other data than the ones before
             raise StaleOutputError(
                 f"--resume: the run's input {changed[0]} changed since it started at {have.created}; run "

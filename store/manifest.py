@@ -33,6 +33,9 @@ class StageManifest:
     semspai_version: str = ""
     config: dict = field(default_factory=dict)  # the resolved config itself, so the output says how it was made
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # input files hashed for the fingerprints: real path -> [size, mtime_ns, sha256], so a later check of an
+    # unchanged file reads no byte of it (a cache: no part of what the output is)
+    file_shas: dict[str, list] = field(default_factory=dict)
 
 
 def unique_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -91,10 +91,29 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def tar_sha256s(paths: list[Path], threads: int = 8) -> dict[str, str]:
-    """str(tar path) -> its sha256, hashed in threads (hashlib releases the GIL: reads overlap)."""
+def tar_sha256s(paths: list[Path], known: dict[str, list] | None = None, threads: int = 8) -> dict[str, str]:
+    """str(tar path) -> its sha256: from `known` (real path -> [size, mtime_ns, sha256], as `file_stats` gives
+    them) where the file's size and mtime are the ones recorded there, else hashed, in threads (hashlib releases
+    the GIL: reads overlap)."""
+    known = known or {}
+
+    def sha(path: Path) -> str:
+        st, had = os.stat(path), known.get(os.path.realpath(path))
+        if had is not None and list(had[:2]) == [st.st_size, st.st_mtime_ns]:
+            return str(had[2])
+        return file_sha256(path)
+
     with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
-        return dict(zip(map(str, paths), pool.map(file_sha256, paths), strict=True))
+        return dict(zip(map(str, paths), pool.map(sha, paths), strict=True))
+
+
+def file_stats(paths: list[Path], shas: dict[str, str]) -> dict[str, list]:
+    """Real path -> [size, mtime_ns, sha256] of each of `paths` (shas by str(path)): what `tar_sha256s` reuses."""
+    out = {}
+    for p in paths:
+        st = os.stat(p)
+        out[os.path.realpath(p)] = [st.st_size, st.st_mtime_ns, shas[str(p)]]
+    return out
 
 
 def shard_name(path: str | Path) -> str:

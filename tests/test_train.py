@@ -30,6 +30,7 @@ from semspai.stages.extract import run as extract
 from semspai.stages.shard import ShardConfig
 from semspai.stages.shard import run as shard_stage
 from semspai.stages.train import TrainStageConfig, run
+from semspai.store import shards as shards_module
 from semspai.store.checkpoints import load_checkpoint
 from semspai.store.features import FeatureStore
 from semspai.store.locks import run_lock
@@ -142,6 +143,9 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     assert res.exit_code == 0, res.output
     assert "up to date: all 2 epochs are done with the same config and inputs; nothing to do" in res.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before and not built  # nothing rewritten
+    with monkeypatch.context() as m:  # the tars' hashes the run recorded serve while the tars are unchanged
+        m.setattr(shards_module, "file_sha256", lambda path: pytest.fail(f"{path} was read again"))
+        assert run(TrainStageConfig(str(tiny_shards), str(out), str(train_store), overrides=MICRO), CPU).nothing_to_do
     # shards that another run extracted into the store change nothing for this one
     grown = tmp_path / "grown.zarr"
     shutil.copytree(train_store, grown)
@@ -164,6 +168,9 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     finally:
         os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns))
     monkeypatch.undo()
+    # started over, it is fingerprinted by content: the old way's fingerprint is not carried on
+    run(TrainStageConfig(str(tiny_shards), str(old), str(train_store), overrides=MICRO, force=True), CPU)
+    assert json.loads((old / MANIFEST_NAME).read_text())["inputs"]["shards"] != fingerprint_paths(tars)
     with pytest.raises(
         StaleOutputError,
         match=r"another configuration \(TRAIN.EPOCHS differ\). Rerun into another --out, or .*--force. to start over",
