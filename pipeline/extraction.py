@@ -592,7 +592,15 @@ def compute_shard(reading: ShardReading) -> tuple[ShardFeatures, float]:
 def write_shard(job: ShardJob, features: ShardFeatures, start: float) -> ShardSummary:
     """A shard's rows into the store, then its done marker (exactly once per shard), by this process's writer
     process (store/writer.py; or here, with SEMSPAI_STORE_WRITER=thread or a memory:// store)."""
-    writer_pid = write_shard_rows(job.store, features, job.zarr_concurrency)
+    try:
+        writer_pid = write_shard_rows(job.store, features, job.zarr_concurrency)
+    except Exception:
+        # a worker Dask counted lost while it still ran may have marked the shard done meanwhile: then this
+        # task's rows are that one's, and the shard is done
+        done = already_done(job)
+        if done is None:
+            raise
+        return done
     seconds = time.perf_counter() - start
     log.debug("shard %s: %d images (%d skipped) in %.1fs", job.name, len(features.keys), len(features.skipped), seconds)
     return ShardSummary(job.name, len(features.keys), len(features.skipped), seconds, writer_pid, socket.gethostname())

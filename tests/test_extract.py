@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -707,6 +708,18 @@ def test_a_task_run_again_for_a_shard_its_lost_worker_finished_reports_it_done(
     shutil.rmtree(store / "shards" / "train-000001")
     with pytest.raises(pytest.fail.Exception, match="read again"):
         extraction.extract_shard(job)
+    # nor is one done by another tar (its index recorded another sha256)
+    other = dataclasses.replace(job, shard=str(shards / "train-000002.tar"), expected_sha256="0" * 64)
+    with pytest.raises(pytest.fail.Exception, match="read again"):
+        extraction.extract_shard(other)
+    monkeypatch.undo()
+    # the same race later: the shard becomes done (by a worker counted lost, yet running) while this task
+    # computes; its write then finds it done and reports it so, writing nothing
+    features, start = extraction.compute_shard(extraction.begin_shard(job))
+    shutil.rmtree(store)
+    shutil.copytree(reference, store)
+    assert extraction.write_shard(job, features, start).n_images == summary.n_images
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
 def test_workers_get_paths_that_do_not_depend_on_their_working_folder(
