@@ -40,6 +40,7 @@ from semspai.store.shards import (
     ShardError,
     ShardWriter,
     damaged_tars,
+    read_index,
     write_json_atomic,
 )
 from semspai.store.sources import (
@@ -208,9 +209,17 @@ def _run(cfg: ShardConfig) -> ShardResult:
     hint = {"sources": f"`semspai shard ... --out {out} --force` to rebuild it"}
     if not check_stage(out, wanted, hint, cfg.force):
         try:
-            damage = damaged_tars(out)
+            index = read_index(out)
+            damage = damaged_tars(out, index)
         except ShardError as exc:  # index.json gone or corrupt
-            damage = [str(exc)]
+            index, damage = {}, [str(exc)]
+        kept = [d["duplicate_of"] for d in index.get("duplicates", []) if d.get("conflicting_label")]
+        if kept:  # by a semspai that kept one copy of bytes labelled both ways; this one keeps none
+            raise StaleOutputError(
+                f"{out} is stale: it holds {len(kept)} image(s) labelled both real and fake (e.g. {kept[0]}), which "
+                f"an earlier semspai kept once and this one leaves out. Rerun `semspai shard ... --out {out} --force` "
+                "(the tars holding them change: extract them into a new --store)"
+            )
         if not damage:
             return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
         # the same inputs and config give the same tars: rebuilding repairs, and stores of them stay valid

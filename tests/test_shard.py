@@ -327,6 +327,18 @@ def test_duplicates_kept_once_and_conflicting_labels_dropped(image_tree, tmp_pat
     assert index["counts"]["label"] == {"fake": 8, "real": 7}
 
 
+def test_an_earlier_output_that_kept_conflicting_labels_is_stale(image_tree, tmp_path):
+    out = tmp_path / "out"
+    shard(image_tree, out)
+    index = read_index(out)  # as an earlier semspai wrote it: one copy kept, the other listed
+    index["duplicates"] = [{"path": str(image_tree / "fake" / "gan_b" / "copy.jpg"), "duplicate_of":
+                            str(image_tree / "real" / "camera" / "000.jpg"), "conflicting_label": True}]  # fmt: skip
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StaleOutputError, match=r"holds 1 image\(s\) labelled both real and fake \(e.g. .*000.jpg\)"):
+        shard(image_tree, out)
+    assert not shard(image_tree, out, force=True).up_to_date
+
+
 def test_shard_command_counts_conflicting_labels(image_tree, tmp_path):
     original = image_tree / "real" / "camera" / "000.jpg"
     (image_tree / "fake" / "gan_b" / "copy.jpg").write_bytes(original.read_bytes())
