@@ -202,7 +202,10 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
                         device: str) -> CheckpointEval:  # fmt: skip
     """Score one checkpoint on the split, clean and under each perturbation, and compute its metrics."""
     # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
-    det = load_detector(checkpoint, clip=cfg.clip, device=device, encoder=not cfg.store or bool(perturbations))
+    encoder = not cfg.store or bool(perturbations)
+    if cfg.clip and not encoder:
+        log.warning("--clip %s is not used: every CLIP vector comes from the store (no --perturb)", cfg.clip)
+    det = load_detector(checkpoint, clip=cfg.clip, device=device, encoder=encoder)
     run_cfg = apply_overrides(det.config, cfg.overrides)
     det.chunk_size = run_cfg.MODEL.SPECTRAL.CHUNK_SIZE
     mode = det.semantic_mode

@@ -74,7 +74,7 @@ class ExtractConfig:
     store: str  # local path or fsspec URL that Zarr accepts
     clip: str = ""  # MODEL[:WEIGHTS], tiny-random, or timm/MODEL:FILE; empty: the store's own, else DEFAULT_CLIP
     workers: int | None = None  # Dask worker processes; None = one per core (one per GPU on CUDA); 0 = no Dask
-    scheduler: str | None = None  # tcp://HOST:PORT of an existing cluster (then `workers` is ignored)
+    scheduler: str | None = None  # tcp://HOST:PORT of an existing cluster (then `workers` must be None)
     decode_workers: int = 2  # decode threads inside each task
     batch_size: int = 256  # crops per encoder call; part of what makes two runs bit-identical
     device: str = "auto"  # auto = cuda when available
@@ -330,7 +330,8 @@ def _run(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Dask worker processes (one task per shard); default one per core (per GPU); 0 = no Dask.",
+    help="Local Dask worker processes (one task per shard); default one per core (per GPU); 0 = no Dask. "
+    "Not with --scheduler.",
 )
 @click.option("--scheduler", default=None, help="Attach to an existing Dask cluster (tcp://HOST:PORT).")
 @click.option(

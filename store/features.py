@@ -634,7 +634,7 @@ def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, 
         return
     shas = f"sha256 {stored_sha[:12]}… then, {tar_sha[:12]}… now"
     try:
-        sharded = indexed_sha256([Path(path)]).get(str(path), "")
+        sharded = indexed_sha256([Path(path)]).get(str(Path(path)), "")
     except ShardError:  # its folder's index.json is unreadable: the checks below still say what is wrong
         sharded = ""
     if sharded and sharded != tar_sha:  # damaged or changed since `semspai shard` wrote it, whatever the store

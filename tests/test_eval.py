@@ -126,7 +126,7 @@ def test_resolved_config_and_ablation_written(evaluated):
     assert info["clip_score"]["real"]["n"] == 2  # tiny_shards gives every image a caption
 
 
-def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, evaluated, tmp_path, monkeypatch):
+def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, evaluated, tmp_path, monkeypatch, caplog):
     store = str(tmp_path / "features.zarr")
     extract(ExtractConfig(shards=str(tiny_shards), store=store, clip="tiny-random", workers=0, device="cpu"))
     loads = []
@@ -140,6 +140,10 @@ def test_store_gives_the_same_scores_as_on_the_fly(tiny_shards, checkpoints, eva
         assert cached[key] == pytest.approx(score, abs=1e-4)
     assert "read from the feature store" in res.report_md.read_text()
     assert loads == []  # every vector came from the store: no encoder was loaded (eval works without its weights)
+    with caplog.at_level("WARNING", logger="semspai.stages.evaluate"):
+        run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
+                       out=str(tmp_path / "clip"), device="cpu", bootstrap=20, n_heatmaps=0, clip="tiny-random"))  # fmt: skip
+    assert loads == [] and "--clip tiny-random is not used: every CLIP vector comes from the store" in caplog.text
     # a store over DATA.STORE_MEMORY_GB is memory-mapped from a copy: same scores, copy gone afterwards
     mapped = run(EvalConfig(checkpoints=[str(checkpoints["global_local"])], shards=str(tiny_shards), store=store,
                             out=str(tmp_path / "mapped"), device="cpu", bootstrap=50, n_heatmaps=1,
