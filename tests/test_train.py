@@ -534,3 +534,29 @@ def test_the_summary_line_says_which_epochs_a_resumed_run_trained(monkeypatch, r
     res = CliRunner().invoke(cli, ["train", "--shards", "s", "--out", "r", *(["--resume"] if ran < 3 else [])])
     assert res.exit_code == 0, res.output
     assert line in res.output
+
+
+def test_a_run_fingerprinted_the_old_way_resumes(tiny_shards, train_store, tmp_path):
+    """A run an earlier semspai started (its tars fingerprinted by path, size and mtime) resumes while that
+    fingerprint still holds, and is refused as changed once it does not."""
+    out = tmp_path / "old"
+
+    def stop(row: dict) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _train(tiny_shards, train_store, out, on_epoch_end=stop)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    tars = resolve_shards(str(tiny_shards))
+    manifest["inputs"]["shards"] = fingerprint_paths(tars)
+    del manifest["file_shas"]  # not written then
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    resume = TrainStageConfig(str(tiny_shards), str(out), str(train_store), overrides=MICRO, resume=True)
+    st = tars[0].stat()
+    os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(StaleOutputError, match=r"--resume: the run's input shards changed since it started"):
+            run(resume, CPU)
+    finally:
+        os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run(resume, CPU).epochs_run == 1
