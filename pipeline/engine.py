@@ -323,12 +323,12 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
     if not holds_run(out):
         return None
     attrs = read_store_attrs(store_path) if store_path else None
-    if attrs is None or "clip" not in attrs:
-        if store_path or cfg.MODEL.SEMANTIC.MODE != "none" or cfg.LOSS.SEMANTIC_WEIGHT > 0:
-            return None  # no such store, or one is needed: the trainer's own checks say so
+    no_store = attrs is None or "clip" not in attrs
+    if no_store and (store_path or cfg.MODEL.SEMANTIC.MODE != "none" or cfg.LOSS.SEMANTIC_WEIGHT > 0):
+        return None  # no such store, or one is needed: the trainer's own checks say so
     paths = resolve_shards(shards)
     tar_shas = tar_sha256s(paths, known_shas(out))  # unchanged tars are not read again
-    if attrs is None or "clip" not in attrs:
+    if no_store:
         inputs = run_inputs(paths, tar_shas=tar_shas)
     else:
         cfg = record_store_clip(cfg, attrs["clip"], store_path)

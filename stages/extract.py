@@ -222,13 +222,12 @@ def _run(
     clip = cfg.clip or (existing["clip"]["arg"] if existing else DEFAULT_CLIP)
     prompts = prompt_bank(cfg.prompts) if cfg.prompts else existing["prompts"] if existing else prompt_bank()
     gpu_decode = bool(existing and existing["decoder"].get("gpu")) if cfg.gpu_decode is None else cfg.gpu_decode
+    model_name, weights = parse_clip_arg(clip)
     if existing and not cfg.clip:
-        _, weights = parse_clip_arg(clip)
         if is_weights_path(weights) and not os.path.isfile(weights):  # recorded as given, maybe from elsewhere
             raise ClipLoadError(f"{cfg.store} was made with --clip {clip}, whose weights file is not at {weights} "
                                 "from here: pass --clip with the file's path now")  # fmt: skip
         log.info("extending %s with its own encoder, %s", cfg.store, clip)
-    model_name, weights = parse_clip_arg(clip)
     if is_weights_path(weights) and os.path.isfile(weights) and not os.path.isabs(weights):
         # as workers started elsewhere find it, and as the store records it for later runs from other folders
         clip = f"{model_name}:{os.path.abspath(weights)}"
