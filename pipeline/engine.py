@@ -27,6 +27,7 @@ from semspai.pipeline.config import ConfigError, RunConfig, config_from_dict, sa
 from semspai.pipeline.data import (
     BATCHES_AHEAD,
     STORE_CACHE_DIR,
+    DataError,
     ShardStream,
     SplitPlan,
     StoreJoin,
@@ -221,6 +222,31 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def shared_tar_shas(paths: list[Path], out: Path, rank: int, world: int) -> dict[str, str]:
+    """str(tar path) -> sha256, as `tar_sha256s` gives them (reusing the hashes the run in `out` recorded). Under
+    DDP, rank 0 alone reads the tars and sends their hashes to the others (one read of each tar per start, not
+    one per rank); every rank must see the same shard names and sizes, or ranks would deal out different
+    samples: otherwise a DataError names what differs."""
+    if world == 1:
+        return tar_sha256s(paths, known_shas(out))
+    mine = {shard_name(p): os.stat(p).st_size for p in paths}
+    sent: list = [None]
+    if rank == 0:
+        shas = tar_sha256s(paths, known_shas(out))
+        sent = [{shard_name(p): [mine[shard_name(p)], shas[str(p)]] for p in paths}]
+    dist.broadcast_object_list(sent, src=0)
+    theirs = {name: size for name, (size, _) in sent[0].items()}
+    if theirs != mine:
+        missing, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+        resized = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
+        what = (f"{len(missing)} of rank 0's tars missing here, e.g. {missing[0]}" if missing else
+                f"{len(extra)} tar(s) rank 0 lacks, e.g. {extra[0]}" if extra else
+                f"{len(resized)} tar(s) of another size than rank 0's, e.g. {resized[0]}")  # fmt: skip
+        raise DataError(f"DDP rank {rank} resolves --shards to other tars than rank 0 ({what}); every rank must "
+                        "read the same shards (on every node, the same copies)")  # fmt: skip
+    return {str(p): sent[0][shard_name(p)][1] for p in paths}
+
+
 def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[str, str] | None = None,
                tar_shas: dict[str, str] | None = None) -> dict:  # fmt: skip
     """A run's input fingerprints: its shard tars' names and contents (sha256: `tar_shas` by str(path), hashed
@@ -387,7 +413,7 @@ class Trainer:
         paths = resolve_shards(shards)
         # each tar read once, for the store's check and the run's fingerprint; not at all when the run recorded
         # its hash and it is unchanged since (same size and mtime)
-        tar_shas = tar_sha256s(paths, known_shas(self.out))
+        tar_shas = shared_tar_shas(paths, self.out, self.rank, self.world)
         if self.store is None:
             self.inputs = run_inputs(paths, tar_shas=tar_shas)
         else:

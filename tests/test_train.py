@@ -6,6 +6,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from semspai.pipeline import engine
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.data import STORE_CACHE_DIR, DataError
-from semspai.pipeline.engine import INTERRUPT_WAIT_S, Trainer, TrainResult, is_best, lr_at, youden_threshold
+from semspai.pipeline.engine import (
+    INTERRUPT_WAIT_S,
+    Trainer,
+    TrainResult,
+    is_best,
+    lr_at,
+    shared_tar_shas,
+    youden_threshold,
+)
 from semspai.pipeline.iterate import Background
 from semspai.stages import train as train_stage
 from semspai.stages.cli import cli
@@ -35,7 +45,7 @@ from semspai.store.checkpoints import load_checkpoint
 from semspai.store.features import FeatureStore
 from semspai.store.locks import run_lock
 from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, fingerprint_paths
-from semspai.store.shards import resolve_shards
+from semspai.store.shards import resolve_shards, shard_name
 from tests.conftest import make_tree
 
 MICRO = [
@@ -470,9 +480,13 @@ import json, logging, sys, torch, torch.distributed as dist
 from semspai.pipeline.engine import Trainer
 from semspai.pipeline.config import load_config
 from semspai.stages.train import init_distributed
+from semspai.store import shards as shards_module
 shards, store, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 logging.basicConfig(level=logging.INFO)
 init_distributed(torch.device("cpu"))
+hashed = []  # the tars this rank read to hash them
+hash_file = shards_module.file_sha256
+shards_module.file_sha256 = lambda path: hashed.append(str(path)) or hash_file(path)
 seen = []
 trainer = Trainer(load_config(None, overrides), shards, out, store, torch.device("cpu"), "fp32")
 stream = trainer.train_stream
@@ -482,7 +496,7 @@ for epoch in (1, 2):
 result = trainer.fit()
 with open(f"{out}.rank{dist.get_rank()}.json", "w") as fh:
     json.dump({"seen": seen, "plan": sorted(stream.plan.labels), "steps": trainer.steps_per_epoch,
-               "dropped": trainer.dropped_per_epoch, "history": result.history}, fh)
+               "dropped": trainer.dropped_per_epoch, "history": result.history, "hashed": hashed}, fh)
 dist.destroy_process_group()
 """
 
@@ -522,6 +536,8 @@ def test_ddp_two_cpu_processes_split_the_epoch(tiny_shards, train_store, tmp_pat
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history == ranks[0]["history"] == ranks[1]["history"]  # validation gathered over both ranks
     assert (out / "checkpoints" / "last.pt").exists()
+    # the tars hashed once per start, by rank 0 alone (the run had recorded no hash yet)
+    assert sorted(ranks[0]["hashed"]) == sorted(map(str, resolve_shards(str(tiny_shards)))) and ranks[1]["hashed"] == []
     for line in ("train: ", "epoch 2: loss", "epoch 2/2: done"):  # rank 0 reports for both (the rest: warnings)
         assert proc.stderr.count(line) == 1, (line, proc.stderr[-3000:])
 
@@ -560,3 +576,27 @@ def test_a_run_fingerprinted_the_old_way_resumes(tiny_shards, train_store, tmp_p
     finally:
         os.utime(tars[0], ns=(st.st_atime_ns, st.st_mtime_ns))
     assert run(resume, CPU).epochs_run == 1
+
+
+@pytest.mark.parametrize("change,what", [("drop", "1 of rank 0's tars missing here"), ("grow", "1 tar(s) of another "
+                         "size than rank 0's")])  # fmt: skip
+def test_a_ddp_rank_that_sees_other_tars_than_rank_0_is_refused(tiny_shards, tmp_path, monkeypatch, change, what):
+    """Rank 0 hashes the tars for every rank; a rank that resolves the SPEC to other tars (another node's copy
+    short of one, or of another size) would deal out other samples, and says so instead of training."""
+    tars = resolve_shards(str(tiny_shards))
+    sent = shared_tar_shas(tars, tmp_path / "run", 0, 1)
+    rank0 = [{shard_name(p): [p.stat().st_size, sent[str(p)]] for p in tars}]
+    assert shared_tar_shas(tars, tmp_path / "run", 0, 1) == sent
+    monkeypatch.setattr(engine.dist, "broadcast_object_list", lambda objs, src: objs.__setitem__(0, rank0[0]))
+    monkeypatch.setattr(shards_module, "file_sha256", lambda path: pytest.fail(f"rank 1 read {path}"))
+    assert shared_tar_shas(tars, tmp_path / "run", 1, 2) == sent  # rank 1 takes rank 0's hashes, reads nothing
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_shards, mine)
+    copies = resolve_shards(str(mine))
+    if change == "drop":
+        copies = copies[1:]
+    else:
+        with open(copies[-1], "ab") as fh:
+            fh.write(b"\0" * 512)
+    with pytest.raises(DataError, match=re.escape(f"DDP rank 1 resolves --shards to other tars than rank 0 ({what}")):
+        shared_tar_shas(copies, tmp_path / "run", 1, 2)
