@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
 from semspai.pipeline.clip import ClipLoadError
+from semspai.pipeline.config import ConfigError
 from semspai.pipeline.inference import Prediction, find_images, load_detector
 from semspai.pipeline.progress import progress
 from semspai.stages import report
 from semspai.stages.common import refuse_foreign_output, register_user_error, resolve_device, user_errors
+from semspai.store.checkpoints import load_checkpoint, resolve_checkpoint
+from semspai.store.locks import lock_beside, run_lock
+from semspai.store.manifest import StaleOutputError
+from semspai.store.shards import file_sha256
 
 register_user_error(ClipLoadError)
 
+log = logging.getLogger(__name__)
+
 CSV_HEADER = ("path", "score", "label", "n_patches", "error")  # DESIGN.md's predict CSV header
+PROGRESS_SUFFIX = ".progress"
+PROGRESS_KIND = "predict progress"
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 @dataclass
@@ -34,6 +47,7 @@ class PredictConfig:
     device: str = "auto"
     chunk_size: int | None = None  # patches per encoder step (memory); None = the checkpoint's
     threshold: float | None = None  # label = fake when score >= this; None = the checkpoint's (chosen on val)
+    resume: bool = False  # go on from the rows an interrupted predict into `out` kept in OUT.progress
 
 
 @dataclass
@@ -50,8 +64,13 @@ def format_csv(predictions: list[Prediction]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_HEADER, lineterminator="\n")
     writer.writeheader()
     for p in predictions:
-        writer.writerow(p.row() | {"score": "" if p.score is None else f"{p.score:.6f}"})
+        writer.writerow(csv_row(p))
     return buf.getvalue()
+
+
+def csv_row(p: Prediction) -> dict:
+    """A prediction's CSV fields: the score with 6 decimals, empty on error."""
+    return p.row() | {"score": "" if p.score is None else f"{p.score:.6f}"}
 
 
 def format_json(predictions: list[Prediction]) -> str:
@@ -73,32 +92,135 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: PredictConfig) -> PredictResult:
-    """Score every image of cfg.inputs; unreadable files get an error row and the rest go on."""
+def progress_path(out: Path) -> Path:
+    """`OUT.progress`: the rows a predict into OUT has scored so far (see `ScoredSoFar`)."""
+    return out.with_name(out.name + PROGRESS_SUFFIX)
+
+
+class ScoredSoFar:
+    """The rows of a predict into OUT, kept in `OUT.progress` as they are scored: a header line naming the
+    checkpoint (by sha256) and the threshold, then one JSON row a line, flushed row by row, so a killed predict
+    keeps its work for `--resume`. Removed once OUT is written."""
+
+    def __init__(self, path: Path, header: dict, rows: dict[str, dict]) -> None:
+        self.path, self.header, self.rows = path, header, rows
+
+    @classmethod
+    def read(cls, path: Path) -> ScoredSoFar:
+        """The header and rows of a progress file; a last line cut short by a kill is dropped."""
+        lines = path.read_bytes().split(b"\n")
+        try:
+            header = json.loads(lines[0])
+            ok = isinstance(header, dict) and header.get("semspai") == PROGRESS_KIND
+        except ValueError:
+            ok = False
+        if not ok:
+            raise FileExistsError(f"{path} exists and is not the progress of a `semspai predict`; it is left as it is: "
+                                  "remove it or choose another --out")  # fmt: skip
+        rows = {}
+        for n, line in enumerate(lines[1:-1], start=2):  # lines[-1]: b"" after a whole last row, else a cut one
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise StaleOutputError(f"{path}: line {n} is damaged ({exc}); delete the file to start over") from exc
+            rows[row["path"]] = row
+        return cls(path, header, rows)
+
+
+def _scored_so_far(out: Path, header: dict, resume: bool) -> ScoredSoFar | None:
+    """With `resume`, the rows an interrupted predict into `out` kept (when it is the same checkpoint and
+    threshold); without, None, and an error when such rows are there (they are not thrown away unasked)."""
+    path = progress_path(out)
+    if not path.exists():
+        if resume:
+            log.info("%s: no interrupted predict into %s to resume; scoring every image", path, out)
+        return None
+    have = ScoredSoFar.read(path)
+    if not resume:
+        raise StaleOutputError(f"{path} holds {len(have.rows)} image(s) that a predict into {out} scored before it "
+                               "stopped: pass --resume to go on from there, or delete it to start over")  # fmt: skip
+    if have.header.get("checkpoint_sha256") != header["checkpoint_sha256"]:
+        raise StaleOutputError(f"--resume: {path} was scored with another checkpoint ({have.header.get('checkpoint')}); "
+                               "resume with that one, or delete the file to start over")  # fmt: skip
+    if have.header.get("threshold") != header["threshold"]:
+        raise StaleOutputError(f"--resume: {path} was labelled at threshold {have.header.get('threshold')}, not "
+                               f"{header['threshold']}; pass --threshold {have.header.get('threshold')}, or delete "
+                               "the file to start over")  # fmt: skip
+    return have
+
+
+def run(cfg: PredictConfig, on_row: Callable[[Prediction], None] | None = None) -> PredictResult:
+    """Score every image of cfg.inputs; unreadable files get an error row and the rest go on. `on_row` gets
+    each prediction as it is made (the command streams CSV to stdout with it)."""
     start = time.perf_counter()
-    if cfg.out:
-        refuse_foreign_output(Path(cfg.out), written_by_predict, "an earlier predict result")
+    out = Path(cfg.out) if cfg.out else None
+    if cfg.resume and out is None:
+        raise ConfigError("--resume continues a predict into --out FILE: give the --out of the run to continue")
+    if out is None:
+        return _predict(cfg, None, on_row, start)
+    refuse_foreign_output(out, written_by_predict, "an earlier predict result")
+
+    def busy(holder: str) -> FileExistsError:
+        return FileExistsError(f"{out} is being written by another `semspai predict` ({holder})")
+
+    with run_lock(lock_beside(out), busy):
+        return _predict(cfg, out, on_row, start)
+
+
+def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction], None] | None,
+             start: float) -> PredictResult:  # fmt: skip
     paths = find_images(cfg.inputs)
     if not paths:
         raise FileNotFoundError(f"no image files (.jpg .png .webp .tif .bmp) in {', '.join(cfg.inputs)}")
-    det = load_detector(cfg.checkpoint, clip=cfg.clip, device=resolve_device(cfg.device))
+    file = resolve_checkpoint(cfg.checkpoint)
+    header = {"semspai": PROGRESS_KIND, "checkpoint": str(file.resolve()), "checkpoint_sha256": file_sha256(file)}
+    have = None
+    if out is not None and (progress_path(out).exists() or cfg.resume):
+        threshold = cfg.threshold if cfg.threshold is not None else float(load_checkpoint(file)["threshold"])
+        have = _scored_so_far(out, header | {"threshold": threshold}, cfg.resume)
+    det = load_detector(file, clip=cfg.clip, device=resolve_device(cfg.device))
     if cfg.chunk_size is not None:
         det.chunk_size = cfg.chunk_size
     if cfg.threshold is not None:
         det.threshold = cfg.threshold
+    header["threshold"] = det.threshold
+    done = {} if have is None else {str(p): Prediction(**have.rows[str(p)]) for p in paths if str(p) in have.rows}
+    if have is not None:
+        if len(done) < len(have.rows):
+            log.warning("%s: %d scored image(s) are no longer among the inputs and are left out", have.path,
+                        len(have.rows) - len(done))  # fmt: skip
+        log.info("resuming: %d of %d image(s) scored before, %d to go", len(done), len(paths), len(paths) - len(done))
     folder = Path(cfg.heatmaps) if cfg.heatmaps else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    predictions, heatmaps = [], []
-    items = progress(paths, total=len(paths), desc="predict", unit="img")
-    for i, (pred, rgb) in enumerate(det.iter_predict(items, return_maps=folder is not None)):
-        predictions.append(pred)
-        if folder is not None and rgb is not None:
-            title = f"{Path(pred.path).name}: {pred.label}, score {pred.score:.3f} ({pred.n_patches} patches)"
-            heatmaps.append(report.plot_heatmap(rgb, pred.maps, title, folder / f"{i:05d}-{Path(pred.path).stem}.png"))
-    out = Path(cfg.out) if cfg.out else None
+    todo = [(i, p) for i, p in enumerate(paths) if str(p) not in done]
+    heatmaps = []
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if out is not None:  # rows kept as they come: a killed run loses at most the row being written
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sink = stack.enter_context(progress_path(out).open("w", encoding="utf-8"))
+            for line in [header, *(p.row() for p in done.values())]:
+                sink.write(json.dumps(line) + "\n")
+            sink.flush()
+        items = progress([p for _, p in todo], total=len(todo), desc="predict", unit="img")
+        for (i, _), (pred, rgb) in zip(todo, det.iter_predict(items, return_maps=folder is not None), strict=True):
+            if sink is not None:
+                sink.write(json.dumps(pred.row()) + "\n")
+                sink.flush()
+            if on_row is not None:
+                on_row(pred)
+            if folder is not None and rgb is not None:
+                title = f"{Path(pred.path).name}: {pred.label}, score {pred.score:.3f} ({pred.n_patches} patches)"
+                heatmaps.append(
+                    report.plot_heatmap(rgb, pred.maps, title, folder / f"{i:05d}-{Path(pred.path).stem}.png")
+                )
+            pred.maps = None  # drawn: a long run keeps rows, not maps
+            done[str(pred.path)] = pred
+    predictions = [done[str(p)] for p in paths]
     if out is not None:
         write_atomic(out, format_json(predictions) if out.suffix.lower() == ".json" else format_csv(predictions))
+        progress_path(out).unlink()
     return PredictResult(predictions=predictions, out=out, n_failed=sum(1 for p in predictions if p.error),
                          seconds=time.perf_counter() - start, heatmaps=heatmaps)  # fmt: skip
 
@@ -132,17 +254,37 @@ def run(cfg: PredictConfig) -> PredictResult:
     type=click.FloatRange(0, 1),
     help="Label an image fake when its score is at least this; default: the checkpoint's, chosen on val (Youden's J).",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Go on from the images an interrupted predict into --out scored (kept in OUT.progress).",
+)
 @user_errors
-def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold) -> None:
+def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold, resume) -> None:
     """Score images (files, or directories walked recursively) of any size: score = P(fake).
 
     An unreadable file gets a row with its error and the others are still scored; the exit status is non-zero
-    only when no file could be scored.
+    only when no file could be scored. Rows go to stdout as they are scored when there is no --out; with one,
+    they are kept in OUT.progress until OUT is written, so a stopped run goes on with --resume.
     """
-    result = run(PredictConfig(inputs=list(inputs), checkpoint=checkpoint, out=out, heatmaps=heatmaps, clip=clip,
-                               device=device, chunk_size=chunk_size, threshold=threshold))  # fmt: skip
-    if result.out is None:
-        sys.stdout.write(format_csv(result.predictions))
+    stream = csv.DictWriter(sys.stdout, fieldnames=CSV_HEADER, lineterminator="\n")
+    started = []
+
+    def on_row(pred: Prediction) -> None:  # stdout gets rows as they come: `predict ... | head` needs no wait
+        if not started:
+            stream.writeheader()
+            started.append(True)
+        stream.writerow(csv_row(pred))
+        sys.stdout.flush()
+
+    cfg = PredictConfig(inputs=list(inputs), checkpoint=checkpoint, out=out, heatmaps=heatmaps, clip=clip,
+                        device=device, chunk_size=chunk_size, threshold=threshold, resume=resume)  # fmt: skip
+    try:
+        result = run(cfg, on_row=on_row if out is None else None)
+    except BrokenPipeError:  # the reader of stdout stopped (`| head`): so does predict, quietly, as `cat` would
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        sys.exit(EXIT_BROKEN_PIPE)
     n = len(result.predictions)
     n_fake = sum(1 for p in result.predictions if p.label == "fake")
     where = f" -> {result.out}" if result.out else ""

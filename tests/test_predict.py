@@ -16,10 +16,13 @@ from PIL import Image
 
 import semspai
 from semspai.pipeline.clip import ClipLoadError
-from semspai.pipeline.inference import find_images, load_detector
+from semspai.pipeline.config import ConfigError
+from semspai.pipeline.inference import Detector, find_images, load_detector
 from semspai.stages.cli import cli
-from semspai.stages.predict import CSV_HEADER, PredictConfig, run
+from semspai.stages.predict import CSV_HEADER, PredictConfig, PredictResult, progress_path, run
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from semspai.store.locks import lock_beside, run_lock
+from semspai.store.manifest import StaleOutputError
 from tests.conftest import random_photo
 from tests.detector_fixtures import make_checkpoint
 
@@ -316,3 +319,114 @@ def test_threshold_sets_the_labels_and_defaults_to_the_checkpoints(checkpoint, t
         assert p.score == base.score and p.label == label
     res = CliRunner().invoke(cli, ["predict", str(image), "--checkpoint", str(checkpoint), "--threshold", "1.5"])
     assert res.exit_code == 2 and "--threshold" in res.output
+
+
+class Stopped(Exception):
+    pass
+
+
+def _stop_after(
+    monkeypatch, n: int, seen: list[str], at_stop: list[str] | None = None, look: Path | None = None
+) -> None:
+    """Make the detector score `n` images, then stop as a kill would (no cleanup of its own); `seen` gets the
+    paths it was given to score, `at_stop` what file `look` held the moment it stopped."""
+    real = Detector.iter_predict
+
+    def iter_predict(self, images, return_maps=False):
+        for k, (pred, rgb) in enumerate(real(self, (seen.append(str(p)) or p for p in images), return_maps)):
+            if k == n:
+                if look is not None:
+                    at_stop.append(look.read_text())
+                raise Stopped
+            yield pred, rgb
+
+    monkeypatch.setattr(Detector, "iter_predict", iter_predict)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_stopped_predict_resumes_to_the_same_result(checkpoint, tmp_path, rgb, monkeypatch, suffix):
+    folder = _folder(tmp_path, rgb)
+    for i in range(3, 6):
+        save(Image.fromarray(np.roll(rgb, 29 * i, axis=0)), folder / f"{i}.png", "PNG")
+    paths = [str(p) for p in find_images([folder])]  # 6 images and a broken file
+
+    def predict(out: Path, **kw) -> PredictResult:
+        return run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(out), device="cpu", **kw))
+
+    whole = predict(tmp_path / f"whole{suffix}").out
+    out, seen, at_stop = tmp_path / f"scores{suffix}", [], []
+    progress = progress_path(out)
+    _stop_after(monkeypatch, 4, seen, at_stop, progress)
+    with pytest.raises(Stopped):
+        predict(out)
+    assert at_stop[0] == progress.read_text()  # each row on disk once scored: a SIGKILL would keep them all
+    assert not out.exists() and [json.loads(r)["path"] for r in progress.read_text().splitlines()[1:]] == paths[:4]
+    with progress.open("rb+") as fh:  # the kill cut the last row short
+        fh.truncate(progress.stat().st_size - 9)
+    with pytest.raises(StaleOutputError, match=f"{progress} holds 3 image.s. that a predict into {out} scored before"):
+        predict(out)  # not thrown away unasked
+    monkeypatch.undo()
+    seen.clear()
+    _stop_after(monkeypatch, 99, seen)
+    assert predict(out, resume=True).out == out
+    assert seen == paths[3:]  # the cut row again, and the rest; not the three kept
+    assert not progress.exists()
+    # the same rows; scores within float rounding, as images of a resumed run are batched otherwise
+    got, want = (_rows(f.read_text(), suffix) for f in (out, whole))
+    assert [{**r, "score": None} for r in got] == [{**r, "score": None} for r in want] and len(got) == 7
+    assert all((a["score"] is None) == (b["score"] is None) for a, b in zip(got, want, strict=True))
+    assert all(abs(float(a["score"]) - float(b["score"])) < 1e-5 for a, b in zip(got, want, strict=True) if a["score"])
+
+
+def _rows(text: str, suffix: str) -> list[dict]:
+    rows = json.loads(text) if suffix == ".json" else list(csv.DictReader(io.StringIO(text)))
+    return [r | {"score": None if r["score"] in (None, "") else r["score"]} for r in rows]
+
+
+def test_resume_refuses_another_checkpoint_or_threshold_and_a_foreign_progress_file(checkpoint, tmp_path, rgb,
+                                                                                     monkeypatch):  # fmt: skip
+    folder = _folder(tmp_path, rgb)
+    out = tmp_path / "s.csv"
+
+    def predict(ck: Path = checkpoint, **kw) -> PredictResult:
+        return run(PredictConfig(inputs=[str(folder)], checkpoint=str(ck), out=str(out), device="cpu", **kw))
+
+    _stop_after(monkeypatch, 1, [])
+    with pytest.raises(Stopped):
+        predict()
+    monkeypatch.undo()
+    other = make_checkpoint(tmp_path / "other.pt", mode="global_local", fusion="gate", seed=1)
+    before = progress_path(out).read_bytes()
+    with pytest.raises(StaleOutputError, match="was scored with another checkpoint"):
+        predict(other, resume=True)
+    with pytest.raises(StaleOutputError, match=r"labelled at threshold 0.5, not 0.7; pass --threshold 0.5"):
+        predict(resume=True, threshold=0.7)
+    assert progress_path(out).read_bytes() == before
+    assert predict(resume=True, threshold=0.5).n_failed == 1
+    progress_path(out).write_text("my notes\n")
+    with pytest.raises(FileExistsError, match="is not the progress of a `semspai predict`; it is left as it is"):
+        predict(resume=True)
+    assert progress_path(out).read_text() == "my notes\n"
+    with pytest.raises(ConfigError, match="--resume continues a predict into --out FILE"):
+        run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), device="cpu", resume=True))
+
+
+def test_stdout_gets_each_row_as_it_is_scored(checkpoint, tmp_path, rgb, monkeypatch):
+    folder = _folder(tmp_path, rgb)
+    whole = CliRunner().invoke(cli, ["predict", str(folder), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert whole.exit_code == 0, whole.output
+    _stop_after(monkeypatch, 2, [])
+    res = CliRunner().invoke(cli, ["predict", str(folder), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert isinstance(res.exception, Stopped)
+    lines = whole.stdout.splitlines()
+    assert res.stdout.splitlines() == lines[:3] and lines[0] == ",".join(CSV_HEADER) and len(lines) == 5
+
+
+def test_one_predict_at_a_time_per_out(checkpoint, tmp_path, rgb):
+    image = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
+    out = tmp_path / "s.csv"
+    cfg = PredictConfig(inputs=[str(image)], checkpoint=str(checkpoint), out=str(out), device="cpu")
+    with run_lock(lock_beside(out), lambda holder: AssertionError(holder)):
+        with pytest.raises(FileExistsError, match=f"{out} is being written by another `semspai predict` \\(pid"):
+            run(cfg)
+    assert not out.exists() and run(cfg).out == out
