@@ -8,7 +8,7 @@
 #                   a  anchor prototype     .bench/extract_proto.py        -> $OUT/a_extract_proto.log (+ extract_proto.json)
 #                   b  extract benchmark    benchmarks/extract.py           -> $OUT/b_extract.log
 #                   c  train from store     benchmarks/train_from_store.py  -> $OUT/c_train_from_store.log
-#                   d  CUDA tests           tests/test_{extract,model,data,augment}.py  -> $OUT/d_pytest_extract.log
+#                   d  CUDA tests           tests/test_{extract,model,data,augment,train}.py  -> $OUT/d_pytest_extract.log
 #                   e  nvjpeg vs PIL        benchmarks/decode_agreement.py  -> $OUT/e_decode_agreement.log
 #                   f  step c with TRAIN.COMPILE=true (not in the default STEPS: compiling takes minutes)
 #                                                                                  -> $OUT/f_train_compiled.log
@@ -116,7 +116,7 @@ for s in $STEPS; do
         # tests/store_data.py imports `tests.conftest`: the repo root goes on the path, but after the wheels
         d) step d_pytest_extract "${T_D:-90}" "$ROOT" env PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT" \
                "$PY" -P -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_model.py tests/test_data.py \
-               tests/test_augment.py -k "$PYTEST_K" ;;
+               tests/test_augment.py tests/test_train.py -k "$PYTEST_K" ;;
         e) step e_decode_agreement "${T_E:-60}" "$ROOT" "$PY" benchmarks/decode_agreement.py ;;
         # shellcheck disable=SC2086
         f) step f_train_compiled "${T_F:-240}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \

@@ -175,13 +175,13 @@ def validation_metrics(labels: np.ndarray, probs: np.ndarray, logits: np.ndarray
     }
 
 
-def rng_state() -> dict:
-    """Every RNG the loop draws from, as tensors, lists and numbers (loadable with weights_only)."""
+def rng_state(device: torch.device) -> dict:
+    """Every RNG this process's loop draws from, as tensors, lists and numbers (loadable with weights_only); of
+    the CUDA generators, the one of `device` only (under DDP each rank draws on its own)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -191,16 +191,46 @@ def rng_state() -> dict:
         },
         "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
     }
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` saved (the tensors on the CPU, as the RNG setters need them)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda":
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"].cpu(), device)
+        elif state.get("cuda"):  # earlier semspai saved every visible device's
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def gather_rng_states(device: torch.device, world: int) -> list[dict]:
+    """Every rank's `rng_state`, by rank (a collective under DDP: every rank calls it)."""
+    mine = rng_state(device)
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_state(state: dict, rank: int, world: int, device: torch.device) -> None:
+    """Put this rank's RNGs where the checkpoint `state` left them: its own, when the checkpoint holds every
+    rank's (DDP ranks draw apart: patch counts, and so the random numbers drawn, differ by batch)."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) != world:
+        if world > 1:
+            log.warning("the checkpoint holds the random state of %d rank(s), not %d: the ranks' random draws will "
+                        "not continue exactly as in an uninterrupted run", len(ranks), world)  # fmt: skip
+        set_rng_state(ranks[0], device)
+        return
+    set_rng_state(ranks[rank], device)
 
 
 @contextlib.contextmanager
@@ -522,7 +552,7 @@ class Trainer:
             return 1, []
         if not last.exists():
             raise FileNotFoundError(f"{self.out} has no checkpoints/last.pt to resume from; run without --resume")
-        state = load_checkpoint(last, map_location=self.device)
+        state = load_checkpoint(last, map_location="cpu")  # RNG states must stay on the CPU
         saved = config_from_dict(state["config"], saved=True)
         if saved.digest() != self.cfg.digest():
             keys = [k for k, _, _ in leaf_differences(saved.identity(), self.cfg.identity())]
@@ -546,7 +576,7 @@ class Trainer:
         self.module.loss.load_state_dict(state["loss_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng_state(state, self.rank, self.world, self.device)
         return int(state["epoch"]) + 1, list(state["history"])
 
     def _train_epoch(self, epoch: int, tb) -> float:
@@ -610,7 +640,7 @@ class Trainer:
         logits = np.asarray([r[2] for r in rows], dtype=np.float32)
         return validation_metrics(labels, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), logits)
 
-    def _checkpoint(self, epoch: int, history: list[dict]) -> dict:
+    def _checkpoint(self, epoch: int, history: list[dict], rngs: list[dict]) -> dict:
         return {
             "model": trainable_state_dict(self.module.detector),
             "loss_head": self.module.loss.state_dict(),
@@ -625,11 +655,12 @@ class Trainer:
             "history": history,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
         }
 
-    def _save(self, epoch: int, history: list[dict]) -> None:
-        state = self._checkpoint(epoch, history)
+    def _save(self, epoch: int, history: list[dict], rngs: list[dict]) -> None:
+        state = self._checkpoint(epoch, history, rngs)
         save_checkpoint(self.checkpoints / f"epoch-{epoch:04d}.pt", state)
         if is_best([h["val_auc"] for h in history]):
             save_checkpoint(self.checkpoints / "best.pt", state)
@@ -670,8 +701,9 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                 }
                 history.append(row)
+                rngs = gather_rng_states(self.device, self.world)  # every rank's: each goes on from its own
                 if self.rank == 0:
-                    self._save(epoch, history)
+                    self._save(epoch, history, rngs)
                     if tb is not None:
                         for k in ("val_loss", "val_auc", "val_ap", "val_acc"):
                             tb.add_scalar(k.replace("_", "/", 1), row[k], row["step"])

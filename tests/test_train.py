@@ -535,7 +535,7 @@ def test_ddp_two_cpu_processes_split_the_epoch(tiny_shards, train_store, tmp_pat
     assert ranks[0]["dropped"] == sum(batches) - 2 * min(batches) <= 1
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history == ranks[0]["history"] == ranks[1]["history"]  # validation gathered over both ranks
-    assert (out / "checkpoints" / "last.pt").exists()
+    assert len(load_checkpoint(out / "checkpoints" / "last.pt")["rng_ranks"]) == 2  # each rank resumes its own
     # the tars hashed once per start, by rank 0 alone (the run had recorded no hash yet)
     assert sorted(ranks[0]["hashed"]) == sorted(map(str, resolve_shards(str(tiny_shards)))) and ranks[1]["hashed"] == []
     for line in ("train: ", "epoch 2: loss", "epoch 2/2: done"):  # rank 0 reports for both (the rest: warnings)
@@ -600,3 +600,45 @@ def test_a_ddp_rank_that_sees_other_tars_than_rank_0_is_refused(tiny_shards, tmp
             fh.write(b"\0" * 512)
     with pytest.raises(DataError, match=re.escape(f"DDP rank 1 resolves --shards to other tars than rank 0 ({what}")):
         shared_tar_shas(copies, tmp_path / "run", 1, 2)
+
+
+def test_each_ddp_rank_resumes_from_its_own_random_state(caplog):
+    """Ranks draw apart (their batches hold other patch counts); a checkpoint keeps each rank's RNGs and a
+    resumed rank goes on from its own. A checkpoint with one rank's state (an earlier semspai) warns."""
+    states = []
+    for draws in (3, 7):  # two ranks that drew differently
+        torch.manual_seed(0)
+        np.random.seed(0)
+        torch.rand(draws)
+        np.random.rand(draws)
+        states.append(engine.rng_state(CPU))
+    want = (torch.rand(4), np.random.rand(2))  # what rank 1 draws next
+    torch.manual_seed(5)
+    np.random.seed(5)
+    engine.restore_rng_state({"rng": states[0], "rng_ranks": states}, 1, 2, CPU)
+    got = (torch.rand(4), np.random.rand(2))
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    engine.restore_rng_state({"rng": states[0]}, 1, 2, CPU)
+    assert "random state of 1 rank(s), not 2" in caplog.text
+    assert not torch.equal(torch.rand(4), want[0])  # rank 0's, not its own
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda(tiny_shards, train_store, tmp_path):
+    """A run interrupted on the GPU resumes there (the checkpoint's RNG states are loaded onto the CPU, where
+    the RNG setters take them) and ends with each rank's CUDA generator where the uninterrupted run left it."""
+    cuda = torch.device("cuda", torch.cuda.current_device())
+
+    def train(out: Path, resume: bool = False, on_epoch_end=None):
+        cfg = TrainStageConfig(str(tiny_shards), str(out), str(train_store), overrides=MICRO, resume=resume)
+        return run(cfg, cuda, on_epoch_end=on_epoch_end)
+
+    def stop(row: dict) -> None:
+        raise Interrupted
+
+    train(tmp_path / "full")
+    with pytest.raises(Interrupted):
+        train(tmp_path / "r", on_epoch_end=stop)
+    assert train(tmp_path / "r", resume=True).epochs_run == 1
+    a, b = (load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")["rng"] for n in ("full", "r"))
+    assert torch.equal(a["cuda_device"], b["cuda_device"]) and torch.equal(a["torch"], b["torch"])
