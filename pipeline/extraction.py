@@ -46,9 +46,10 @@ from semspai.store.writer import uses_writer_process, write_shard_rows, writer_p
 
 log = logging.getLogger(__name__)
 
-# JPEGs decoded by torchvision on the device, crops resized there; other formats and EXIF-rotated JPEGs
-# still go through DECODER_ID. Part of the store identity: its pixels differ slightly from PIL's.
-GPU_DECODER_ID = "torchvision-decode_jpeg-rgb+torch-bicubic-aa-v1"
+# JPEGs decoded by torchvision on the device, crops resized there; other formats and EXIF- or XMP-rotated,
+# RGB-coded, 12-bit, lossless and arithmetic-coded JPEGs still go through DECODER_ID (v2: XMP rotation and
+# these JPEG kinds; v1 sent them to the device). Part of the store identity: its pixels differ slightly from PIL's.
+GPU_DECODER_ID = "torchvision-decode_jpeg-rgb+torch-bicubic-aa-v2"
 JPEG_EXTS = ("jpg", "jpeg")
 EXIF_ORIENTATION = 0x0112
 # pixels per batched device decode (128 images of 512 x 512): each chunk's decoded images and crops live on
@@ -201,6 +202,13 @@ class Probed:
     pixels: int = 0  # width x height, where known
 
 
+def _raise_out_of_memory(exc: RuntimeError) -> None:
+    """Re-raise a device decode's out-of-memory error: torchvision reports it as any decode failure, and taking
+    it as one would send images to the CPU decoder by memory pressure, not by what they are."""
+    if "out of memory" in str(exc).lower():
+        raise exc
+
+
 class DeviceCrops(CpuCrops):
     """JPEG decode with torchvision on `device` (nvjpeg on CUDA, many images per call) and crops cut there.
 
@@ -249,9 +257,13 @@ class DeviceCrops(CpuCrops):
         return Probed(probed.sample, rgb=rgb, pixels=rgb.shape[0] * rgb.shape[1])
 
     def _device_can_take(self, data: bytes, frame: JpegFrame) -> bool:
-        """A grey or colour JPEG within the pixel limit, with an end marker and no EXIF rotation; anything else
-        (and anything unsure) goes to the decode function, which also gives the one, shared error message."""
+        """An 8-bit baseline, extended or progressive JPEG, grey or YCbCr, within the pixel limit, with an end
+        marker and no EXIF or XMP rotation; anything else (RGB-coded, 12-bit, lossless, arithmetic-coded: what
+        nvjpeg may refuse or read otherwise, and anything unsure) goes to the decode function, which also gives
+        the one, shared error message."""
         if frame.components not in (1, 3) or frame.width * frame.height > self.max_pixels:
+            return False
+        if frame.marker not in (0xC0, 0xC1, 0xC2) or frame.precision != 8 or frame.adobe_transform == 0:
             return False
         # no end-of-image marker (trailing zero padding allowed): maybe truncated, and nvjpeg may not say so
         end = len(data)
@@ -275,14 +287,20 @@ class DeviceCrops(CpuCrops):
             return []
         try:
             return list(decode_jpeg([p.data for p in probes], mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:  # one bad image fails the whole call: find it alone
-            out: list[torch.Tensor | None] = []
-            for p in probes:
-                try:
-                    out.append(decode_jpeg(p.data, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+        except RuntimeError as exc:  # one bad image fails the whole call: find it alone
+            _raise_out_of_memory(exc)
+        out: list[torch.Tensor | None] = []
+        for p in probes:
+            try:
+                out.append(decode_jpeg(p.data, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError as exc:
+                _raise_out_of_memory(exc)
+                out.append(None)
+        refused = [p.sample.key for p, x in zip(probes, out, strict=True) if x is None]
+        if refused:
+            log.warning("nvjpeg could not decode %d JPEG(s) (e.g. %s); the CPU decoder takes them", len(refused),
+                        refused[0])  # fmt: skip
+        return out
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         mode = self.embedder.spec.interpolation

@@ -109,7 +109,11 @@ class ExtractResult:
 
 
 def default_workers(device: str) -> int:
-    return max(1, torch.cuda.device_count()) if device.startswith("cuda") else os.cpu_count() or 1
+    """Local Dask workers unless --workers says: one per GPU for `cuda`, one for `cuda:N` (all would share GPU
+    N: each with its own encoder and decode buffers), one per core on the CPU."""
+    if device == "cuda":
+        return max(1, torch.cuda.device_count())
+    return 1 if device.startswith("cuda") else os.cpu_count() or 1
 
 
 def worker_gpus(device: str) -> list[str] | None:
@@ -329,8 +333,8 @@ def _run(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Local Dask worker processes (one task per shard); default one per core (per GPU); 0 = no Dask. "
-    "Not with --scheduler.",
+    help="Local Dask worker processes (one task per shard); default one per core (per GPU; one with cuda:N); "
+    "0 = no Dask. Not with --scheduler.",
 )
 @click.option("--scheduler", default=None, help="Attach to an existing Dask cluster (tcp://HOST:PORT).")
 @click.option(

@@ -130,11 +130,16 @@ class JpegFrame:
     width: int  # as stored, before any EXIF orientation
     height: int
     components: int  # 1 grey, 3 YCbCr (or RGB), 4 CMYK/YCCK
-    has_exif: bool  # an APP1 Exif segment precedes the frame (it may hold an orientation)
+    has_exif: bool  # an APP1 Exif or XMP segment precedes the frame (PIL reads an orientation from either)
+    marker: int = 0xC0  # its start-of-frame marker: C0 baseline, C1 extended, C2 progressive; others are lossless,
+    # hierarchical or arithmetic-coded
+    precision: int = 8  # bits per sample (12 and 16 exist)
+    adobe_transform: int | None = None  # an APP14 Adobe segment's colour transform (0: stored as RGB or CMYK)
 
 
 # start-of-frame markers: baseline, extended, progressive and lossless, Huffman or arithmetic (not DHT,
 # JPG or DAC, which share the range)
+_XMP = b"http://ns.adobe.com/xap/1.0/\x00"  # an APP1 segment of XMP, where a tiff:Orientation may be
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
@@ -144,7 +149,7 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
     function stays the judge of what is readable."""
     if data[:2] != b"\xff\xd8":
         return None
-    i, n, exif = 2, len(data), False
+    i, n, exif, adobe = 2, len(data), False, None
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None
@@ -160,8 +165,10 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
         length = int.from_bytes(data[i + 2 : i + 4], "big")
         if length < 2:
             return None
-        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+        if marker == 0xE1 and (data[i + 4 : i + 10] == b"Exif\x00\x00" or data[i + 4 : i + 4 + len(_XMP)] == _XMP):
             exif = True
+        if marker == 0xEE and length >= 14 and data[i + 4 : i + 9] == b"Adobe" and i + 16 <= n:
+            adobe = data[i + 15]
         if marker in _SOF_MARKERS:
             if length < 8 or i + 10 > n:
                 return None
@@ -169,6 +176,6 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
             width = int.from_bytes(data[i + 7 : i + 9], "big")
             if not width or not height:  # a height given later by a DNL marker: leave it to PIL
                 return None
-            return JpegFrame(width, height, data[i + 9], exif)
+            return JpegFrame(width, height, data[i + 9], exif, marker, data[i + 4], adobe)
         i += 2 + length
     return None

@@ -23,6 +23,15 @@ def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
+XMP_ROTATED = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')  # fmt: skip
+
+
+def with_adobe(data: bytes, transform: int) -> bytes:
+    """`data` with an APP14 Adobe segment after its SOI: transform 0 says the components are stored as RGB."""
+    return data[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform]) + data[2:]
+
+
 def write_image(path: Path, width: int, height: int, seed: int) -> Path:
     """Write a random photo; the format follows the suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)

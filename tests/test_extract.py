@@ -44,7 +44,7 @@ from semspai.pipeline.extraction import (
 )
 from semspai.pipeline.grid import grid_boxes, pad_image
 from semspai.stages.cli import cli
-from semspai.stages.extract import ExtractConfig, run, worker_gpus
+from semspai.stages.extract import ExtractConfig, default_workers, run, worker_gpus
 from semspai.store import writer as writer_module
 from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
@@ -58,7 +58,7 @@ from semspai.store.shards import (
     write_json_atomic,
 )
 from semspai.store.writer import FAULT_ENV, WRITER_ENV, writer_process
-from tests.conftest import encode
+from tests.conftest import XMP_ROTATED, encode, with_adobe
 from tests.conftest import random_photo as photo
 
 TINY = ClipFactory("tiny-random", "cpu", "fp32")
@@ -361,6 +361,7 @@ def test_each_local_worker_gets_its_own_gpu(monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5, 7,GPU-1a2b")  # what this process sees, by any naming
     assert worker_gpus("cuda") == ["5", "7", "GPU-1a2b"]
     assert worker_gpus("cuda:1") is None and worker_gpus("cpu") is None  # an index keeps every worker there
+    assert default_workers("cuda") == 3 and default_workers("cuda:1") == 1  # not three on GPU 1
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert worker_gpus("cuda") is None
     # three workers over two GPUs: taken in turn, each worker process sees only its own
@@ -869,6 +870,8 @@ def test_device_chunk_of_mixed_images_matches_cpu_crops(device: str) -> None:
         "small-padded": encode(photo(100, 80, 4), "JPEG", quality=92),  # below 224: the host grid pads
         "png": encode(photo(256, 256, 5), "PNG"),
         "exif-rotated": _rotated_jpeg(photo(320, 240, 6)),
+        "xmp-rotated": encode(photo(320, 240, 8), "JPEG", xmp=XMP_ROTATED),  # the orientation in XMP only
+        "rgb-coded": with_adobe(encode(photo(240, 230, 9), "JPEG"), 0),  # components stored as RGB: PIL's
         "truncated": jpeg[: len(jpeg) // 2],
         "grey": encode(photo(260, 250, 7)[..., 0], "JPEG"),
     }
@@ -1019,3 +1022,39 @@ def test_a_store_in_a_folder_of_something_else_is_refused_before_anything_starts
     with pytest.raises(FeatureStoreError, match="is a folder of something else, not a feature store"):
         run(cfg(shards, shards), distributor_factory=no_cluster)  # the shard folder given as --store by a slip
     assert sorted(p.name for p in shards.iterdir()) == before
+
+
+def test_a_jpeg_nvjpeg_refuses_goes_to_the_cpu_decoder_with_a_warning_but_out_of_memory_is_an_error(
+    monkeypatch, caplog
+) -> None:
+    import torchvision.io
+
+    embedder = TINY()
+    samples = [ShardSample(f"k{i}", encode(photo(260, 240, 20 + i), "JPEG"), "jpg", {"label": 0}) for i in range(3)]
+    real = torchvision.io.decode_jpeg
+    refused = samples[1].image
+
+    def decode_jpeg(data, **kw):
+        if isinstance(data, list):
+            if any(bytes(d.numpy()) == refused for d in data):
+                raise RuntimeError("Error while decoding JPEG images: unsupported JPEG")
+            return real(data, **kw)
+        if bytes(data.numpy()) == refused:
+            raise RuntimeError("Error while decoding JPEG images: unsupported JPEG")
+        return real(data, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    dev = DeviceCrops(embedder, "cpu")
+    with caplog.at_level(logging.WARNING, logger="semspai.pipeline.extraction"):
+        got = dev.prepare([dev.probe(s) for s in samples])
+    assert "nvjpeg could not decode 1 JPEG(s) (e.g. k1); the CPU decoder takes them" in caplog.text
+    cpu = CpuCrops(embedder)
+    for sample, g in zip(samples, got, strict=True):
+        assert torch.equal(g.crops[1:], cpu(sample).crops[1:]), sample.key
+
+    def out_of_memory(data, **kw):
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        dev.prepare([dev.probe(s) for s in samples])

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from semspai.store.images import ImageDecodeError, ImageTooLargeError, decode_image, jpeg_frame, probe_image
-from tests.conftest import encode, random_photo
+from tests.conftest import XMP_ROTATED, encode, random_photo, with_adobe
 
 W, H = 40, 24  # non-square, so a wrong orientation or a transposed array shows
 
@@ -336,6 +336,8 @@ def _exif(orientation: int) -> Image.Exif:
 def test_jpeg_frame_reads_what_pil_reads_from_the_markers() -> None:
     rgb = random_photo(120, 70, 3)
     variants = {
+        "xmp-rotated": _jpeg(rgb, xmp=XMP_ROTATED),  # no EXIF: PIL reads the orientation from the XMP
+        "adobe-rgb": with_adobe(_jpeg(rgb), 0),
         "baseline": _jpeg(rgb),
         "progressive": _jpeg(rgb, progressive=True),
         "444": _jpeg(rgb, subsampling=0),
@@ -353,6 +355,9 @@ def test_jpeg_frame_reads_what_pil_reads_from_the_markers() -> None:
             assert (frame.width, frame.height) == im.size == (120, 70), name  # as stored: before rotation
             assert frame.components == len(im.getbands()), name
             assert frame.has_exif == bool(im.getexif()), name
+            assert frame.adobe_transform == im.info.get("adobe_transform"), name
+            assert frame.precision == im.bits == 8, name
+            assert (frame.marker == 0xC2) == bool(im.info.get("progressive")), name
 
 
 def test_jpeg_frame_is_none_where_the_markers_do_not_reach_a_frame() -> None:
