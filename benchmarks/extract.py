@@ -82,7 +82,7 @@ def bare_encoder_images_per_s(factory: ClipFactory, batch_size: int, n_batches: 
     s = embedder.spec.image_size
     x = torch.randn(batch_size, 3, s, s, device=embedder.device)
     embedder.get_image_embedding(x)  # warm-up
-    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(embedder.device)) if embedder.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(n_batches):
@@ -232,7 +232,7 @@ def gpu_stages(shard: Path, factory: ClipFactory, batch_size: int, decode_worker
     memory: everything but the Zarr write and the Dask hop)."""
     embedder = worker_embedder(factory)
     opts = ExtractOptions(batch_size, decode_workers, gpu_decode=True, device=factory.device)
-    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(embedder.device)) if embedder.device.type == "cuda" else (lambda: None)
     crops = DeviceCrops(embedder, factory.device)
     stages = {
         "read": lambda: sum(1 for _ in iter_shard(shard)),

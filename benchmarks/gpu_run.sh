@@ -42,6 +42,24 @@ if [ "${NO_INSTALL:-0}" != 1 ]; then
     T=$(mktemp -d)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$T" .whl/*.whl || exit 1
     export PYTHONPATH="$T"
+    # the semspai wheel must be this tree's code: a wheel built before the last change would measure old code
+    "$PY" - "$T" <<'PYEOF' || exit 1
+import filecmp, pathlib, sys
+installed = pathlib.Path(sys.argv[1]) / "semspai"
+folders = {"": "semspai", "store": "store", "pipeline": "pipeline", "stages": "stages", "configs": "configs"}
+stale = []
+for sub, src in folders.items():
+    for f in pathlib.Path(src).rglob("*" if sub == "configs" else "*.py"):
+        if not f.is_file() or "__pycache__" in f.parts:
+            continue
+        have = installed / sub / f.relative_to(src)
+        if not have.exists() or not filecmp.cmp(f, have, shallow=False):
+            stale.append(str(f))
+if stale:
+    sys.exit(f"the semspai wheel in .whl/ is older than this tree ({len(stale)} file(s) differ, e.g. {stale[0]}): "
+             "run `bash benchmarks/gpu_wheels.sh` again")
+print("semspai wheel matches the tree")
+PYEOF
 fi
 echo "== setup $((SECONDS - START)) s"
 

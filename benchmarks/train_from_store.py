@@ -173,7 +173,7 @@ def timed_steps(
     part instead, to print where a step's time goes (slower: the overlap is lost).
     """
     trainer.module.train()
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(trainer.device)) if trainer.device.type == "cuda" else (lambda: None)
     part_sync = sync if breakdown else (lambda: None)
     start, waits = 0.0, {"data": 0.0, "clip": 0.0, "step": 0.0}
     # collated in a thread, as the trainer's loader does

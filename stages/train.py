@@ -38,10 +38,20 @@ class TrainStageConfig:
 
 
 def pick_device() -> torch.device:
-    """The device, decided once here: this rank's GPU under torchrun, else the first GPU, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """The device, decided once here: this rank's GPU under torchrun (GPU LOCAL_RANK; GPU 0 when the launcher
+    gave each process one GPU of its own), else the first GPU, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but LOCAL_RANK is not set, so this process "
+                          "cannot tell which GPU is its own: launch DDP with torchrun, which sets both")  # fmt: skip
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < count:
+        return torch.device("cuda", local)
+    if count == 1:  # e.g. SLURM with one GPU a task: the process sees only its own
+        return torch.device("cuda", 0)
+    raise ConfigError(f"LOCAL_RANK is {local} but this process sees {count} GPUs (0-{count - 1}); start at most "
+                      f"{count} processes per node, or give each one GPU of its own")  # fmt: skip
 
 
 def init_distributed(device: torch.device) -> None:

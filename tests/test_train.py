@@ -642,3 +642,23 @@ def test_resume_on_cuda(tiny_shards, train_store, tmp_path):
     assert train(tmp_path / "r", resume=True).epochs_run == 1
     a, b = (load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")["rng"] for n in ("full", "r"))
     assert torch.equal(a["cuda_device"], b["cuda_device"]) and torch.equal(a["torch"], b["torch"])
+
+
+def test_each_rank_finds_its_own_gpu_or_says_why_not(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_stage.pick_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match="WORLD_SIZE is 8 but LOCAL_RANK is not set.*launch DDP with torchrun"):
+        train_stage.pick_device()  # srun or mpirun alone: every rank would take GPU 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train_stage.pick_device() == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK is 5 but this process sees 4 GPUs \(0-3\)"):
+        train_stage.pick_device()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU a task, as SLURM may give
+    assert train_stage.pick_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_stage.pick_device() == CPU
