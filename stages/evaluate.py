@@ -512,16 +512,16 @@ def run(cfg: EvalConfig) -> EvalResult:
     out = Path(cfg.out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # written last: its presence means the eval finished
-    for old in ("plots", "heatmaps"):  # figures of an earlier eval must not mix with this one's
-        shutil.rmtree(out / old, ignore_errors=True)
     try:
         runs = [evaluate_checkpoint(cfg, ck, perturbations, i == 0, device) for i, ck in enumerate(cfg.checkpoints)]
     except BaseException:
         if made:  # a failed eval leaves no empty --out behind
             with contextlib.suppress(OSError):
                 out.rmdir()
-        raise
+        raise  # and an earlier eval's outputs there whole: they are replaced only once this one has its numbers
+    (out / "metrics.json").unlink(missing_ok=True)  # written last: its presence means the eval finished
+    for old in ("plots", "heatmaps"):  # figures of an earlier eval must not mix with this one's
+        shutil.rmtree(out / old, ignore_errors=True)
     seen: dict[str, int] = {}
     for r in runs:  # two checkpoints of one mode stay apart in the tables
         seen[r.label] = seen.get(r.label, 0) + 1

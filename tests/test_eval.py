@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,14 @@ def test_val_and_train_splits_are_flagged_as_optimistic(tiny_shards, checkpoints
     assert "**Note:**" not in run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards),
                                              out=str(tmp_path / "test"), device="cpu", bootstrap=20,
                                              n_heatmaps=0)).report_md.read_text()  # fmt: skip
+
+
+def test_a_failed_eval_leaves_an_earlier_eval_in_its_out_whole(evaluated, tiny_shards, checkpoints, tmp_path):
+    out = tmp_path / "ev"
+    shutil.copytree(evaluated.out, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path("metrics.json") in before and any(p.parts[0] == "plots" for p in before)
+    with pytest.raises(DataError, match="bigan"):  # a slip found only once the split is planned
+        run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(out),
+                       overrides=["DATA.GENERATORS=bigan"], device="cpu"))  # fmt: skip
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
