@@ -716,6 +716,9 @@ class Trainer:
                     row["val_acc"],
                     row["threshold"],
                 )
+                if row["val_auc"] <= 0.5 and self.rank == 0:
+                    log.warning("epoch %d: val AUC %.3f: the model does not (yet) tell val's fakes from its reals, "
+                                "so threshold %.3f is no real choice", epoch, row["val_auc"], row["threshold"])  # fmt: skip
                 if self.world > 1:
                     dist.barrier()  # no rank starts the next epoch before rank 0 has written this one
                 if on_epoch_end is not None:

@@ -101,6 +101,20 @@ class CheckpointEval:
     clip_note: str = ""
     train_generators: dict[str, int] | None = None  # generator -> fakes it was trained on; None: not recorded
 
+    def degenerate(self) -> str:
+        """What makes this checkpoint's figures on the split say little beyond the class shares: one score for
+        every image, or a threshold that calls every image one class; empty when neither holds."""
+        if self.scores.size and np.ptp(self.scores) == 0:
+            return (f"every image got the same score ({self.scores[0]:.3f}): the checkpoint separates nothing here; "
+                    "its AUC is 0.5 and its accuracies are the shares of the classes")  # fmt: skip
+        called = self.scores >= self.threshold
+        if called.all() or not called.any():
+            kind = "fake" if called.all() else "real"
+            why = " (training takes 1 when no threshold separated its val split)" if self.threshold >= 1 else ""
+            return (f"at its threshold {self.threshold:.3f} every image is called {kind}: accuracy at the threshold "
+                    f"is the share of {kind}s{why}")  # fmt: skip
+        return ""
+
 
 @dataclass
 class EvalResult:
@@ -375,6 +389,9 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
              f"training). semspai {__version__}.")  # fmt: skip
     if cfg.split in SPLIT_CAVEATS:
         doc.text(f"**Note:** {SPLIT_CAVEATS[cfg.split][0].upper()}{SPLIT_CAVEATS[cfg.split][1:]}.")
+    for r in runs:
+        if r.degenerate():
+            doc.text(f"**Note:** {r.label}: {r.degenerate()}.")
     if clip is not None and clip.get("meaningless"):
         doc.text("**Warning:** this checkpoint's CLIP encoder has random weights: its semantic vectors carry no "
                  "meaning (fine for the demo and tests, never for results).")  # fmt: skip
@@ -600,6 +617,8 @@ def command(checkpoints, shards, out, store, split, perturb, overrides, clip, de
         click.echo(f"{r.label}: AUC {_auc_text(o)}, AP {_fmt(o['ap'])}, acc@threshold {_fmt(o['acc_at_threshold'])} "
                    f"({o['n_real']} real, {o['n_fake']} fake"
                    + (f"; unseen in training: {', '.join(unseen)}" if unseen else "") + ")")  # fmt: skip
+        if r.degenerate():
+            click.echo(f"  note: {r.degenerate()}")
     if any(few_for_ci(r.metrics["overall"]) for r in result.runs):
         click.echo(f"†: fewer than {FEW_FOR_CI} reals or fakes; the bootstrap interval understates the uncertainty")
     click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "

@@ -25,6 +25,7 @@ from semspai.stages.cli import cli
 from semspai.stages.evaluate import CheckpointEval, EvalConfig, pick_examples, run, write_predictions
 from semspai.stages.extract import ExtractConfig
 from semspai.stages.extract import run as extract
+from semspai.store.checkpoints import load_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStoreError
 from semspai.store.images import decode_image
 from semspai.store.shards import iter_shard, resolve_shards
@@ -335,3 +336,25 @@ def test_a_failed_eval_leaves_an_earlier_eval_in_its_out_whole(evaluated, tiny_s
         run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(out),
                        overrides=["DATA.GENERATORS=bigan"], device="cpu"))  # fmt: skip
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_figures_that_say_nothing_beyond_the_class_shares_are_marked(evaluated, tiny_shards, checkpoints, tmp_path):
+    """A threshold that calls every image one class (training picks 1.0 on a val split it did not separate),
+    or one score for every image: the numbers are right, and the report and the summary say what they mean."""
+    r = dataclasses.replace(evaluated.runs[0])
+    r.threshold = float(np.median(r.scores))
+    assert r.degenerate() == "" and 0 < (r.scores >= r.threshold).sum() < r.scores.size
+    same = dataclasses.replace(r, scores=np.full(r.scores.size, 0.6))
+    assert same.degenerate().startswith("every image got the same score (0.600): the checkpoint separates nothing")
+    assert "every image is called fake" in dataclasses.replace(r, threshold=0.0).degenerate()
+    state = load_checkpoint(checkpoints["none"])
+    save_checkpoint(tmp_path / "all-real.pt", state | {"threshold": 1.0})
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "all-real.pt"), "--shards", str(tiny_shards),
+                                   "--out", str(tmp_path / "o"), "--device", "cpu", "--heatmaps", "0"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    note = (
+        "at its threshold 1.000 every image is called real: accuracy at the threshold is the share of reals "
+        "(training takes 1 when no threshold separated its val split)"
+    )
+    assert f"  note: {note}" in res.output
+    assert f"**Note:** none: {note}" in (tmp_path / "o" / "report.md").read_text()

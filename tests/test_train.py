@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -662,3 +663,21 @@ def test_each_rank_finds_its_own_gpu_or_says_why_not(monkeypatch):
     assert train_stage.pick_device() == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_stage.pick_device() == CPU
+
+
+def test_an_epoch_whose_val_auc_is_at_most_chance_is_warned_about(tiny_shards, train_store, tmp_path, monkeypatch,
+                                                                    caplog):  # fmt: skip
+    real, calls = engine.validation_metrics, []
+
+    def metrics(labels, probs, logits):  # the first epoch tells val's classes apart no better than chance
+        calls.append(1)
+        return real(labels, probs, logits) | (
+            {"val_auc": 0.4, "threshold": 1.0} if len(calls) == 1 else {"val_auc": 0.8}
+        )
+
+    monkeypatch.setattr(engine, "validation_metrics", metrics)
+    with caplog.at_level(logging.WARNING, logger="semspai"):
+        _train(tiny_shards, train_store, tmp_path / "r")
+    warned = [r.getMessage() for r in caplog.records if "val AUC" in r.getMessage()]
+    assert warned == ["epoch 1: val AUC 0.400: the model does not (yet) tell val's fakes from its reals, so threshold "
+                      "1.000 is no real choice"]  # fmt: skip
