@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from semspai.pipeline.config import RunConfig, config_from_dict
 from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, pack_images
 from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
+from semspai.pipeline.iterate import ordered_map
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, pil_to_rgb
 from semspai.store.manifest import unique_files
@@ -36,6 +38,7 @@ ImageInput = str | Path | Image.Image | np.ndarray
 T = TypeVar("T")
 DEFAULT_BATCH_IMAGES = 8  # images scored together; small because one 4K image alone is ~150 patches
 DEFAULT_BATCH_PATCHES = 256  # a batch is closed early at this many patches, so big images do not pile up
+DECODE_AHEAD = 4  # image files decoded ahead of the model at most (threads, and images held waiting)
 MOSTLY_PADDING = 0.5  # a smaller image is scored with a warning: over half its patch pixels are reflections
 
 
@@ -153,6 +156,7 @@ class Detector:
         self.device = device
         self.precision = precision
         self.checkpoint = checkpoint
+        self.decode_workers = min(DECODE_AHEAD, os.cpu_count() or 1)  # image files decoded at once, ahead of scoring
 
     @property
     def semantic_mode(self) -> str:
@@ -222,14 +226,18 @@ class Detector:
         """Yield (prediction, decoded image or None on error) in input order; an unreadable input gets an error
         prediction and the rest go on."""
 
-        def decoded() -> Iterator[tuple[tuple[str, str], np.ndarray | None]]:
-            for i, image in enumerate(images):
-                try:
-                    yield (describe(image, i), ""), to_rgb(image)
-                except ImageDecodeError as exc:
-                    yield (describe(image, i), str(exc)), None
+        def decode(item: tuple[int, ImageInput]) -> tuple[tuple[str, str], np.ndarray | None]:
+            i, image = item
+            try:
+                return (describe(image, i), ""), to_rgb(image)
+            except ImageDecodeError as exc:
+                return (describe(image, i), str(exc)), None
 
-        for batch in patch_batches(decoded()):
+        # files are read and decoded in threads, a few ahead, while the model scores the batch before (a 4K PNG
+        # takes tenths of a second to decode); images already in memory are converted inline
+        decoded = ordered_map(decode, enumerate(images), self.decode_workers, ahead=self.decode_workers,
+                              inline=lambda item: not isinstance(item[1], (str, Path)))  # fmt: skip
+        for batch in patch_batches(decoded):
             good = [rgb for _, rgb in batch if rgb is not None]
             scored = iter(self.score(good, return_maps=return_maps) if good else [])
             for (path, error), rgb in batch:

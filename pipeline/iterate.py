@@ -61,9 +61,14 @@ def batched_by_weight(items: Iterable[T], max_weight: float, weight: Callable[[T
 
 
 def ordered_map(
-    fn: Callable[[Any], T], items: Iterable[Any], workers: int, inline: Callable[[Any], bool] | None = None
+    fn: Callable[[Any], T],
+    items: Iterable[Any],
+    workers: int,
+    inline: Callable[[Any], bool] | None = None,
+    ahead: int | None = None,
 ) -> Iterator[T]:
-    """`map(fn, items)` on `workers` threads, in input order, with a bounded number of items in flight.
+    """`map(fn, items)` on `workers` threads, in input order, with at most `ahead` items in flight (default
+    PREFETCH_PER_WORKER a thread; fewer where each result is large).
 
     Threads, not processes: Dask workers are daemonic and cannot fork; PIL and torch release the GIL.
     Items for which `inline(item)` holds are mapped in the calling thread: handing an item to a thread costs
@@ -79,7 +84,7 @@ def ordered_map(
                 window.append(_Ready(fn(item)))
             else:
                 window.append(pool.submit(fn, item))
-            if len(window) >= workers * PREFETCH_PER_WORKER:
+            if len(window) >= (ahead or workers * PREFETCH_PER_WORKER):
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import semspai
+from semspai.pipeline import inference
 from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.inference import Detector, find_images, load_detector
@@ -430,3 +432,18 @@ def test_one_predict_at_a_time_per_out(checkpoint, tmp_path, rgb):
         with pytest.raises(FileExistsError, match=f"{out} is being written by another `semspai predict` \\(pid"):
             run(cfg)
     assert not out.exists() and run(cfg).out == out
+
+
+def test_files_are_decoded_in_threads_ahead_of_the_model_and_arrays_inline(detector, rgb, tmp_path, monkeypatch):
+    paths = [save(Image.fromarray(np.roll(rgb, 11 * i, axis=0)), tmp_path / f"{i}.png", "PNG") for i in range(6)]
+    want = [p.score for p in detector.predict(paths)]
+    threads = []
+    real = inference.to_rgb
+    monkeypatch.setattr(
+        inference, "to_rgb", lambda image: threads.append(threading.current_thread().name) or real(image)
+    )
+    monkeypatch.setattr(detector, "decode_workers", 2)
+    preds = detector.predict([*paths, rgb])
+    assert [p.path for p in preds] == [*map(str, paths), "<array 6>"]  # input order kept
+    assert [p.score for p in preds[:6]] == pytest.approx(want, abs=1e-5)  # batched with the array: rounding
+    assert all(t.startswith("decode") for t in threads[:6]) and threads[6] == threading.current_thread().name
