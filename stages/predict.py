@@ -173,8 +173,10 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     if not paths:
         raise FileNotFoundError(f"no image files (.jpg .png .webp .tif .bmp) in {', '.join(cfg.inputs)}")
     file = resolve_checkpoint(cfg.checkpoint)
-    header = {"semspai": PROGRESS_KIND, "checkpoint": str(file.resolve()), "checkpoint_sha256": file_sha256(file)}
+    header: dict = {"semspai": PROGRESS_KIND, "checkpoint": str(file.resolve())}
     have = None
+    if out is not None:
+        header["checkpoint_sha256"] = file_sha256(file)
     if out is not None and (progress_path(out).exists() or cfg.resume):
         threshold = cfg.threshold if cfg.threshold is not None else float(load_checkpoint(file)["threshold"])
         have = _scored_so_far(out, header | {"threshold": threshold}, cfg.resume)
@@ -199,10 +201,10 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
         sink = None
         if out is not None:  # rows kept as they come: a killed run loses at most the row being written
             out.parent.mkdir(parents=True, exist_ok=True)
-            sink = stack.enter_context(progress_path(out).open("w", encoding="utf-8"))
-            for line in [header, *(p.row() for p in done.values())]:
-                sink.write(json.dumps(line) + "\n")
-            sink.flush()
+            # the rows kept so far are rewritten whole before any is added (a kill meanwhile keeps the old file)
+            lines = [header, *(p.row() for p in done.values())]
+            write_atomic(progress_path(out), "".join(json.dumps(line) + "\n" for line in lines))
+            sink = stack.enter_context(progress_path(out).open("a", encoding="utf-8"))
         items = progress([p for _, p in todo], total=len(todo), desc="predict", unit="img")
         for (i, _), (pred, rgb) in zip(todo, det.iter_predict(items, return_maps=folder is not None), strict=True):
             if sink is not None:

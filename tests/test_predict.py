@@ -367,6 +367,18 @@ def test_a_stopped_predict_resumes_to_the_same_result(checkpoint, tmp_path, rgb,
         fh.truncate(progress.stat().st_size - 9)
     with pytest.raises(StaleOutputError, match=f"{progress} holds 3 image.s. that a predict into {out} scored before"):
         predict(out)  # not thrown away unasked
+    kept, dumps, calls = progress.read_bytes(), json.dumps, []
+
+    def dumps_then_stop(obj, *args, **kw):  # stopped while a resume rewrites the rows kept so far
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stopped
+        return dumps(obj, *args, **kw)
+
+    monkeypatch.setattr(json, "dumps", dumps_then_stop)
+    with pytest.raises(Stopped):
+        predict(out, resume=True)
+    assert progress.read_bytes() == kept
     monkeypatch.undo()
     seen.clear()
     _stop_after(monkeypatch, 99, seen)
