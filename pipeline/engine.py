@@ -49,6 +49,7 @@ from semspai.pipeline.detector import (
 from semspai.pipeline.iterate import Background, batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
+from semspai.store.atomic import write_text_atomic
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStore, done_shard_attrs, read_store_attrs
 from semspai.store.manifest import (
@@ -739,9 +740,7 @@ class Trainer:
 def write_metrics(path: Path, history: list[dict]) -> None:
     """metrics.jsonl rewritten whole from the checkpoint's history (atomically), so a run killed between the
     checkpoint and the log never leaves them disagreeing."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
 
 
 class StepScalars:

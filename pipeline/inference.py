@@ -29,8 +29,9 @@ from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
 from semspai.pipeline.iterate import ordered_map
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
-from semspai.store.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, pil_to_rgb
+from semspai.store.images import ImageDecodeError, decode_image, pil_to_rgb
 from semspai.store.manifest import unique_files
+from semspai.store.sources import image_files
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,12 @@ def describe(image: ImageInput, i: int) -> str:
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and image files under directories (recursively, sorted), each file once (the first
-    time it comes); a missing path is an error."""
+    """Files as given, and image files under directories (recursively, sorted; as `semspai shard` walks a
+    folder: `image_files`), each file once (the first time it comes); a missing path is an error."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            for p in images:
-                if p.is_symlink() and not p.exists():
-                    log.warning("%s: a broken symlink, skipped", p)
-            found += [p for p in images if p.is_file()]
+            found += image_files(item)
         elif item.exists():
             found.append(item)
         else:

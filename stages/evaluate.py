@@ -41,6 +41,7 @@ from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbat
 from semspai.pipeline.progress import progress
 from semspai.stages import report
 from semspai.stages.common import register_user_error, resolve_device, user_errors
+from semspai.store.atomic import write_json_atomic
 from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.images import ImageDecodeError, decode_image
 from semspai.store.shards import (
@@ -50,7 +51,6 @@ from semspai.store.shards import (
     resolve_shards,
     shard_name,
     shard_split,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)

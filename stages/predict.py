@@ -22,7 +22,9 @@ from semspai.pipeline.inference import Prediction, find_images, load_detector
 from semspai.pipeline.progress import progress
 from semspai.stages import report
 from semspai.stages.common import refuse_foreign_output, register_user_error, resolve_device, user_errors
+from semspai.store.atomic import write_text_atomic
 from semspai.store.checkpoints import load_checkpoint, resolve_checkpoint
+from semspai.store.images import IMAGE_EXTENSIONS
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import StaleOutputError
 from semspai.store.shards import file_sha256
@@ -84,26 +86,34 @@ def written_by_predict(path: Path) -> bool:
     return head.startswith(",".join(CSV_HEADER).encode() + b"\n") or head.startswith(b'[\n {\n  "path": ')
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a killed run never leaves a results file that looks whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def progress_path(out: Path) -> Path:
     """`OUT.progress`: the rows a predict into OUT has scored so far (see `ScoredSoFar`)."""
     return out.with_name(out.name + PROGRESS_SUFFIX)
 
 
+def file_state(path: str | Path) -> list[int] | None:
+    """[size, mtime_ns] of a file (None when it cannot be read): a row is reused on --resume only while its file
+    is as it was scored."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def progress_line(pred: Prediction, state: list[int] | None) -> str:
+    """A row of `OUT.progress`: the result's fields, the file's real path (what --resume matches, however the
+    path is spelled then) and its state when it was read."""
+    return json.dumps(pred.row() | {"realpath": os.path.realpath(pred.path), "file": state}) + "\n"
+
+
 class ScoredSoFar:
     """The rows of a predict into OUT, kept in `OUT.progress` as they are scored: a header line naming the
-    checkpoint (by sha256) and the threshold, then one JSON row a line, flushed row by row, so a killed predict
-    keeps its work for `--resume`. Removed once OUT is written."""
+    checkpoint (by sha256) and the threshold, then one JSON row a line (`progress_line`), flushed row by row, so
+    a killed predict keeps its work for `--resume`. Removed once OUT is written."""
 
     def __init__(self, path: Path, header: dict, rows: dict[str, dict]) -> None:
-        self.path, self.header, self.rows = path, header, rows
+        self.path, self.header, self.rows = path, header, rows  # rows by the real path of their file
 
     @classmethod
     def read(cls, path: Path) -> ScoredSoFar:
@@ -123,8 +133,29 @@ class ScoredSoFar:
                 row = json.loads(line)
             except ValueError as exc:
                 raise StaleOutputError(f"{path}: line {n} is damaged ({exc}); delete the file to start over") from exc
-            rows[row["path"]] = row
+            rows[row["realpath"]] = row
         return cls(path, header, rows)
+
+    def reusable(self, paths: list[Path]) -> dict[str, Prediction]:
+        """The rows this run can keep, by `str(path)` of `paths`: those of files that are as they were scored
+        (a file changed since, e.g. one repaired after an error row, is scored again); the rest are logged."""
+        kept, changed, matched = {}, 0, set()
+        for p in paths:
+            row = self.rows.get(os.path.realpath(p))
+            if row is None:
+                continue
+            matched.add(row["realpath"])
+            if row["file"] is None or row["file"] != file_state(p):
+                changed += 1
+                continue
+            kept[str(p)] = Prediction(**{k: row[k] for k in CSV_HEADER} | {"path": str(p)})
+        if changed:
+            log.info("%s: %d image(s) changed since they were scored (or could not be read then): scored again",
+                     self.path, changed)  # fmt: skip
+        if gone := [r["path"] for key, r in self.rows.items() if key not in matched]:
+            log.warning("%s: %d scored image(s) are not among this run's inputs (e.g. %s) and are left out of its "
+                        "results", self.path, len(gone), gone[0])  # fmt: skip
+        return kept
 
 
 def _scored_so_far(out: Path, header: dict, resume: bool) -> ScoredSoFar | None:
@@ -136,6 +167,9 @@ def _scored_so_far(out: Path, header: dict, resume: bool) -> ScoredSoFar | None:
             log.info("%s: no interrupted predict into %s to resume; scoring every image", path, out)
         return None
     have = ScoredSoFar.read(path)
+    if not resume and not have.rows:
+        log.info("%s: an earlier predict into %s stopped before scoring any image; starting over", path, out)
+        return None
     if not resume:
         raise StaleOutputError(f"{path} holds {len(have.rows)} image(s) that a predict into {out} scored before it "
                                "stopped: pass --resume to go on from there, or delete it to start over")  # fmt: skip
@@ -171,7 +205,7 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
              start: float) -> PredictResult:  # fmt: skip
     paths = find_images(cfg.inputs)
     if not paths:
-        raise FileNotFoundError(f"no image files (.jpg .png .webp .tif .bmp) in {', '.join(cfg.inputs)}")
+        raise FileNotFoundError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(cfg.inputs)}")
     file = resolve_checkpoint(cfg.checkpoint)
     header: dict = {"semspai": PROGRESS_KIND, "checkpoint": str(file.resolve())}
     have = None
@@ -186,42 +220,41 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     if cfg.threshold is not None:
         det.threshold = cfg.threshold
     header["threshold"] = det.threshold
-    done = {} if have is None else {str(p): Prediction(**have.rows[str(p)]) for p in paths if str(p) in have.rows}
+    done = {} if have is None else have.reusable(paths)
     if have is not None:
-        if len(done) < len(have.rows):
-            log.warning("%s: %d scored image(s) are no longer among the inputs and are left out", have.path,
-                        len(have.rows) - len(done))  # fmt: skip
         log.info("resuming: %d of %d image(s) scored before, %d to go", len(done), len(paths), len(paths) - len(done))
     folder = Path(cfg.heatmaps) if cfg.heatmaps else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     todo = [(i, p) for i, p in enumerate(paths) if str(p) not in done]
+    states = {str(p): file_state(p) for _, p in todo}  # taken before reading: a change while scoring is seen
     heatmaps = []
     with contextlib.ExitStack() as stack:
         sink = None
         if out is not None:  # rows kept as they come: a killed run loses at most the row being written
             out.parent.mkdir(parents=True, exist_ok=True)
             # the rows kept so far are rewritten whole before any is added (a kill meanwhile keeps the old file)
-            lines = [header, *(p.row() for p in done.values())]
-            write_atomic(progress_path(out), "".join(json.dumps(line) + "\n" for line in lines))
+            kept = [progress_line(p, have.rows[os.path.realpath(p.path)]["file"]) for p in done.values()]
+            write_text_atomic(progress_path(out), json.dumps(header) + "\n" + "".join(kept))
             sink = stack.enter_context(progress_path(out).open("a", encoding="utf-8"))
-        items = progress([p for _, p in todo], total=len(todo), desc="predict", unit="img")
-        for (i, _), (pred, rgb) in zip(todo, det.iter_predict(items, return_maps=folder is not None), strict=True):
-            if sink is not None:
-                sink.write(json.dumps(pred.row()) + "\n")
-                sink.flush()
-            if on_row is not None:
-                on_row(pred)
-            if folder is not None and rgb is not None:
+        scored = det.iter_predict([p for _, p in todo], return_maps=folder is not None)
+        for (i, _), (pred, rgb) in zip(todo, progress(scored, total=len(todo), desc="predict", unit="img"),
+                                       strict=True):  # fmt: skip
+            if folder is not None and rgb is not None:  # drawn before the row is kept: a kept row has its map
                 title = f"{Path(pred.path).name}: {pred.label}, score {pred.score:.3f} ({pred.n_patches} patches)"
                 heatmaps.append(
                     report.plot_heatmap(rgb, pred.maps, title, folder / f"{i:05d}-{Path(pred.path).stem}.png")
                 )
             pred.maps = None  # drawn: a long run keeps rows, not maps
+            if sink is not None:
+                sink.write(progress_line(pred, states[str(pred.path)]))
+                sink.flush()
+            if on_row is not None:
+                on_row(pred)
             done[str(pred.path)] = pred
     predictions = [done[str(p)] for p in paths]
     if out is not None:
-        write_atomic(out, format_json(predictions) if out.suffix.lower() == ".json" else format_csv(predictions))
+        write_text_atomic(out, format_json(predictions) if out.suffix.lower() == ".json" else format_csv(predictions))
         progress_path(out).unlink()
     return PredictResult(predictions=predictions, out=out, n_failed=sum(1 for p in predictions if p.error),
                          seconds=time.perf_counter() - start, heatmaps=heatmaps)  # fmt: skip

@@ -20,6 +20,7 @@ import click
 from semspai import __version__
 from semspai.pipeline.progress import progress
 from semspai.stages.common import register_user_error, user_errors
+from semspai.store.atomic import write_json_atomic
 from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, probe_image
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import (
@@ -41,7 +42,6 @@ from semspai.store.shards import (
     ShardWriter,
     damaged_tars,
     read_index,
-    write_json_atomic,
 )
 from semspai.store.sources import (
     LABEL_NAMES,

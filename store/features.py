@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from semspai.store.atomic import replacing
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import leaf_differences
 from semspai.store.shards import INDEX_NAME, ShardError, file_sha256, indexed_sha256, iter_shard, shard_name
@@ -762,7 +763,6 @@ def export_h5(store: FeatureStore, out: str | Path) -> Path:
     out = Path(out)
     if not out.parent.is_dir():
         raise FeatureStoreError(f"export-h5: the folder of {out} does not exist; create it first")
-    tmp = out.with_name(out.name + ".partial")
     store.preload_local()
     parts = [store._shard_local(s) for s in range(len(store.done_shards))]
     local = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, store.embed_dim), np.float16)
@@ -771,7 +771,7 @@ def export_h5(store: FeatureStore, out: str | Path) -> Path:
     row_base = np.cumsum([0] + [len(p[0]) for p in parts])
     offsets = [np.zeros(1, np.int64)] + [p[2][1:] + row_base[s] for s, p in enumerate(parts)]
     str_type = h5py.string_dtype()
-    with h5py.File(tmp, "w") as f:
+    with replacing(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["semspai_store"] = json.dumps(store.attrs, ensure_ascii=False)
         f.create_dataset("global", data=store.global_vectors())
         f.create_dataset("local", data=local)
@@ -796,5 +796,4 @@ def export_h5(store: FeatureStore, out: str | Path) -> Path:
         f.create_dataset(
             "skipped", data=np.asarray([json.dumps(s) for s in store.skipped], dtype=object), dtype=str_type
         )
-    os.replace(tmp, out)
     return out

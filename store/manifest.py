@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from semspai.store.shards import file_sha256, write_json_atomic
+from semspai.store.atomic import write_json_atomic
+from semspai.store.shards import file_sha256
 
 MANIFEST_NAME = "semspai-stage.json"
 

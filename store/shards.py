@@ -373,11 +373,3 @@ def read_index(shard_dir: str | Path) -> dict:
         raise ShardError(f"{path} is missing: {shard_dir} was not made by `semspai shard` (or the run died)") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ShardError(f"{path} is corrupt ({exc}); rebuild the shards with `semspai shard ... --force`") from exc
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +61,13 @@ def label_from_parts(parts: tuple[str, ...]) -> tuple[int | None, str]:
     return None, folders[-1] if folders else "unknown"
 
 
-def scan_folder(root: Path) -> list[SourceRecord]:
+def image_files(root: str | Path) -> list[Path]:
+    """Image files under `root` by extension (IMAGE_EXTENSIONS, any case), sorted. Linked folders are followed
+    (each real folder once: a link loop ends); hidden files and folders (.git, macOS's ._name.jpg resource
+    forks) are not images of the data set. Files of other extensions are not taken either, and a warning counts
+    them by extension, so a folder of .gif or .jfif files is not passed over unnoticed."""
     root = Path(root)
-    # the folder's own name however it was spelled (`.`, `../ds`, `ds/`): origins, and with them keys and hash
-    # splits, must not depend on the working folder; a linked root keeps its own name (not its target's)
-    name = Path(os.path.abspath(root)).name
-    records, walked = [], set()
-    # linked folders are followed (each real folder once: a link loop ends); hidden files and folders (.git,
-    # macOS's ._name.jpg resource forks) are not images of the data set
+    found, walked, others = [], set(), Counter()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in walked:
@@ -77,15 +77,32 @@ def scan_folder(root: Path) -> list[SourceRecord]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
             path = Path(folder) / f
-            if f.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if f.startswith("."):
                 continue
-            if not path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                others[path.suffix.lower() or "no extension"] += 1
+            elif path.is_file():
+                found.append(path)
+            else:
                 log.warning("%s: a broken symlink or not a regular file, skipped", path)
-                continue
-            rel = path.relative_to(root)
-            label, generator = label_from_parts((name, *rel.parts))
-            records.append(SourceRecord(path=path, origin=f"{name}/{rel.as_posix()}", label=label, generator=generator))
-    return sorted(records, key=lambda r: r.path)
+    if others:
+        log.warning("%s: %d file(s) left out as not images by their extension (%s); image extensions are %s",
+                    root, others.total(), ", ".join(f"{ext} {n}" for ext, n in sorted(others.items(), key=lambda e: (-e[1], e[0]))),
+                    " ".join(IMAGE_EXTENSIONS))  # fmt: skip
+    return sorted(found)
+
+
+def scan_folder(root: Path) -> list[SourceRecord]:
+    root = Path(root)
+    # the folder's own name however it was spelled (`.`, `../ds`, `ds/`): origins, and with them keys and hash
+    # splits, must not depend on the working folder; a linked root keeps its own name (not its target's)
+    name = Path(os.path.abspath(root)).name
+    records = []
+    for path in image_files(root):
+        rel = path.relative_to(root)
+        label, generator = label_from_parts((name, *rel.parts))
+        records.append(SourceRecord(path=path, origin=f"{name}/{rel.as_posix()}", label=label, generator=generator))
+    return records
 
 
 def _parse_label(raw: str, where: str) -> int | None:

@@ -46,6 +46,7 @@ from semspai.pipeline.grid import grid_boxes, pad_image
 from semspai.stages.cli import cli
 from semspai.stages.extract import ExtractConfig, default_workers, run, worker_gpus
 from semspai.store import writer as writer_module
+from semspai.store.atomic import write_json_atomic
 from semspai.store.features import FeatureStore, FeatureStoreError, writer_lock
 from semspai.store.images import decode_image
 from semspai.store.shards import (
@@ -55,7 +56,6 @@ from semspai.store.shards import (
     file_sha256,
     iter_shard,
     resolve_shards,
-    write_json_atomic,
 )
 from semspai.store.writer import FAULT_ENV, WRITER_ENV, writer_process
 from tests.conftest import XMP_ROTATED, encode, with_adobe

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from semspai.pipeline import inference
 from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.inference import Detector, find_images, load_detector
+from semspai.stages import report
 from semspai.stages.cli import cli
 from semspai.stages.predict import CSV_HEADER, PredictConfig, PredictResult, progress_path, run
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -203,11 +206,17 @@ def test_directories_are_walked_recursively(tmp_path, rgb, caplog):
     save(Image.fromarray(rgb), tmp_path / "a" / "b" / "deep.webp", "WEBP")
     save(Image.fromarray(rgb), tmp_path / "a" / "top.JPG", "JPEG")
     (tmp_path / "a" / "notes.txt").write_text("skip me")
-    assert [p.name for p in find_images([tmp_path / "a"])] == ["deep.webp", "top.JPG"]
+    save(Image.fromarray(rgb), tmp_path / "a" / "b" / "anim.gif", "GIF")  # not an image extension of ours
+    save(Image.fromarray(rgb), tmp_path / "a" / "b" / "._deep.webp", "WEBP")  # hidden (a macOS resource fork)
+    save(Image.fromarray(rgb), tmp_path / "a" / ".cache" / "c.png", "PNG")
     (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a broken link: skipped, and said
-    with caplog.at_level(logging.WARNING, logger="semspai.pipeline.inference"):
+    with caplog.at_level(logging.WARNING, logger="semspai.store.sources"):
         assert [p.name for p in find_images([tmp_path / "a"])] == ["deep.webp", "top.JPG"]
-    assert any("gone.png: a broken symlink, skipped" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("gone.png: a broken symlink" in m for m in said)
+    # the files passed over are counted by extension (hidden ones are not data: not counted)
+    assert any("2 file(s) left out as not images by their extension (.gif 1, .txt 1); image extensions are .jpg"
+               in m for m in said)  # fmt: skip
     # a file named twice, or named and inside a named folder, is scored once (where it first comes)
     again = find_images([tmp_path / "a" / "top.JPG", tmp_path / "a", tmp_path / "a" / "b" / ".." / "top.JPG"])
     assert [p.name for p in again] == ["top.JPG", "deep.webp"]
@@ -308,6 +317,9 @@ def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, r
     (tmp_path / "notes.csv").write_text("my,own,table\n")
     assert predict(tmp_path / "notes.csv").exit_code == 1
     assert (tmp_path / "notes.csv").read_text() == "my,own,table\n"
+    (tmp_path / "s.csv.partial").write_text("mine\n")  # a file of the user's named as a temporary file might be
+    assert predict(tmp_path / "s.csv").exit_code == 0
+    assert (tmp_path / "s.csv.partial").read_text() == "mine\n" and len(list(tmp_path.glob("*.partial"))) == 1
 
 
 def test_threshold_sets_the_labels_and_defaults_to_the_checkpoints(checkpoint, tmp_path, rgb):
@@ -390,6 +402,62 @@ def test_a_stopped_predict_resumes_to_the_same_result(checkpoint, tmp_path, rgb,
     assert [{**r, "score": None} for r in got] == [{**r, "score": None} for r in want] and len(got) == 7
     assert all((a["score"] is None) == (b["score"] is None) for a, b in zip(got, want, strict=True))
     assert all(abs(float(a["score"]) - float(b["score"])) < 1e-5 for a, b in zip(got, want, strict=True) if a["score"])
+
+
+def test_resume_knows_a_file_however_it_is_named_and_scores_changed_files_again(checkpoint, tmp_path, rgb,
+                                                                                  monkeypatch, caplog):  # fmt: skip
+    folder = tmp_path / "imgs"
+    for i, name in enumerate(("a.png", "b.jpeg", "c.png", "d.png")):
+        save(Image.fromarray(np.roll(rgb, 23 * i, axis=1)), folder / name, "PNG" if name.endswith("png") else "JPEG")
+    (folder / "b-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # sorted: a, b-broken, b.jpeg, c, d
+    out = tmp_path / "s.csv"
+    monkeypatch.chdir(tmp_path)
+    _stop_after(monkeypatch, 3, [])
+    with pytest.raises(Stopped):  # run as `predict imgs` from tmp_path
+        run(PredictConfig(inputs=["imgs"], checkpoint=str(checkpoint), out=str(out), device="cpu"))
+    monkeypatch.undo()
+    kept = [json.loads(r) for r in progress_path(out).read_text().splitlines()[1:]]
+    assert [r["path"] for r in kept] == ["imgs/a.png", "imgs/b-broken.png", "imgs/b.jpeg"] and kept[1]["error"]
+    save(Image.fromarray(rgb), folder / "b-broken.png", "PNG")  # repaired after its error row
+    save(Image.fromarray(rgb[::-1]), folder / "b.jpeg", "JPEG")  # replaced by another picture
+    seen = []
+    _stop_after(monkeypatch, 99, seen)
+    with caplog.at_level(logging.INFO, logger="semspai.stages.predict"):  # resumed with the folder's full path
+        res = run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(out), device="cpu",
+                                resume=True))  # fmt: skip
+    assert seen == [str(folder / n) for n in ("b-broken.png", "b.jpeg", "c.png", "d.png")]  # a.png kept
+    assert any("2 image(s) changed since they were scored" in r.getMessage() for r in caplog.records)
+    assert [p.path for p in res.predictions] == [str(folder / n) for n in sorted(os.listdir(folder))]
+    assert res.n_failed == 0 and res.predictions[0].score == kept[0]["score"]
+    fresh = run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), device="cpu")).predictions
+    assert [abs(a.score - b.score) < 1e-5 for a, b in zip(res.predictions, fresh, strict=True)] == [True] * 5
+
+
+def test_a_heatmap_is_drawn_before_its_row_is_kept_and_an_empty_progress_file_starts_over(checkpoint, tmp_path,
+                                                                                          rgb, monkeypatch):  # fmt: skip
+    folder = _folder(tmp_path, rgb)
+    out, maps = tmp_path / "s.csv", tmp_path / "maps"
+    real, drawn = report.plot_heatmap, []
+
+    def plot_then_stop(*args, **kw):  # killed while drawing the second image's heatmap
+        if drawn:
+            raise Stopped
+        drawn.append(real(*args, **kw))
+        return drawn[-1]
+
+    monkeypatch.setattr(report, "plot_heatmap", plot_then_stop)
+    cfg = PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(out), heatmaps=str(maps),
+                        device="cpu")  # fmt: skip
+    with pytest.raises(Stopped):
+        run(cfg)
+    monkeypatch.undo()
+    assert len(progress_path(out).read_text().splitlines()) == 2 and len(list(maps.iterdir())) == 1
+    _stop_after(monkeypatch, 0, [])
+    with pytest.raises(Stopped):
+        run(dataclasses.replace(cfg, out=str(tmp_path / "t.csv")))
+    monkeypatch.undo()
+    assert len(progress_path(tmp_path / "t.csv").read_text().splitlines()) == 1  # the header alone: no rows
+    assert run(dataclasses.replace(cfg, out=str(tmp_path / "t.csv"))).n_failed == 1  # starts over unasked
 
 
 def _rows(text: str, suffix: str) -> list[dict]:

@@ -1,0 +1,43 @@
+"""Files replaced whole: written under a temporary name of their own beside the target, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a new file beside `path` to write; once the block ends, it is renamed to `path` in one step, so a
+    reader (or a run killed meanwhile) never sees half a file. The temporary name (`NAME.<random>.partial`) is
+    created exclusively: a file of the user's that happens to be called `NAME.partial` is never written over.
+    On an error the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            with open(tmp, "x"):  # exclusive create, with the permissions the umask gives any new file
+                break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through `replacing`."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write `data` as indented, key-sorted JSON to `path` through `replacing`."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
