@@ -298,6 +298,9 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
 def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold, resume) -> None:
     """Score images (files, or directories walked recursively) of any size: score = P(fake).
 
+    In a directory, files ending .jpg .jpeg .png .webp .tif .tiff .bmp (any case) are scored and hidden ones
+    are left out; a file named on the command line is scored whatever its name.
+
     An unreadable file gets a row with its error and the others are still scored; the exit status is non-zero
     only when no file could be scored. Rows go to stdout as they are scored when there is no --out; with one,
     they are kept in OUT.progress until OUT is written, so a stopped run goes on with --resume.
