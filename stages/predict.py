@@ -131,9 +131,9 @@ class ScoredSoFar:
         for n, line in enumerate(lines[1:-1], start=2):  # lines[-1]: b"" after a whole last row, else a cut one
             try:
                 row = json.loads(line)
-            except ValueError as exc:
-                raise StaleOutputError(f"{path}: line {n} is damaged ({exc}); delete the file to start over") from exc
-            rows[row["realpath"]] = row
+                rows[row["realpath"]] = row
+            except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a row of ours
+                raise StaleOutputError(f"{path}: line {n} is damaged ({exc!r}); delete the file to start over") from exc
         return cls(path, header, rows)
 
     def reusable(self, paths: list[Path]) -> dict[str, Prediction]:

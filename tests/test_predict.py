@@ -485,6 +485,11 @@ def test_resume_refuses_another_checkpoint_or_threshold_and_a_foreign_progress_f
         predict(resume=True, threshold=0.7)
     assert progress_path(out).read_bytes() == before
     assert predict(resume=True, threshold=0.5).n_failed == 1
+    header = before.split(b"\n")[0].decode()
+    for bad in ('{"path": "a.png", "score": 0.1}', "[1, 2]", "{oops"):  # a row of no predict: said, not guessed
+        progress_path(out).write_text(f"{header}\n{bad}\n")
+        with pytest.raises(StaleOutputError, match="s.csv.progress: line 2 is damaged"):
+            predict(resume=True)
     progress_path(out).write_text("my notes\n")
     with pytest.raises(FileExistsError, match="is not the progress of a `semspai predict`; it is left as it is"):
         predict(resume=True)
