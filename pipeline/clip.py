@@ -27,6 +27,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import load_file as load_safetensors
 
+from semspai.pipeline.config import BF16_WEIGHTS, PRECISIONS
 from semspai.store.shards import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,6 @@ TINY_RANDOM = "tiny-random"  # the project's own tiny open_clip model (configs/c
 RANDOM_WEIGHTS = "random"  # `MODEL:random`: weights drawn from RANDOM_SEED, for tests and benchmarks
 RANDOM_SEED = 0
 TIMM_PREFIX = "timm/"
-PRECISIONS = ("auto", "fp32", "bf16")
-# extract-clip only: the encoder's weights cast to bf16 and run without autocast (DESIGN.md's encoder anchor;
-# no per-call weight casts, bf16 layer norms). Vectors differ from autocast's within bf16 rounding.
-BF16_WEIGHTS = "bf16-weights"
-EMBEDDER_PRECISIONS = (*PRECISIONS, BF16_WEIGHTS)
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_TRANSFORMERS_PREFIXES = ("vision_model.", "text_model.")
 _KEYS_SHOWN = 5  # errors name this many offending keys, not hundreds

@@ -21,6 +21,11 @@ import yaml
 SEMANTIC_MODES = ("none", "global", "global_local")
 FUSION_KINDS = ("concat", "film", "gate", "cross_attn")
 AUG_PLACES = ("auto", "loader", "device")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on the CPU
+# extract-clip only: the encoder's weights cast to bf16 and run without autocast (DESIGN.md's encoder anchor;
+# no per-call weight casts, bf16 layer norms). Vectors differ from autocast's within bf16 rounding.
+BF16_WEIGHTS = "bf16-weights"
+EMBEDDER_PRECISIONS = (*PRECISIONS, BF16_WEIGHTS)
 
 
 # numeric keys and their inclusive bounds (None: unbounded); a list's every item is checked
@@ -59,6 +64,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 # differs in these alone is the same run (up to date, resumable; e.g. a smaller memory budget to resume with).
 # Not MODEL.SPECTRAL.CHUNK_SIZE: a frozen encoder trains in chunks, and on a GPU dropout's draws follow them
 NOT_IDENTITY = ("DATA.STORE_MEMORY_GB",)
+BOOTSTRAP_ROUNDS = 1000  # eval's AUC intervals: enough for a stable 95% interval on test sets of a few hundred
 PROMPT_TEMPLATE = "a photo of a {}."  # each class name of a store's prompt bank becomes one prompt (CLIP's zero-shot)
 
 
@@ -178,7 +184,7 @@ class RunConfig:
                 "MODEL.SEMANTIC.MODE is none but MODEL.USE_SEMANTIC_CONTEXT is true: "
                 "set MODEL.USE_SEMANTIC_CONTEXT=false for the spectral-only baseline"
             )
-        if self.TRAIN.PRECISION not in ("auto", "fp32", "bf16"):
+        if self.TRAIN.PRECISION not in PRECISIONS:
             raise ConfigError(f"TRAIN.PRECISION: {self.TRAIN.PRECISION!r} is not one of auto, fp32, bf16")
         if self.AUG.WHERE not in AUG_PLACES:
             raise ConfigError(f"AUG.WHERE: {self.AUG.WHERE!r} is not one of {', '.join(AUG_PLACES)}")

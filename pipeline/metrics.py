@@ -8,6 +8,8 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from semspai.pipeline.config import BOOTSTRAP_ROUNDS
+
 # The keys of one metrics block, in DESIGN.md's order (plus the AUC interval).
 METRIC_KEYS = (
     "auc",
@@ -21,7 +23,6 @@ METRIC_KEYS = (
     "threshold",
     "auc_ci",
 )
-BOOTSTRAP_ROUNDS = 1000  # enough for a stable 95% percentile interval on test sets of a few hundred images
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:

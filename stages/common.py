@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     FileExistsError,
 )
+# ...and these, named as "module:Class" so that no stage imports torch or zarr to say so (`semspai train --help`
+# answers at once); an exception of a class whose module is not imported cannot have been raised
+LAZY_USER_ERRORS = (
+    "semspai.pipeline.clip:ClipLoadError",
+    "semspai.pipeline.data:DataError",
+    "semspai.pipeline.perturb:PerturbError",
+    "semspai.pipeline.spectral:EncoderConfigError",
+    "semspai.store.features:FeatureStoreError",
+    "semspai.store.sources:SourceError",
+    "semspai.store.writer:WriterProcessError",
+)
 
 
 def refuse_foreign_output(path: Path, is_ours: Callable[[Path], bool], what: str) -> None:
@@ -35,10 +47,14 @@ def refuse_foreign_output(path: Path, is_ours: Callable[[Path], bool], what: str
         raise FileExistsError(f"{path} exists and is not {what}; it is left as it is: remove it or choose another path")
 
 
-def register_user_error(*types: type[BaseException]) -> None:
-    """Let a stage add its own bad-input error types (e.g. the feature store's)."""
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + tuple(types)
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS and those of LAZY_USER_ERRORS whose modules are imported."""
+    lazy = []
+    for ref in LAZY_USER_ERRORS:
+        module, name = ref.split(":")
+        if module in sys.modules:
+            lazy.append(getattr(sys.modules[module], name))
+    return USER_ERRORS + tuple(lazy)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -48,7 +64,9 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except Exception as exc:
+            if not isinstance(exc, user_error_types()):
+                raise
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
     return wrapper

@@ -12,7 +12,6 @@ import click
 from PIL import Image
 
 from semspai.pipeline.config import shipped_config
-from semspai.pipeline.demodata import make_demo_set
 from semspai.stages import evaluate, extract, predict, shard, train
 from semspai.stages.common import user_errors
 from semspai.store.features import FeatureStoreError
@@ -31,6 +30,8 @@ class DemoConfig:
 
 def write_demo_images(cfg: DemoConfig) -> Path:
     """Write the synthetic demo set as PNGs with a manifest CSV (captions and groups included)."""
+    from semspai.pipeline.demodata import make_demo_set  # here: it needs torch, and `demo --help` should not wait
+
     root = Path(cfg.out) / "data"
     manifest = root / "manifest.csv"
     if manifest.exists():

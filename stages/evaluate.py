@@ -10,14 +10,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
-import torch
 
 from semspai import __version__
-from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import (
+    BOOTSTRAP_ROUNDS,
     ConfigError,
     RunConfig,
     check_ranges,
@@ -25,24 +25,11 @@ from semspai.pipeline.config import (
     parse_override,
     save_config,
 )
-from semspai.pipeline.data import (
-    STORE_CACHE_DIR,
-    DataError,
-    SplitPlan,
-    StoreJoin,
-    count_text,
-    local_spill_dir,
-    plan_split,
-)
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
-from semspai.pipeline.inference import Detector, PatchMaps, load_detector, patch_batches
-from semspai.pipeline.metrics import BOOTSTRAP_ROUNDS, clip_scores, evaluate_scores
-from semspai.pipeline.perturb import Perturbation, PerturbError, parse_perturbations
 from semspai.pipeline.progress import progress
-from semspai.stages import report
-from semspai.stages.common import register_user_error, resolve_device, user_errors
+from semspai.stages.common import resolve_device, user_errors
 from semspai.store.atomic import write_json_atomic
-from semspai.store.features import FeatureStore, FeatureStoreError
+from semspai.store.features import FeatureStore
 from semspai.store.images import ImageDecodeError, decode_image
 from semspai.store.shards import (
     SPLITS,
@@ -53,8 +40,13 @@ from semspai.store.shards import (
     shard_split,
 )
 
+if TYPE_CHECKING:  # the model's and the plots' modules are imported where they are used: `eval --help` is quick
+    from semspai.pipeline.data import SplitPlan
+    from semspai.pipeline.inference import Detector, PatchMaps
+    from semspai.pipeline.perturb import Perturbation
+    from semspai.stages import report
+
 log = logging.getLogger(__name__)
-register_user_error(DataError, FeatureStoreError, ClipLoadError, PerturbError)
 
 # Keys `--set` may change at eval: which generators to score, and memory per step. The model itself comes
 # from the checkpoint, so any other key would describe a model that was never trained.
@@ -158,6 +150,8 @@ def split_shards(spec: str, split: str) -> list[Path]:
 
 
 def _samples(plan: SplitPlan) -> Iterator[tuple[tuple[Path, ShardSample], np.ndarray]]:
+    from semspai.pipeline.data import DataError
+
     wanted = {k for keys in plan.keys.values() for k in keys}
     for path in sorted(plan.keys):
         for sample in iter_shard(path):
@@ -176,6 +170,8 @@ def unseen_generators(scored: Iterable[str], trained: dict[str, int] | None) -> 
 
 
 def log_generators(plan: SplitPlan, trained: dict[str, int] | None, checkpoint: str) -> None:
+    from semspai.pipeline.data import count_text
+
     log.info("%s: scoring fakes of %s", checkpoint, count_text(plan.generators))
     if trained is None:
         log.info("%s: its training generators are not recorded (a checkpoint of an older semspai)", checkpoint)
@@ -196,6 +192,8 @@ def clip_score_vectors(store: FeatureStore | None, det: Detector, samples: list[
                        rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Image (B, D) and caption (B, D) vectors (NaN rows without a caption): cached ones from the store, else
     computed by the checkpoint's encoder."""
+    import torch
+
     if store is not None:
         rows = [store.index_of(s.key) for s in samples]
         caps = [store.caption_vector(i) for i in rows]
@@ -215,6 +213,12 @@ def clip_score_vectors(store: FeatureStore | None, det: Detector, samples: list[
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Perturbation], primary: bool,
                         device: str) -> CheckpointEval:  # fmt: skip
     """Score one checkpoint on the split, clean and under each perturbation, and compute its metrics."""
+    import torch
+
+    from semspai.pipeline.data import STORE_CACHE_DIR, StoreJoin, local_spill_dir, plan_split
+    from semspai.pipeline.inference import load_detector, patch_batches
+    from semspai.pipeline.metrics import clip_scores, evaluate_scores
+
     # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
     encoder = not cfg.store or bool(perturbations)
     if cfg.clip and not encoder:
@@ -315,6 +319,8 @@ def pick_examples(run: CheckpointEval, k: int) -> dict[str, list[int]]:
 def render_heatmaps(run: CheckpointEval, plan_shards: list[Path], picks: dict[str, list[int]],
                     folder: Path) -> dict[str, list[tuple[Path, str]]]:  # fmt: skip
     """Draw each picked image with its attention (and gate) map; re-reads only the shards that hold them."""
+    from semspai.stages import report
+
     folder.mkdir(parents=True, exist_ok=True)
     wanted = {run.keys[i]: i for idx in picks.values() for i in idx}
     images: dict[str, np.ndarray] = {}
@@ -364,6 +370,8 @@ def _metric_row(m: dict) -> list:
 
 
 def _curves(run: CheckpointEval) -> list[report.Curve]:
+    from semspai.stages import report
+
     y, s, g = run.labels, run.scores, np.asarray(run.generators, dtype=object)
     m = run.metrics
     curves = [report.Curve("all generators", y, s, m["overall"]["auc"], m["overall"]["ap"], bold=True)]
@@ -376,6 +384,9 @@ def _curves(run: CheckpointEval) -> list[report.Curve]:
 def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_used: bool,
                  heatmaps: dict[str, list[tuple[Path, str]]]) -> tuple[Path, Path]:  # fmt: skip
     """report.md and report.html (same content) with their PNGs under out/plots and out/heatmaps."""
+    from semspai.pipeline.data import count_text
+    from semspai.stages import report
+
     run = runs[0]
     m = run.metrics
     plots = out / "plots"
@@ -519,6 +530,8 @@ SPLIT_CAVEATS = {
 
 def run(cfg: EvalConfig) -> EvalResult:
     """Evaluate every checkpoint on the split and write metrics.json, the report and its figures to cfg.out."""
+    from semspai.pipeline.perturb import parse_perturbations
+
     start = time.perf_counter()
     if not cfg.checkpoints:
         raise ConfigError("eval needs at least one --checkpoint")

@@ -11,29 +11,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from semspai import __version__
-from semspai.pipeline.clip import EMBEDDER_PRECISIONS, ClipLoadError, is_weights_path, parse_clip_arg
-from semspai.pipeline.config import ConfigError
-from semspai.pipeline.extraction import (
-    ClipFactory,
-    Embedder,
-    ExtractOptions,
-    InlineDistributor,
-    ShardJob,
-    ShardSummary,
-    decoder_record,
-    describe,
-    make_distributor,
-    prompt_bank,
-    warm_up,
-)
+from semspai.pipeline.config import EMBEDDER_PRECISIONS, ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE
 from semspai.pipeline.progress import progress
-from semspai.stages.common import register_user_error, resolve_device, user_errors
+from semspai.stages.common import resolve_device, user_errors
 from semspai.store.features import (
     FeatureStoreError,
     FeatureStoreWriter,
@@ -58,11 +44,10 @@ from semspai.store.shards import (
 )
 from semspai.store.writer import PROCESS_LOCAL, WriterProcessError
 
+if TYPE_CHECKING:  # torch, CLIP and Dask are imported where they are used: `extract-clip --help` answers at once
+    from semspai.pipeline.extraction import Embedder, InlineDistributor, ShardSummary
+
 log = logging.getLogger(__name__)
-register_user_error(FeatureStoreError, ClipLoadError, WriterProcessError)
-# failures of a shard task that mean bad input or a failed writer process (reported in one line, saying what to
-# do), not a bug (re-raised as is)
-INPUT_ERRORS = (ShardError, FeatureStoreError, ImageDecodeError, ClipLoadError, WriterProcessError)
 
 
 DEFAULT_CLIP = "ViT-B-32:openai"  # a new store's encoder unless --clip names another
@@ -111,6 +96,8 @@ class ExtractResult:
 def default_workers(device: str) -> int:
     """Local Dask workers unless --workers says: one per GPU for `cuda`, one for `cuda:N` (all would share GPU
     N: each with its own encoder and decode buffers), one per core on the CPU."""
+    import torch
+
     if device == "cuda":
         return max(1, torch.cuda.device_count())
     return 1 if device.startswith("cuda") else os.cpu_count() or 1
@@ -119,6 +106,8 @@ def default_workers(device: str) -> int:
 def worker_gpus(device: str) -> list[str] | None:
     """The GPUs local Dask workers take in turn (CUDA_VISIBLE_DEVICES values), when `device` is `cuda` with no
     index and more than one GPU is visible; else None (`cuda:N` keeps every worker on GPU N)."""
+    import torch
+
     if device != "cuda" or torch.cuda.device_count() < 2:
         return None
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
@@ -126,7 +115,12 @@ def worker_gpus(device: str) -> list[str] | None:
 
 
 def _raise_failures(failures: list[tuple[str, BaseException]], total: int) -> None:
-    bugs = [exc for _, exc in failures if not isinstance(exc, INPUT_ERRORS)]
+    from semspai.pipeline.clip import ClipLoadError
+
+    # failures that mean bad input or a failed writer process (reported in one line, saying what to do), not a
+    # bug (re-raised as is)
+    input_errors = (ShardError, FeatureStoreError, ImageDecodeError, ClipLoadError, WriterProcessError)
+    bugs = [exc for _, exc in failures if not isinstance(exc, input_errors)]
     if bugs:
         raise bugs[0]
     first = failures[0][1]
@@ -202,6 +196,18 @@ def _run(
     distributor_factory: Callable[[int, str | None], InlineDistributor] | None,
     read: Callable[[str | Path], Iterable[ShardSample]],
 ) -> ExtractResult:
+    from semspai.pipeline.clip import ClipLoadError, is_weights_path, parse_clip_arg
+    from semspai.pipeline.extraction import (
+        ClipFactory,
+        ExtractOptions,
+        ShardJob,
+        decoder_record,
+        describe,
+        make_distributor,
+        prompt_bank,
+        warm_up,
+    )
+
     start = time.perf_counter()
     paths = resolve_shards(cfg.shards)
     names = [shard_name(p) for p in paths]

@@ -13,15 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError
-from semspai.pipeline.inference import Prediction, find_images, load_detector
 from semspai.pipeline.progress import progress
-from semspai.stages import report
-from semspai.stages.common import refuse_foreign_output, register_user_error, resolve_device, user_errors
+from semspai.stages.common import refuse_foreign_output, resolve_device, user_errors
 from semspai.store.atomic import write_text_atomic
 from semspai.store.checkpoints import load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS
@@ -29,7 +27,8 @@ from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import StaleOutputError
 from semspai.store.shards import file_sha256
 
-register_user_error(ClipLoadError)
+if TYPE_CHECKING:  # the model's modules are imported where they are used: `predict --help` answers at once
+    from semspai.pipeline.inference import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,8 @@ class ScoredSoFar:
     def reusable(self, paths: list[Path]) -> dict[str, Prediction]:
         """The rows this run can keep, by `str(path)` of `paths`: those of files that are as they were scored
         (a file changed since, e.g. one repaired after an error row, is scored again); the rest are logged."""
+        from semspai.pipeline.inference import Prediction
+
         kept, changed, matched = {}, 0, set()
         for p in paths:
             row = self.rows.get(os.path.realpath(p))
@@ -203,6 +204,9 @@ def run(cfg: PredictConfig, on_row: Callable[[Prediction], None] | None = None) 
 
 def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction], None] | None,
              start: float) -> PredictResult:  # fmt: skip
+    from semspai.pipeline.inference import find_images, load_detector
+    from semspai.stages import report
+
     paths = find_images(cfg.inputs)
     if not paths:
         raise FileNotFoundError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(cfg.inputs)}")

@@ -19,7 +19,7 @@ import click
 
 from semspai import __version__
 from semspai.pipeline.progress import progress
-from semspai.stages.common import register_user_error, user_errors
+from semspai.stages.common import user_errors
 from semspai.store.atomic import write_json_atomic
 from semspai.store.images import DECODER_ID, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, probe_image
 from semspai.store.locks import lock_beside, run_lock
@@ -61,7 +61,6 @@ TOO_LARGE = "too large"  # how a skipped image over --max-pixels is listed
 MISSING = "missing: no such file"  # a manifest row naming a file that is not there
 SHARD_FILE = re.compile(r"^([A-Za-z0-9_]+-)?(train|val|test)-\d{6}\.tar(\.partial)?$")
 PREFIX = re.compile(r"^[A-Za-z0-9_]+$")  # dot-free and dash-free: the split stays the name's next-to-last part
-register_user_error(SourceError)
 
 
 @dataclass

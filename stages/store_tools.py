@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from semspai.pipeline.grid import PatchRule, grid_boxes
-from semspai.stages.common import refuse_foreign_output, register_user_error, user_errors
+from semspai.stages.common import refuse_foreign_output, user_errors
 from semspai.store.features import (
     FeatureStore,
     FeatureStoreError,
@@ -22,7 +22,6 @@ from semspai.store.features import (
 )
 from semspai.store.shards import resolve_shards, shard_name
 
-register_user_error(FeatureStoreError)
 SKIPPED_SHOWN = 10  # `info` lists this many unreadable images; --json lists them all
 
 

@@ -7,23 +7,21 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
-import torch.distributed as dist
 
-from semspai.pipeline.clip import resolve_precision
 from semspai.pipeline.config import ConfigError, load_config
-from semspai.pipeline.data import DataError
-from semspai.pipeline.engine import CONFIG_NAME, Trainer, TrainResult, finished_run
 from semspai.pipeline.progress import quiet_progress
-from semspai.pipeline.spectral import EncoderConfigError
-from semspai.stages.common import config_options, register_user_error, user_errors
-from semspai.store.features import FeatureStoreError
+from semspai.stages.common import config_options, user_errors
 from semspai.store.locks import lock_beside, run_lock
 
+if TYPE_CHECKING:  # torch and the engine are imported where they are used: `train --help` answers at once
+    import torch
+
+    from semspai.pipeline.engine import TrainResult
+
 log = logging.getLogger(__name__)
-register_user_error(DataError, FeatureStoreError, EncoderConfigError)
 
 
 @dataclass
@@ -40,6 +38,8 @@ class TrainStageConfig:
 def pick_device() -> torch.device:
     """The device, decided once here: this rank's GPU under torchrun (GPU LOCAL_RANK; GPU 0 when the launcher
     gave each process one GPU of its own), else the first GPU, else the CPU."""
+    import torch
+
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" not in os.environ:
@@ -56,6 +56,9 @@ def pick_device() -> torch.device:
 
 def init_distributed(device: torch.device) -> None:
     """Join the torchrun process group when launched by torchrun with more than one process."""
+    import torch
+    import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -67,6 +70,11 @@ def init_distributed(device: torch.device) -> None:
 
 def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=None) -> TrainResult:
     """Train (or, with `resume`, continue) the run in `cfg.out`; returns its metrics history."""
+    import torch.distributed as dist
+
+    from semspai.pipeline.clip import resolve_precision
+    from semspai.pipeline.engine import CONFIG_NAME, Trainer, finished_run
+
     if cfg.resume and cfg.force:
         raise ConfigError("--resume continues the run in --out and --force starts it over: pass one")
     config_path = cfg.config_path
@@ -112,6 +120,8 @@ def command(store, shards, out, config_path, overrides, resume, force) -> None:
     Learns on the `train` split, selects on `val`; writes OUT/config.yaml, OUT/metrics.jsonl and
     OUT/checkpoints/{epoch-NNNN,last,best}.pt. Under torchrun, runs DistributedDataParallel.
     """
+    import torch.distributed as dist
+
     device = pick_device()
     init_distributed(device)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -167,3 +167,31 @@ def test_top_level_help_imports_no_command():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "['semspai.stages.cli']"
+
+
+HEAVY = ("torch", "open_clip", "sklearn", "matplotlib", "distributed")
+
+
+def test_every_commands_help_answers_without_importing_torch():
+    """`semspai predict --help` (or a usage error) is quick: no command imports torch, CLIP, scikit-learn,
+    matplotlib or Dask before it runs; each is checked in turn, so the first one that does is named."""
+    code = (
+        "import sys\nfrom semspai.stages.cli import cli\n"
+        f"heavy = {HEAVY!r}\n"
+        f"for path in {[list(p) for p in COMMANDS]!r}:\n"
+        "    try:\n        cli([*path, '--help'])\n    except SystemExit:\n        pass\n"
+        "    print(' '.join(path), '->', sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = [line for line in res.stderr.splitlines() if " -> " in line]
+    assert len(lines) == len(COMMANDS) and all(line.endswith(" -> []") for line in lines), res.stderr
+
+
+def test_the_user_error_types_named_lazily_are_exception_classes():
+    import importlib
+
+    from semspai.stages.common import LAZY_USER_ERRORS
+
+    for ref in LAZY_USER_ERRORS:
+        module, name = ref.split(":")
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), ref

@@ -149,7 +149,7 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(out)]
     built = []
-    monkeypatch.setattr(train_stage, "Trainer", lambda *a, **k: built.append(1))  # up to date: nothing is built
+    monkeypatch.setattr(engine, "Trainer", lambda *a, **k: built.append(1))  # up to date: nothing is built
     res = CliRunner().invoke(cli, [*args, *(x for o in MICRO for x in ("--set", o))])
     assert res.exit_code == 0, res.output
     assert "up to date: all 2 epochs are done with the same config and inputs; nothing to do" in res.output
