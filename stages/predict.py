@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,11 @@ def file_state(path: str | Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def heatmap_path(folder: Path, i: int, path: str | Path) -> Path:
+    """Where `--heatmaps FOLDER` draws the map of the i-th input image."""
+    return folder / f"{i:05d}-{Path(path).stem}.png"
+
+
 def progress_line(pred: Prediction, state: list[int] | None) -> str:
     """A row of `OUT.progress`: the result's fields, the file's real path (what --resume matches, however the
     path is spelled then) and its state when it was read."""
@@ -130,29 +136,38 @@ class ScoredSoFar:
         for n, line in enumerate(lines[1:-1], start=2):  # lines[-1]: b"" after a whole last row, else a cut one
             try:
                 row = json.loads(line)
-                rows[row["realpath"]] = row
-            except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a row of ours
-                raise StaleOutputError(f"{path}: line {n} is damaged ({exc!r}); delete the file to start over") from exc
+            except ValueError as exc:
+                raise StaleOutputError(f"{path}: line {n} is damaged ({exc}); delete the file to start over") from exc
+            missing = [k for k in (*CSV_HEADER, "realpath", "file") if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise StaleOutputError(f"{path}: line {n} is not a row a predict of this semspai keeps (no "
+                                       f"{', '.join(missing)}); delete the file to start over")  # fmt: skip
+            rows[row["realpath"]] = row
         return cls(path, header, rows)
 
-    def reusable(self, paths: list[Path]) -> dict[str, Prediction]:
-        """The rows this run can keep, by `str(path)` of `paths`: those of files that are as they were scored
-        (a file changed since, e.g. one repaired after an error row, is scored again); the rest are logged."""
+    def reusable(self, paths: list[Path], heatmaps: Path | None) -> dict[str, Prediction]:
+        """The rows this run can keep, by `str(path)` of `paths`: those of files that are as they were scored,
+        with their heatmap in `heatmaps` when it is given. Scored again: a file changed since (size or mtime),
+        an error row (the fault may lie outside the file: a permission, a mount), an image whose heatmap this
+        run's folder lacks. Rows of files not among `paths` are logged."""
         from semspai.pipeline.inference import Prediction
 
-        kept, changed, matched = {}, 0, set()
-        for p in paths:
+        kept, again, matched = {}, Counter(), set()
+        for i, p in enumerate(paths):
             row = self.rows.get(os.path.realpath(p))
             if row is None:
                 continue
             matched.add(row["realpath"])
-            if row["file"] is None or row["file"] != file_state(p):
-                changed += 1
-                continue
-            kept[str(p)] = Prediction(**{k: row[k] for k in CSV_HEADER} | {"path": str(p)})
-        if changed:
-            log.info("%s: %d image(s) changed since they were scored (or could not be read then): scored again",
-                     self.path, changed)  # fmt: skip
+            if row["error"] or row["file"] is None:
+                again["error row(s)"] += 1
+            elif row["file"] != file_state(p):
+                again["changed since scored"] += 1
+            elif heatmaps is not None and not heatmap_path(heatmaps, i, p).exists():
+                again[f"without a heatmap in {heatmaps}"] += 1
+            else:
+                kept[str(p)] = Prediction(**{k: row[k] for k in CSV_HEADER} | {"path": str(p)})
+        if again:
+            log.info("%s: scored again: %s", self.path, ", ".join(f"{n} {why}" for why, n in again.items()))
         if gone := [r["path"] for key, r in self.rows.items() if key not in matched]:
             log.warning("%s: %d scored image(s) are not among this run's inputs (e.g. %s) and are left out of its "
                         "results", self.path, len(gone), gone[0])  # fmt: skip
@@ -168,7 +183,7 @@ def _scored_so_far(out: Path, header: dict, resume: bool) -> ScoredSoFar | None:
             log.info("%s: no interrupted predict into %s to resume; scoring every image", path, out)
         return None
     have = ScoredSoFar.read(path)
-    if not resume and not have.rows:
+    if not have.rows:  # nothing to lose, whatever it was scored with
         log.info("%s: an earlier predict into %s stopped before scoring any image; starting over", path, out)
         return None
     if not resume:
@@ -224,14 +239,15 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     if cfg.threshold is not None:
         det.threshold = cfg.threshold
     header["threshold"] = det.threshold
-    done = {} if have is None else have.reusable(paths)
+    folder = Path(cfg.heatmaps) if cfg.heatmaps else None
+    done = {} if have is None else have.reusable(paths, folder)
     if have is not None:
         log.info("resuming: %d of %d image(s) scored before, %d to go", len(done), len(paths), len(paths) - len(done))
-    folder = Path(cfg.heatmaps) if cfg.heatmaps else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     todo = [(i, p) for i, p in enumerate(paths) if str(p) not in done]
-    states = {str(p): file_state(p) for _, p in todo}  # taken before reading: a change while scoring is seen
+    # taken before reading: a change while scoring is seen by a later --resume
+    states = {str(p): file_state(p) for _, p in todo} if out is not None else {}
     heatmaps = []
     with contextlib.ExitStack() as stack:
         sink = None
@@ -246,9 +262,7 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
                                        strict=True):  # fmt: skip
             if folder is not None and rgb is not None:  # drawn before the row is kept: a kept row has its map
                 title = f"{Path(pred.path).name}: {pred.label}, score {pred.score:.3f} ({pred.n_patches} patches)"
-                heatmaps.append(
-                    report.plot_heatmap(rgb, pred.maps, title, folder / f"{i:05d}-{Path(pred.path).stem}.png")
-                )
+                heatmaps.append(report.plot_heatmap(rgb, pred.maps, title, heatmap_path(folder, i, pred.path)))
             pred.maps = None  # drawn: a long run keeps rows, not maps
             if sink is not None:
                 sink.write(progress_line(pred, states[str(pred.path)]))

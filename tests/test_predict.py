@@ -426,7 +426,7 @@ def test_resume_knows_a_file_however_it_is_named_and_scores_changed_files_again(
         res = run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(out), device="cpu",
                                 resume=True))  # fmt: skip
     assert seen == [str(folder / n) for n in ("b-broken.png", "b.jpeg", "c.png", "d.png")]  # a.png kept
-    assert any("2 image(s) changed since they were scored" in r.getMessage() for r in caplog.records)
+    assert any("scored again: 1 error row(s), 1 changed since scored" in r.getMessage() for r in caplog.records)
     assert [p.path for p in res.predictions] == [str(folder / n) for n in sorted(os.listdir(folder))]
     assert res.n_failed == 0 and res.predictions[0].score == kept[0]["score"]
     fresh = run(PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), device="cpu")).predictions
@@ -460,6 +460,34 @@ def test_a_heatmap_is_drawn_before_its_row_is_kept_and_an_empty_progress_file_st
     assert run(dataclasses.replace(cfg, out=str(tmp_path / "t.csv"))).n_failed == 1  # starts over unasked
 
 
+def test_resume_scores_again_error_rows_and_images_without_their_heatmap(checkpoint, tmp_path, rgb, monkeypatch,
+                                                                         caplog):  # fmt: skip
+    folder = _folder(tmp_path, rgb)  # 0.png 1.jpeg 2.tiff broken.png
+    out, maps = tmp_path / "s.csv", tmp_path / "maps"
+    cfg = PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(out), device="cpu")
+    (folder / "broken.png").rename(folder / "00-broken.png")  # sorted second: its error row is kept before the stop
+    _stop_after(monkeypatch, 3, [])
+    with pytest.raises(Stopped):  # no --heatmaps: rows for 0.png, 00-broken.png (an error), 1.jpeg
+        run(cfg)
+    monkeypatch.undo()
+    seen = []
+    _stop_after(monkeypatch, 99, seen)
+    with caplog.at_level(
+        logging.INFO, logger="semspai.stages.predict"
+    ):  # resumed with heatmaps, the bad file as it was
+        res = run(dataclasses.replace(cfg, heatmaps=str(maps), resume=True))
+    assert seen == [str(p) for p in find_images([folder])]  # every one: the error row and the two without a map
+    assert any(f"scored again: 2 without a heatmap in {maps}, 1 error row(s)" in r.getMessage() for r in caplog.records)
+    assert len(list(maps.iterdir())) == 3 and res.n_failed == 1
+    # a progress file that holds no row yet is started over even with --resume and another checkpoint
+    _stop_after(monkeypatch, 0, [])
+    with pytest.raises(Stopped):
+        run(cfg)
+    monkeypatch.undo()
+    other = make_checkpoint(tmp_path / "other.pt", mode="none", seed=3)
+    assert run(dataclasses.replace(cfg, checkpoint=str(other), resume=True)).n_failed == 1
+
+
 def _rows(text: str, suffix: str) -> list[dict]:
     rows = json.loads(text) if suffix == ".json" else list(csv.DictReader(io.StringIO(text)))
     return [r | {"score": None if r["score"] in (None, "") else r["score"]} for r in rows]
@@ -486,9 +514,11 @@ def test_resume_refuses_another_checkpoint_or_threshold_and_a_foreign_progress_f
     assert progress_path(out).read_bytes() == before
     assert predict(resume=True, threshold=0.5).n_failed == 1
     header = before.split(b"\n")[0].decode()
-    for bad in ('{"path": "a.png", "score": 0.1}', "[1, 2]", "{oops"):  # a row of no predict: said, not guessed
+    row = {"path": "a.png", "score": 0.1, "label": "real", "n_patches": 5, "error": "", "realpath": "/a.png"}
+    for bad in (json.dumps(row), '{"path": "a.png", "score": 0.1}', "[1, 2]", "{oops"):  # said, not guessed
         progress_path(out).write_text(f"{header}\n{bad}\n")
-        with pytest.raises(StaleOutputError, match="s.csv.progress: line 2 is damaged"):
+        with pytest.raises(StaleOutputError, match="s.csv.progress: line 2 is (damaged|not a row a predict of this "
+                           "semspai keeps)"):  # fmt: skip
             predict(resume=True)
     progress_path(out).write_text("my notes\n")
     with pytest.raises(FileExistsError, match="is not the progress of a `semspai predict`; it is left as it is"):
@@ -525,10 +555,13 @@ def test_files_are_decoded_in_threads_ahead_of_the_model_and_arrays_inline(detec
     threads = []
     real = inference.to_rgb
     monkeypatch.setattr(
-        inference, "to_rgb", lambda image: threads.append(threading.current_thread().name) or real(image)
+        inference, "to_rgb", lambda image: threads.append((type(image), threading.current_thread().name)) or real(image)
     )
     monkeypatch.setattr(detector, "decode_workers", 2)
     preds = detector.predict([*paths, rgb])
     assert [p.path for p in preds] == [*map(str, paths), "<array 6>"]  # input order kept
     assert [p.score for p in preds[:6]] == pytest.approx(want, abs=1e-5)  # batched with the array: rounding
-    assert all(t.startswith("decode") for t in threads[:6]) and threads[6] == threading.current_thread().name
+    # each file on a decode thread, the array in the caller's (in whatever order the threads got to them)
+    on = {kind: [name for k, name in threads if k is kind] for kind in (type(paths[0]), np.ndarray)}
+    assert len(on[type(paths[0])]) == 6 and all(name.startswith("decode") for name in on[type(paths[0])]), threads
+    assert on[np.ndarray] == [threading.current_thread().name], threads
