@@ -272,7 +272,9 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
             done[str(pred.path)] = pred
     predictions = [done[str(p)] for p in paths]
     if out is not None:
-        write_text_atomic(out, format_json(predictions) if out.suffix.lower() == ".json" else format_csv(predictions))
+        # a path that is no UTF-8 (a Latin-1 name on Linux, say) goes out as its bytes on disk: a reader can open it
+        text = format_json(predictions) if out.suffix.lower() == ".json" else format_csv(predictions)
+        write_text_atomic(out, text, errors="surrogateescape")
         progress_path(out).unlink()
     return PredictResult(predictions=predictions, out=out, n_failed=sum(1 for p in predictions if p.error),
                          seconds=time.perf_counter() - start, heatmaps=heatmaps)  # fmt: skip
@@ -323,6 +325,8 @@ def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, thresho
     only when no file could be scored. Rows go to stdout as they are scored when there is no --out; with one,
     they are kept in OUT.progress until OUT is written, so a stopped run goes on with --resume.
     """
+    with contextlib.suppress(AttributeError, ValueError):  # paths that are no UTF-8 go out as their bytes on disk
+        sys.stdout.reconfigure(errors="surrogateescape")
     stream = csv.DictWriter(sys.stdout, fieldnames=CSV_HEADER, lineterminator="\n")
     started = []
 

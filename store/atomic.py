@@ -32,10 +32,11 @@ def replacing(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through `replacing`."""
+def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> None:
+    """Write `text` as UTF-8 to `path` through `replacing`; `errors="surrogateescape"` writes a file name that is
+    no UTF-8 (held in a str as Python holds such names) back as the bytes it is on disk."""
     with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors=errors)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

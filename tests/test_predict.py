@@ -488,6 +488,18 @@ def test_resume_scores_again_error_rows_and_images_without_their_heatmap(checkpo
     assert run(dataclasses.replace(cfg, checkpoint=str(other), resume=True)).n_failed == 1
 
 
+def test_a_file_name_that_is_no_utf8_is_written_back_as_its_bytes(checkpoint, tmp_path, rgb):
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, as Linux keeps it: bytes that are no UTF-8
+    image = save(Image.fromarray(rgb), tmp_path / name, "PNG")
+    for out in (tmp_path / "s.csv", tmp_path / "s.json"):
+        res = run(PredictConfig(inputs=[str(tmp_path)], checkpoint=str(checkpoint), out=str(out), device="cpu"))
+        assert res.n_failed == 0 and not progress_path(out).exists()
+    assert os.fsencode(str(image)) + b"," in (tmp_path / "s.csv").read_bytes()  # the path as it is on disk
+    assert json.loads((tmp_path / "s.json").read_text())[0]["path"] == str(image)  # JSON escapes it
+    res = CliRunner().invoke(cli, ["predict", str(image), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert res.exit_code == 0 and os.fsencode(str(image)) + b"," in res.stdout_bytes
+
+
 def _rows(text: str, suffix: str) -> list[dict]:
     rows = json.loads(text) if suffix == ".json" else list(csv.DictReader(io.StringIO(text)))
     return [r | {"score": None if r["score"] in (None, "") else r["score"]} for r in rows]
