@@ -413,7 +413,9 @@ class Trainer:
         self.out = Path(out)
         sem = cfg.MODEL.SEMANTIC
         weight = cfg.LOSS.SEMANTIC_WEIGHT
-        self.store = FeatureStore.open(store_path) if store_path else None
+        paths = resolve_shards(shards)
+        # only the run's own shards: a store may hold other data sets, whose state is none of this run's business
+        self.store = FeatureStore.open(store_path, shards={shard_name(p) for p in paths}) if store_path else None
         if self.store is None:
             if sem.MODE != "none":
                 raise ConfigError(
@@ -441,7 +443,6 @@ class Trainer:
             where = self.out / f"{STORE_CACHE_DIR}-rank{self.rank}" if self.world > 1 else self.out / STORE_CACHE_DIR
             self.spill_dir = local_spill_dir(self.store, cfg.DATA.STORE_MEMORY_GB, where)
         join = StoreJoin(self.store, *need, spill_dir=self.spill_dir) if self.store is not None and any(need) else None
-        paths = resolve_shards(shards)
         # each tar read once, for the store's check and the run's fingerprint; not at all when the run recorded
         # its hash and it is unchanged since (same size and mtime)
         tar_shas = shared_tar_shas(paths, self.out, self.rank, self.world)

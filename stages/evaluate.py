@@ -227,14 +227,15 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     run_cfg = apply_overrides(det.config, cfg.overrides)
     det.chunk_size = run_cfg.MODEL.SPECTRAL.CHUNK_SIZE
     mode = det.semantic_mode
+    shards = split_shards(cfg.shards, cfg.split)
     store = None
     if cfg.store:
         expect = det.clip_spec.identity() if det.clip_spec is not None else None
         arg = det.clip_spec.arg if det.clip_spec is not None else ""
         store = FeatureStore.open(cfg.store, expect_clip=expect, expect_patch_rule=DEFAULT_RULE.id,
                                   advice=f"the checkpoint needs a store extracted with its own encoder ({arg}) and "
-                                  "this semspai's patch rule, or no --store (CLIP then runs on the fly)")  # fmt: skip
-    shards = split_shards(cfg.shards, cfg.split)
+                                  "this semspai's patch rule, or no --store (CLIP then runs on the fly)",
+                                  shards={shard_name(p) for p in shards})  # fmt: skip
     if store is not None:
         store.check_shards(shards)
     join = spill = None

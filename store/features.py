@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,7 +441,8 @@ def stored_keys(path: str, done: dict[str, dict], threads: int = 8) -> dict[str,
 
 
 class FeatureStore:
-    """Read-only view of a store: the done shards, concatenated in shard-name order.
+    """Read-only view of a store: the done shards (or those of them named at `open`), concatenated in shard-name
+    order.
 
     Global vectors and metadata are loaded at open (about 1 KiB per image at D=512). Local rows are read
     per shard on first use and kept in memory: about P x D x 2 bytes per image (10 KiB for 5 patches at
@@ -481,10 +482,12 @@ class FeatureStore:
         expect_patch_rule: str | None = None,
         check: bool = True,
         advice: str = "",
+        shards: Collection[str] | None = None,
     ) -> FeatureStore:
         """Open a store for reading; each `expect_*` given must equal the store's (else FeatureStoreError), and
         with `check` no array of a done shard may lack a chunk file (`damaged_arrays`). `advice`: what a
-        mismatch's message tells to do."""
+        mismatch's message tells to do. `shards`: the names of the only shards to read (a run's view of a store
+        that holds other data sets too: their damage, memory and load time are none of its business)."""
         path = str(path)
         root = _open_root(path, "r")
         attrs = root.attrs.asdict()
@@ -502,6 +505,9 @@ class FeatureStore:
                 want[key] = value
         check_identity(path, {k: have[k] for k in want}, want, advice)
         shard_attrs = _shard_attrs(path)
+        if shards is not None:
+            wanted = set(shards)
+            shard_attrs = {n: a for n, a in shard_attrs.items() if n in wanted}
         if check:
             damaged = damaged_arrays(path, {n: a for n, a in shard_attrs.items() if a.get("done")})
             if damaged:

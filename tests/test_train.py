@@ -36,6 +36,8 @@ from semspai.pipeline.engine import (
 from semspai.pipeline.iterate import Background
 from semspai.stages import train as train_stage
 from semspai.stages.cli import cli
+from semspai.stages.evaluate import EvalConfig
+from semspai.stages.evaluate import run as evaluate
 from semspai.stages.extract import ExtractConfig
 from semspai.stages.extract import run as extract
 from semspai.stages.shard import ShardConfig
@@ -43,7 +45,7 @@ from semspai.stages.shard import run as shard_stage
 from semspai.stages.train import TrainStageConfig, run
 from semspai.store import shards as shards_module
 from semspai.store.checkpoints import load_checkpoint
-from semspai.store.features import FeatureStore
+from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.locks import run_lock
 from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, fingerprint_paths
 from semspai.store.shards import resolve_shards, shard_name
@@ -316,6 +318,41 @@ def test_training_never_builds_clip(full_run, tiny_shards, train_store, tmp_path
     }
     assert owners and not any(o.startswith("open_clip") for o in owners)
     assert optimised == {id(p) for p in trainer.module.parameters() if p.requires_grad}
+
+
+def test_a_store_shared_with_other_data_sets_is_read_for_the_runs_own_shards_only(
+    full_run, tiny_shards, train_store, tmp_path
+):
+    """One store for several data sets: train and eval read only the rows of their SPEC's shards, so another
+    set's shards cost them no memory and their damage does not stop them; it does stop a run that reads them."""
+    shared = tmp_path / "shared.zarr"
+    shutil.copytree(train_store, shared)
+    other = tmp_path / "other"
+    shard_stage(ShardConfig(sources=[str(make_tree(tmp_path / "more"))], out=str(other), prefix="more"))
+    extract(ExtractConfig(shards=str(other), store=str(shared), clip="tiny-random", workers=0))
+    damaged = shard_name(resolve_shards(str(other))[0])
+    shutil.rmtree(shared / "shards" / damaged / "global" / "c")
+    opened = []
+    real_open = FeatureStore.open.__func__
+
+    def spy(cls, *args, **kwargs):
+        opened.append(store := real_open(cls, *args, **kwargs))
+        return store
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(FeatureStore, "open", classmethod(spy))
+        out = tmp_path / "run"
+        _train(tiny_shards, shared, out)
+        evaluated = evaluate(EvalConfig(checkpoints=[str(out)], shards=str(tiny_shards), store=str(shared),
+                                        out=str(tmp_path / "eval"), device="cpu", bootstrap=20, n_heatmaps=0))  # fmt: skip
+    ours = {shard_name(p) for p in resolve_shards(str(tiny_shards))}
+    assert len(opened) == 2 and set(opened[0].done_shards) == ours and set(opened[1].done_shards) < ours
+    assert (out / "metrics.jsonl").read_bytes() == (full_run / "metrics.jsonl").read_bytes()
+    alone = evaluate(EvalConfig(checkpoints=[str(out)], shards=str(tiny_shards), store=str(train_store),
+                                out=str(tmp_path / "eval-alone"), device="cpu", bootstrap=20, n_heatmaps=0))  # fmt: skip
+    assert np.array_equal(evaluated.runs[0].scores, alone.runs[0].scores)
+    with pytest.raises(FeatureStoreError, match=rf"is damaged: shards/{damaged}/global: 1 of its 1 chunk files"):
+        _train(other, shared, tmp_path / "other-run", extra=("LOSS.SEMANTIC_WEIGHT=0",))
 
 
 def test_a_store_over_the_memory_limit_is_memory_mapped_with_the_same_result(
