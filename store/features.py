@@ -242,11 +242,17 @@ def _put(group: zarr.Group, name: str, arr: np.ndarray) -> None:
 
 
 def check_new_store_path(path: str) -> None:
-    """Raise unless a store may be made at local `path`: a new or empty folder, or a store's own (one whose
-    creation died); not a file, nor a folder of something else (shards, images). URLs are not checked."""
-    if os.path.isfile(path):
+    """Raise unless a store may be made at `path` (a folder or an fsspec URL): new or empty, or a store's own
+    (one whose creation died); not a file, nor a folder or prefix of something else (shards, images)."""
+    import fsspec
+
+    try:
+        fs, where = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError):  # no filesystem for that URL here: Zarr's own open says so
+        return
+    if fs.isfile(where):
         raise FeatureStoreError(f"--store {path} is a file; a feature store is a folder (or a URL)")
-    if os.path.isdir(path) and any(os.scandir(path)) and not os.path.exists(os.path.join(path, "zarr.json")):
+    if fs.isdir(where) and fs.ls(where, detail=False) and not fs.exists(f"{where.rstrip('/')}/zarr.json"):
         raise FeatureStoreError(
             f"--store {path} is a folder of something else, not a feature store; give a new or empty folder"
         )

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import h5py
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from semspai.store.features import (
     FeatureStoreWriter,
     ShardFeatures,
     StoreHeader,
+    check_new_store_path,
     damaged_arrays,
     done_shard_attrs,
     verify_store,
@@ -200,6 +202,20 @@ def test_a_store_is_made_only_in_a_new_or_empty_folder(tmp_path: Path, shards: l
     (tmp_path / "empty").mkdir()
     write(str(tmp_path / "empty"), shards[:1])
     write(str(tmp_path / "empty"), shards[1:2])  # a store, once made, takes more shards
+    # URLs get the same rule: a file:// one as a folder, any other fsspec filesystem's as a prefix
+    with pytest.raises(FeatureStoreError, match="is a folder of something else"):
+        check_new_store_path(shards[0].parent.as_uri())
+    with pytest.raises(FeatureStoreError, match="is a file; a feature store is a folder"):
+        check_new_store_path((tmp_path / "file.zarr").as_uri())
+    check_new_store_path((tmp_path / "empty").as_uri())  # a store's own folder
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/images/a.jpg", b"not a store")
+    with pytest.raises(FeatureStoreError, match="memory://bucket/images is a folder of something else"):
+        check_new_store_path("memory://bucket/images")
+    with pytest.raises(FeatureStoreError, match="is a file"):
+        check_new_store_path("memory://bucket/images/a.jpg")
+    check_new_store_path("memory://bucket/new.zarr")
+    fs.rm("/bucket", recursive=True)
 
 
 def test_unfinished_group_is_replaced_and_done_group_never_rewritten(tmp_path: Path, shards: list[Path]) -> None:
