@@ -245,6 +245,9 @@ def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> 
         )
     if wanted("MODEL.DROPOUT") and cfg.MODEL.DROPOUT >= 1:
         raise ConfigError(f"MODEL.DROPOUT: {cfg.MODEL.DROPOUT} drops everything (expected 0 <= p < 1)")
+    if (wanted("TRAIN.MIN_LR") or wanted("TRAIN.BASE_LR")) and cfg.TRAIN.MIN_LR > cfg.TRAIN.BASE_LR:
+        raise ConfigError(f"TRAIN.MIN_LR: {cfg.TRAIN.MIN_LR} is above TRAIN.BASE_LR={cfg.TRAIN.BASE_LR} (the learning "
+                          "rate warms up to BASE_LR, then decays to MIN_LR)")  # fmt: skip
     if wanted("LOSS.TEMPERATURE") and cfg.LOSS.TEMPERATURE <= 0:
         raise ConfigError(f"LOSS.TEMPERATURE: {cfg.LOSS.TEMPERATURE} (expected > 0)")
     fixed = {  # no effect: a value other than the default would only mislead

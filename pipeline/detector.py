@@ -154,3 +154,27 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State of the trainable parameters and buffers only: a frozen encoder comes back from its weights file."""
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def state_misfit(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """'' when `state` (a `trainable_state_dict`) fits `model`: the same keys, each of the same shape; else what
+    does not, in a few words naming a key."""
+    want = trainable_state_dict(model)
+    extra, missing = sorted(set(state) - set(want)), sorted(set(want) - set(state))
+    if extra:
+        return f"{len(extra)} key(s) the model lacks, e.g. {extra[0]}"
+    if missing:
+        return f"{len(missing)} of the model's key(s) missing, e.g. {missing[0]}"
+    for key in sorted(want):
+        if tuple(state[key].shape) != tuple(want[key].shape):
+            return f"{key} is {tuple(state[key].shape)}, the model's {tuple(want[key].shape)}"
+    return ""
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a `trainable_state_dict` into `model` (a frozen encoder keeps the weights of its own file); a state
+    that does not fit raises ValueError saying where (`state_misfit`), and leaves the model as it was."""
+    misfit = state_misfit(model, state)
+    if misfit:
+        raise ValueError(misfit)
+    model.load_state_dict(state, strict=False)

@@ -42,6 +42,8 @@ from semspai.pipeline.data import (
 from semspai.pipeline.detector import (
     DetectorBatch,
     create_detector,
+    load_trainable_state,
+    state_misfit,
     trainable_parameters,
     trainable_state_dict,
     unit_pixels,
@@ -50,7 +52,7 @@ from semspai.pipeline.iterate import Background, batched
 from semspai.pipeline.losses import DetectionLoss, LossParts
 from semspai.pipeline.progress import progress
 from semspai.store.atomic import write_text_atomic
-from semspai.store.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStore, done_shard_attrs, read_store_attrs
 from semspai.store.manifest import (
     MANIFEST_NAME,
@@ -279,14 +281,16 @@ def shared_tar_shas(paths: list[Path], out: Path, rank: int, world: int) -> dict
 
 
 def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[str, str] | None = None,
-               tar_shas: dict[str, str] | None = None) -> dict:  # fmt: skip
+               tar_shas: dict[str, str] | None = None, init: Path | None = None) -> dict:  # fmt: skip
     """A run's input fingerprints: its shard tars' names and contents (sha256: `tar_shas` by str(path), hashed
     here when not given), so that tars moved, copied or rebuilt the same are the same input; with a store,
     also the store's CLIP weights and what it extracted from these tars (shards added to the store for other
-    runs change nothing)."""
+    runs change nothing); with an `init` checkpoint (--init), its contents."""
     tar_shas = tar_shas if tar_shas is not None else tar_sha256s(paths)
     contents = sorted({(shard_name(p), tar_shas[str(p)]) for p in paths})
     inputs = {"shards": hashlib.sha256(json.dumps(contents).encode()).hexdigest()}
+    if init is not None:
+        inputs["init"] = file_sha256(init)
     if clip_sha is not None:
         names = {shard_name(p) for p in paths}
         done = {n: sha for n, sha in (shard_shas or {}).items() if n in names}
@@ -328,9 +332,13 @@ def existing_run(out: Path, wanted: StageManifest, epochs: int) -> tuple[int, li
     """A rerun without --resume or --force into a run dir that holds a run: (past the last epoch, history)
     when that run is finished with the same config and inputs (nothing to do); else an error saying why."""
     again = f"`semspai train ... --out {out} --force` to start over (its checkpoints are deleted)"
-    if read_manifest(out) is None:
+    have = read_manifest(out)
+    if have is None:
         raise FileExistsError(f"{out} already holds a training run with no stage manifest; pass --resume to "
                               f"continue it, run {again}, or choose another --out")  # fmt: skip
+    if "init" in have.inputs and "init" not in wanted.inputs:  # check_stage compares the inputs asked for only
+        raise StaleOutputError(f"{out} holds a run that started from the weights of a checkpoint (--init), this one "
+                               f"starts from scratch: pass the same --init, train into another --out, or run {again}")  # fmt: skip
     # raises when stale: a changed config is better trained into another --out, keeping this run to compare
     check_stage(out, wanted, {n: again for n in wanted.inputs}, False, f"into another --out, or {again}")
     last = out / CHECKPOINT_DIR / "last.pt"
@@ -371,7 +379,8 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str | None) -> TrainResult | None:
+def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str | None,
+                 init: str | Path | None = None) -> TrainResult | None:  # fmt: skip
     """The result of the run in `out` when it is this run, finished (same config and inputs), found without
     building anything: the store's attributes and the tars' hashes only (those the run recorded, for tars of
     unchanged size and mtime). None when `out` holds no run or
@@ -385,19 +394,61 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
         return None  # no such store, or one is needed: the trainer's own checks say so
     paths = resolve_shards(shards)
     tar_shas = tar_sha256s(paths, known_shas(out))  # unchanged tars are not read again
+    init_file = resolve_checkpoint(init) if init else None
     if no_store:
-        inputs = run_inputs(paths, tar_shas=tar_shas)
+        inputs = run_inputs(paths, tar_shas=tar_shas, init=init_file)
     else:
         cfg = record_store_clip(cfg, attrs["clip"], store_path)
         shas = {n: a["sha256"] for n, a in done_shard_attrs(store_path).items()}
-        inputs = run_inputs(paths, attrs["clip"]["sha256"], shas, tar_shas)
+        inputs = run_inputs(paths, attrs["clip"]["sha256"], shas, tar_shas, init_file)
     inputs = legacy_inputs(out, inputs, paths)
     _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS)
     return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"])
 
 
+def warm_start(module: TrainModule, file: Path, cfg: RunConfig, store: FeatureStore | None) -> dict:
+    """--init: put the trainable weights of checkpoint `file` into a fresh run's `module` (its optimiser, schedule
+    and random state start fresh). The checkpoint must fit the run's model and, where both read CLIP vectors,
+    have learnt on those of the store's encoder; its loss head is taken when it fits too. Returns what the run's
+    checkpoints record of it."""
+    state = load_checkpoint(file)
+    if "model" not in state or "config" not in state:
+        raise CheckpointError(
+            f"--init {file}: the checkpoint has no model weights; it was not written by `semspai train`"
+        )
+    theirs = state["config"].get("MODEL", {})
+    differ = [k for k, _, _ in leaf_differences(theirs, cfg.to_dict()["MODEL"], "MODEL.", shared=True)
+              if not k.startswith("MODEL.CLIP.")]  # fmt: skip  # the encoder is compared by its spec below
+    their_clip = state.get("clip_spec") or {}
+    identity = store.attrs["clip_identity"] if store is not None else None
+    same_clip = identity is not None and {k: their_clip.get(k) for k in identity} == identity
+    if cfg.MODEL.SEMANTIC.MODE != "none" and theirs.get("SEMANTIC", {}).get("MODE", "none") != "none" and not same_clip:
+        raise CheckpointError(
+            f"--init {file} learnt on the CLIP vectors of {their_clip.get('arg', 'another encoder')}, but feature store "
+            f"{store.path} holds those of {store.clip_spec['arg']}: its fusion weights would read vectors of another "
+            "encoder. Start from a checkpoint trained on a store of this encoder, or without --init"
+        )
+    misfit = state_misfit(module.detector, state["model"])
+    if misfit:
+        shown = f"; it was trained with other {', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}"
+        raise CheckpointError(f"--init {file} does not fit this run's model ({misfit}){shown if differ else ''}: "
+                              "set the MODEL keys as it was trained with them")  # fmt: skip
+    load_trainable_state(module.detector, state["model"])
+    head = state.get("loss_head") or {}
+    took_head = same_clip and bool(head) and not state_misfit(module.loss, head)
+    if took_head:
+        module.loss.load_state_dict(head)
+    epoch, auc = state.get("epoch"), state.get("val_metrics", {}).get("val_auc")
+    log.info("--init: the weights of %s (epoch %s%s)%s%s; the optimiser, the schedule and the random state start "
+             "fresh", file, epoch, f", val AUC {auc:.4f}" if auc is not None else "",
+             ", its semantic projection too" if took_head else "",
+             f"; it was trained with other {', '.join(differ)}" if differ else "")  # fmt: skip
+    return {"path": str(file.resolve()), "sha256": file_sha256(file), "epoch": int(epoch or 0)}
+
+
 class Trainer:
-    """One training run in `out`; `fit` trains (or resumes) to TRAIN.EPOCHS."""
+    """One training run in `out`; `fit` trains (or resumes) to TRAIN.EPOCHS; a fresh run starts from the weights
+    of `init` (a checkpoint, or a run dir meaning its best.pt) when given."""
 
     def __init__(
         self,
@@ -407,10 +458,13 @@ class Trainer:
         store_path: str | None,
         device: torch.device,
         precision: str,
+        init: str | Path | None = None,
     ) -> None:
         self.rank, self.world = _world()
         self.device, self.precision = device, precision
         self.out = Path(out)
+        self.init = resolve_checkpoint(init) if init else None
+        self.init_info: dict = {}  # what the run's checkpoints record of `init`
         sem = cfg.MODEL.SEMANTIC
         weight = cfg.LOSS.SEMANTIC_WEIGHT
         paths = resolve_shards(shards)
@@ -447,11 +501,11 @@ class Trainer:
         # its hash and it is unchanged since (same size and mtime)
         tar_shas = shared_tar_shas(paths, self.out, self.rank, self.world)
         if self.store is None:
-            self.inputs = run_inputs(paths, tar_shas=tar_shas)
+            self.inputs = run_inputs(paths, tar_shas=tar_shas, init=self.init)
         else:
             self.store.check_shards(paths, tar_shas)
             shas = {n: i["sha256"] for n, i in self.store.shard_info.items()}
-            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas, tar_shas)
+            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas, tar_shas, self.init)
         self.paths, self.file_shas = paths, file_stats(paths, tar_shas)
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
@@ -498,8 +552,9 @@ class Trainer:
         total = cfg.TRAIN.EPOCHS * self.steps_per_epoch
         warmup = round(cfg.TRAIN.WARMUP_EPOCHS * self.steps_per_epoch)
         t = cfg.TRAIN
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_at(step, total, warmup, t.BASE_LR, t.MIN_LR) / t.BASE_LR
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # BASE_LR 0 (MIN_LR is then 0 too): every step is lr 0
+            self.optimizer,
+            lambda step: lr_at(step, total, warmup, t.BASE_LR, t.MIN_LR) / t.BASE_LR if t.BASE_LR else 0.0,
         )
         self.ddp = self.module
         if self.world > 1:
@@ -545,6 +600,8 @@ class Trainer:
             if holds_run(self.out) and not force:
                 return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS)
             refuse_foreign(self.out)
+            if self.init is not None:  # before anything is written: a checkpoint that does not fit changes nothing
+                self.init_info = warm_start(self.module, self.init, self.cfg, self.store)
             if self.rank == 0:
                 if force:
                     clear_run(self.out)
@@ -569,13 +626,12 @@ class Trainer:
                 f"--resume: the run's input {changed[0]} changed since it started at {have.created}; run "
                 f"`semspai train ... --out {self.out} --force` to start over, or train into another --out"
             )
-        frozen = {n for n, p in self.module.detector.named_parameters() if not p.requires_grad}
-        missing, unexpected = self.module.detector.load_state_dict(state["model"], strict=False)
-        if unexpected or set(missing) - frozen:  # only a frozen encoder's weights are left out of checkpoints
-            raise CheckpointError(
-                f"{last} does not fit the run's model ({sorted(unexpected or set(missing) - frozen)[0]})"
-            )
+        try:
+            load_trainable_state(self.module.detector, state["model"])
+        except ValueError as exc:
+            raise CheckpointError(f"{last} does not fit the run's model ({exc})") from exc
         self.module.loss.load_state_dict(state["loss_head"])
+        self.init_info = dict(state.get("init", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state, self.rank, self.world, self.device)
@@ -659,6 +715,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rngs[0],
             **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
+            **({"init": self.init_info} if self.init_info else {}),
         }
 
     def _save(self, epoch: int, history: list[dict], rngs: list[dict]) -> None:

@@ -24,7 +24,7 @@ from semspai.pipeline.clip import (
     resolve_precision,
 )
 from semspai.pipeline.config import RunConfig, config_from_dict
-from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, pack_images
+from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, load_trainable_state, pack_images
 from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
 from semspai.pipeline.iterate import ordered_map
@@ -270,12 +270,11 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     model = create_detector(config.MODEL, int(state["clip_dim"]))
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected or set(missing) - frozen:  # a frozen encoder comes back from its own weights file, not from here
-        bad = sorted(unexpected or set(missing) - frozen)
-        raise CheckpointError(f"checkpoint {file} does not fit its own config ({len(bad)} mismatched keys, e.g. "
-                              f"{bad[0]}); was it written by another semspai version?")  # fmt: skip
+    try:  # a frozen encoder comes back from its own weights file, not from here
+        load_trainable_state(model, state["model"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {file} does not fit its own config ({exc}); was it written by another "
+                              "semspai version?") from exc  # fmt: skip
     embedder = spec = None
     if model.semantic_mode != "none":
         if not state.get("clip_spec"):

@@ -33,6 +33,7 @@ class TrainStageConfig:
     overrides: list[str] = field(default_factory=list)
     resume: bool = False
     force: bool = False  # start over in a run dir that holds a run (its checkpoints are deleted)
+    init: str | None = None  # a fresh run starts from this checkpoint's weights (a .pt, or a run dir: its best.pt)
 
 
 def pick_device() -> torch.device:
@@ -90,11 +91,15 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     with run_lock(lock, busy) if rank == 0 else contextlib.nullcontext():
-        if not cfg.resume and not cfg.force and (done := finished_run(run_cfg, cfg.shards, cfg.out, cfg.store)):
+        if (
+            not cfg.resume
+            and not cfg.force
+            and (done := finished_run(run_cfg, cfg.shards, cfg.out, cfg.store, cfg.init))
+        ):
             return done  # up to date, told without reading the store's vectors or building the model
         device = device or pick_device()
         precision = resolve_precision(run_cfg.TRAIN.PRECISION, device)
-        trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision)
+        trainer = Trainer(run_cfg, cfg.shards, cfg.out, cfg.store, device, precision, cfg.init)
         return trainer.fit(resume=cfg.resume, on_epoch_end=on_epoch_end, force=cfg.force)
 
 
@@ -113,8 +118,16 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
 @click.option(
     "--force", is_flag=True, help="Start over in an --out that holds a run (deletes its checkpoints and metrics)."
 )
+@click.option(
+    "--init",
+    "init",
+    type=click.Path(exists=True),
+    default=None,
+    help="Start from the weights of this checkpoint (a .pt, or a run dir: its best.pt), with a fresh optimiser and "
+    "schedule: fine-tune on new data, or train a finished run further. The MODEL keys must build its model.",
+)
 @user_errors
-def command(store, shards, out, config_path, overrides, resume, force) -> None:
+def command(store, shards, out, config_path, overrides, resume, force, init) -> None:
     """Train the spectral encoder and fusion head; CLIP vectors come from the store, never from CLIP.
 
     Learns on the `train` split, selects on `val`; writes OUT/config.yaml, OUT/metrics.jsonl and
@@ -134,6 +147,7 @@ def command(store, shards, out, config_path, overrides, resume, force) -> None:
             overrides=list(overrides),
             resume=resume,
             force=force,
+            init=init,
         )
         result = run(cfg, device)
     finally:

@@ -278,6 +278,7 @@ def test_either_spectral_only_key_alone_implies_the_other(tmp_path, given):
         ("TRAIN.EPOCHS=0", "TRAIN.EPOCHS"),
         ("TRAIN.BATCH_SIZE=0", "TRAIN.BATCH_SIZE"),
         ("TRAIN.BASE_LR=-1", "TRAIN.BASE_LR"),
+        ("TRAIN.MIN_LR=0.01", "TRAIN.MIN_LR"),  # above BASE_LR (5e-4): the cosine would climb
         ("MODEL.HIDDEN_DIM=0", "MODEL.HIDDEN_DIM"),
         ("MODEL.SCA_HEADS=3", "MODEL.SCA_HEADS"),
         ("MODEL.DROPOUT=2", "MODEL.DROPOUT"),

@@ -275,6 +275,22 @@ def test_a_file_that_is_no_checkpoint_is_a_short_one_line_error(tmp_path, rgb):
     assert len(res.output) < 400
 
 
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.pop(sorted(m)[0]), r"1 of the model's key\(s\) missing, e.g. "),
+        (lambda m: m.update(extra=torch.zeros(1)), r"1 key\(s\) the model lacks, e.g. extra"),
+        (lambda m: m.update({k: torch.zeros(3) for k in [sorted(m)[-1]]}), r"\S+ is \(3,\), the model's \("),
+    ],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused(checkpoint, tmp_path, edit, message):
+    state = load_checkpoint(checkpoint)
+    edit(state["model"])
+    save_checkpoint(tmp_path / "odd.pt", {k: v for k, v in state.items() if k != "schema_version"})
+    with pytest.raises(CheckpointError, match=rf"odd.pt does not fit its own config \({message}"):
+        load_detector(tmp_path / "odd.pt")
+
+
 def test_cli_fails_only_when_every_file_fails(checkpoint, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("nope")

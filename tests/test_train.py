@@ -44,11 +44,11 @@ from semspai.stages.shard import ShardConfig
 from semspai.stages.shard import run as shard_stage
 from semspai.stages.train import TrainStageConfig, run
 from semspai.store import shards as shards_module
-from semspai.store.checkpoints import load_checkpoint
+from semspai.store.checkpoints import CheckpointError, load_checkpoint
 from semspai.store.features import FeatureStore, FeatureStoreError
 from semspai.store.locks import run_lock
 from semspai.store.manifest import MANIFEST_NAME, StaleOutputError, fingerprint_paths
-from semspai.store.shards import resolve_shards, shard_name
+from semspai.store.shards import file_sha256, resolve_shards, shard_name
 from tests.conftest import make_tree
 
 MICRO = [
@@ -69,10 +69,10 @@ class Interrupted(Exception):
     pass
 
 
-def _train(shards: Path, store: Path | None, out: Path, extra: tuple[str, ...] = (), on_epoch_end=None):
-    cfg = TrainStageConfig(
-        shards=str(shards), out=str(out), store=str(store) if store else None, overrides=[*MICRO, *extra]
-    )
+def _train(shards: Path, store: Path | None, out: Path, extra: tuple[str, ...] = (), on_epoch_end=None,
+           init: Path | None = None):  # fmt: skip
+    cfg = TrainStageConfig(shards=str(shards), out=str(out), store=str(store) if store else None,
+                           overrides=[*MICRO, *extra], init=str(init) if init else None)  # fmt: skip
     return run(cfg, CPU, on_epoch_end=on_epoch_end)
 
 
@@ -204,6 +204,78 @@ def test_rerun_is_up_to_date_stale_after_a_change_and_force_starts_over(
     shutil.rmtree(out / "checkpoints")  # metrics left without checkpoints: only --force can go on
     with pytest.raises(FileExistsError, match=r"no checkpoints/last.pt to go on from; run .*--force"):
         _train(tiny_shards, train_store, out, ("TRAIN.EPOCHS=1",))
+
+
+def test_init_starts_a_fresh_run_from_a_checkpoints_weights(full_run, tiny_shards, train_store, tmp_path):
+    source = full_run / "checkpoints" / "last.pt"
+    trained = load_checkpoint(source)
+    out = tmp_path / "tuned"
+    still = ("TRAIN.BASE_LR=0", "TRAIN.MIN_LR=0", "TRAIN.EPOCHS=1")  # no step moves a weight: the run keeps the init's
+    result = _train(tiny_shards, train_store, out, still, init=full_run)  # RUN -> its best.pt
+    best = load_checkpoint(full_run)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["model"].keys() == best["model"].keys()
+    for k in best["model"]:
+        assert torch.equal(state["model"][k], best["model"][k]), k
+    for k in best["loss_head"]:  # the semantic projection too: the store's encoder is the one it learnt on
+        assert torch.equal(state["loss_head"][k], best["loss_head"][k]), k
+    assert state["init"] == {"path": str((full_run / "checkpoints" / "best.pt").resolve()),
+                             "sha256": file_sha256(full_run / "checkpoints" / "best.pt"), "epoch": best["epoch"]}  # fmt: skip
+    assert result.history[0]["val_auc"] == best["val_metrics"]["val_auc"]  # val scored with the same weights
+    # the same command is up to date; without --init, or from other weights, it is another run
+    assert _train(tiny_shards, train_store, out, still, init=full_run).nothing_to_do
+    with pytest.raises(StaleOutputError, match=r"started from the weights of a checkpoint \(--init\), this one starts "
+                       "from scratch"):  # fmt: skip
+        _train(tiny_shards, train_store, out, still)
+    other = full_run / "checkpoints" / ("epoch-0001.pt" if best["epoch"] == 2 else "epoch-0002.pt")
+    with pytest.raises(StaleOutputError, match=r"its input init changed"):
+        _train(tiny_shards, train_store, out, still, init=other)
+    # a fine-tune learns from there: 2 epochs with the run's learning rate, interrupted and resumed without --init
+    tuned, resumed = tmp_path / "tuned2", tmp_path / "resumed"
+
+    def stop(row: dict) -> None:
+        raise Interrupted
+
+    _train(tiny_shards, train_store, tuned, init=source)
+    with pytest.raises(Interrupted):
+        _train(tiny_shards, train_store, resumed, init=source, on_epoch_end=stop)
+    run(TrainStageConfig(str(tiny_shards), str(resumed), str(train_store), resume=True), CPU)
+    assert (resumed / "metrics.jsonl").read_bytes() == (tuned / "metrics.jsonl").read_bytes()
+    a, b = load_checkpoint(resumed / "checkpoints" / "last.pt"), load_checkpoint(tuned / "checkpoints" / "last.pt")
+    assert a["init"] == b["init"] and a["init"]["epoch"] == trained["epoch"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert any(not torch.equal(a["model"][k], trained["model"][k]) for k in a["model"])
+
+
+def test_init_from_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(
+    full_run, tiny_shards, train_store, tmp_path
+):
+    source = full_run / "checkpoints" / "last.pt"
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"does not fit this run's model \(.*\); it was trained with other "
+                       r"MODEL.HIDDEN_DIM: set the MODEL keys"):  # fmt: skip
+        _train(tiny_shards, train_store, out, ("MODEL.HIDDEN_DIM=64",), init=source)
+    with pytest.raises(CheckpointError, match=r"other MODEL.SEMANTIC.MODE, MODEL.USE_SEMANTIC_CONTEXT"):
+        _train(tiny_shards, None, out, ("MODEL.SEMANTIC.MODE=none", "LOSS.SEMANTIC_WEIGHT=0"), init=source)
+    foreign = load_checkpoint(source)  # the same model, learnt on the vectors of another encoder
+    foreign["clip_spec"] = {**foreign["clip_spec"], "sha256": "0" * 64, "arg": "ViT-B-32:other.safetensors"}
+    torch.save(foreign, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"learnt on the CLIP vectors of ViT-B-32:other.safetensors, but feature "
+                       r"store .* holds those of tiny-random"):  # fmt: skip
+        _train(tiny_shards, train_store, out, init=tmp_path / "foreign.pt")
+    assert not out.exists()
+    # the spectral-only baseline reads no CLIP vector: a checkpoint of one starts a run with no store
+    none = ("MODEL.SEMANTIC.MODE=none", "LOSS.SEMANTIC_WEIGHT=0", "TRAIN.EPOCHS=1")
+    base = tmp_path / "base"
+    _train(tiny_shards, None, base, none)
+    res = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(out), "--init", str(base),
+                                   *(x for o in [*MICRO, *none] for x in ("--set", o))])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["init"]["epoch"] == 1
+    res = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "x"), "--init",
+                                   str(tmp_path / "nowhere.pt")])  # fmt: skip
+    assert res.exit_code == 2 and "nowhere.pt' does not exist" in res.output
 
 
 def test_another_stages_output_is_never_a_run_dir_and_one_run_at_a_time(tiny_shards, train_store, tmp_path):
