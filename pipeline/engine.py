@@ -89,6 +89,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one metrics.jsonl row per finished epoch
     threshold: float = 0.5
     dropped_batches: int = 0  # over all ranks and epochs of this call (DDP evening-out)
+    init: dict = field(default_factory=dict)  # where the run started (--init: path, sha256, epoch); {} from scratch
 
 
 class TrainModule(nn.Module):
@@ -792,6 +793,7 @@ class Trainer:
             history=history,
             threshold=history[-1]["threshold"],
             dropped_batches=self.dropped_per_epoch * (epochs + 1 - first),
+            init=self.init_info,
         )
 
 

@@ -169,6 +169,7 @@ def command(store, shards, out, config_path, overrides, resume, force, init) -> 
             if len(result.history) > result.epochs_run
             else ""
         )
+        + (f" from the weights of {result.init['path']} (epoch {result.init['epoch']})" if result.init else "")
         + f": last epoch val AUC {last['val_auc']:.4f}, "
         f"AP {last['val_ap']:.4f}; best.pt (what eval and predict take for RUN) is epoch {best['epoch']}: "
         f"val AUC {best['val_auc']:.4f}, AP {best['val_ap']:.4f}, threshold {best['threshold']:.3f}"

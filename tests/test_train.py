@@ -272,6 +272,8 @@ def test_init_from_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_
     res = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(out), "--init", str(base),
                                    *(x for o in [*MICRO, *none] for x in ("--set", o))])  # fmt: skip
     assert res.exit_code == 0, res.output
+    started = f"from the weights of {(base / 'checkpoints' / 'best.pt').resolve()} (epoch 1): "
+    assert f"trained 1 epoch(s) into {out} {started}" in " ".join(res.output.split()), res.output
     assert load_checkpoint(out / "checkpoints" / "last.pt")["init"]["epoch"] == 1
     res = CliRunner().invoke(cli, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "x"), "--init",
                                    str(tmp_path / "nowhere.pt")])  # fmt: skip
