@@ -27,7 +27,7 @@ COMMANDS = {
 SUMMARIES = {
     "shard": "Pack images (folders with real/fake label folders, or CSV manifests) into WebDataset tars.",
     "extract-clip": "Fill the feature store with CLIP vectors of every image and grid patch; reruns skip done shards.",
-    "store": "Inspect, verify and export a feature store.",
+    "store": "Inspect, verify and export a feature store; drop shards for extract-clip to redo.",
     "train": "Train the spectral encoder and fusion head; CLIP vectors come from the store, never from CLIP.",
     "eval": "Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report.",
     "predict": "Score images (files, or directories walked recursively) of any size: score = P(fake).",

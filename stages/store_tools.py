@@ -13,9 +13,11 @@ from semspai.stages.common import refuse_foreign_output, user_errors
 from semspai.store.features import (
     FeatureStore,
     FeatureStoreError,
+    changed_shards,
     damage_error,
     damaged_arrays,
     done_shard_attrs,
+    drop_shards,
     export_h5,
     is_export,
     verify_store,
@@ -87,7 +89,7 @@ def format_info(s: dict) -> list[str]:
 
 @click.group("store")
 def group() -> None:
-    """Inspect, verify and export a feature store."""
+    """Inspect, verify and export a feature store; drop shards for extract-clip to redo."""
 
 
 @group.command("info")
@@ -146,3 +148,27 @@ def export(path: str, out: str) -> None:
         click.echo(f"warning: {len(pending)} shard(s) asked for are not done (an extract-clip running or "
                    f"stopped, e.g. {pending[0]}); the export holds the {len(store.done_shards)} done ones",
                    err=True)  # fmt: skip
+
+
+@group.command("drop")
+@click.argument("path")
+@click.argument("names", nargs=-1)
+@click.option("--changed", "spec", metavar="SPEC", default=None,
+              help="Drop every shard of SPEC whose tar changed since it was extracted (a tar damaged since "
+              "sharding, or another folder's tar of a name the store holds, is refused).")  # fmt: skip
+@user_errors
+def drop(path: str, names: tuple[str, ...], spec: str | None) -> None:
+    """Drop shards (NAMES as `store info` lists them, or their tars) from the store at PATH, so that the next
+    `extract-clip` extracts them again: after a tar changed, or to repair a damaged shard.
+    """
+    if not names and spec is None:
+        raise click.UsageError("name the shards to drop, or pass --changed SPEC")
+    wanted = [shard_name(n) if n.endswith(".tar") else n for n in names]
+    if spec is not None:
+        wanted += changed_shards(path, resolve_shards(spec))
+    if not wanted:
+        click.echo(f"{path}: nothing to drop (every shard of {spec} is as it was extracted)")
+        return
+    dropped = drop_shards(path, wanted)
+    click.echo(f"{path}: dropped {len(dropped)} shard(s): {', '.join(dropped)}; rerun `semspai extract-clip "
+               f"--store {path} --shards ...` to extract them again")  # fmt: skip

@@ -37,7 +37,15 @@ from zarr.core.sync import sync
 from semspai.store.atomic import replacing
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import leaf_differences
-from semspai.store.shards import INDEX_NAME, ShardError, file_sha256, indexed_sha256, iter_shard, shard_name
+from semspai.store.shards import (
+    INDEX_NAME,
+    ShardError,
+    file_sha256,
+    indexed_sha256,
+    iter_shard,
+    shard_name,
+    tar_sha256s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +152,7 @@ def writer_lock(path: str) -> Iterator[None]:
 
     def busy(holder: str) -> FeatureStoreError:
         return FeatureStoreError(
-            f"feature store {path} is being written by another extract-clip ({holder}, lock {lock}); "
+            f"feature store {path} is being written by another extract-clip or store drop ({holder}, lock {lock}); "
             "wait for it to finish, or stop it: a rerun resumes where it stopped"
         )
 
@@ -303,12 +311,13 @@ class FeatureStoreWriter:
 
     def write_rows(self, features: ShardFeatures) -> None:
         """Write a shard's arrays into its group (replacing an unfinished one); not visible until `mark_done`."""
-        shards = _zopen(self.path, mode="r+")[SHARDS_GROUP]
+        root = _zopen(self.path, mode="r+")
+        shards = root[SHARDS_GROUP]
         if features.name in shards:
             if shards[features.name].attrs.get("done"):
                 raise FeatureStoreError(f"shard {features.name} is already done in {self.path}; it is never rewritten")
             log.info("shard %s: replacing an unfinished group left by an interrupted run", features.name)
-            del shards[features.name]
+        clear_shard_group(root, features.name)  # an unfinished group, or what a killed delete left of one
         group = shards.create_group(features.name)
         group.attrs.update({"done": False, "shard": features.name, "sha256": features.sha256})
         for name, arr in features.arrays().items():
@@ -332,6 +341,64 @@ class FeatureStoreWriter:
         )
 
 
+def clear_shard_group(root: zarr.Group, name: str) -> None:
+    """Delete everything under shards/NAME: its arrays first, the group's own metadata last, so that a run killed
+    meanwhile leaves an unfinished group (no done marker: the next extraction replaces it) or nothing."""
+    prefix = f"{SHARDS_GROUP}/{name}/"
+
+    async def clear() -> None:
+        members = {k[len(prefix) :].split("/", 1)[0] async for k in root.store.list_prefix(prefix)}
+        for member in sorted(members - {"zarr.json"}):
+            await root.store.delete_dir(prefix + member)
+        await root.store.delete_dir(prefix)
+
+    sync(clear())
+
+
+class ShardChangedError(FeatureStoreError):
+    """A tar changed in place since it was extracted (not damaged since sharding, not another folder's tar):
+    `semspai store drop` and a rerun of extract-clip bring its vectors up to date."""
+
+
+def drop_shards(path: str, names: Iterable[str]) -> list[str]:
+    """Remove shards from the store at `path` (under its writer lock), so that the next extract-clip extracts them
+    again: each one's done marker goes first (readers stop seeing it), then its arrays. A name the store does not
+    hold is an error and nothing is dropped. Returns the names dropped, sorted."""
+    names = sorted(set(names))
+    with writer_lock(path):
+        root = _open_root(path, "r+")
+        if "schema_version" not in root.attrs:
+            raise FeatureStoreError(f"{path} is no finished feature store (no store attributes); nothing dropped")
+        held = set(root[SHARDS_GROUP].group_keys()) if SHARDS_GROUP in root else set()
+        absent = [n for n in names if n not in held]
+        if absent:
+            raise FeatureStoreError(f"feature store {path} holds no shard {absent[0]}"
+                                    + (f" (nor {len(absent) - 1} more)" if len(absent) > 1 else "")
+                                    + f"; nothing dropped (`semspai store info {path}` lists its shards)")  # fmt: skip
+        for name in names:
+            with contextlib.suppress(ValueError, OSError, json.JSONDecodeError):  # a damaged group goes all the same
+                root[f"{SHARDS_GROUP}/{name}"].attrs["done"] = False
+            clear_shard_group(root, name)
+    return names
+
+
+def changed_shards(path: str, tars: list[Path]) -> list[str]:
+    """Names of the shards among `tars` whose tar changed in place since it was extracted into the store at `path`
+    (what `drop_shards` then drops for re-extraction). A tar damaged since sharding, or another folder's tar
+    of a name the store holds, raises: re-extracting it would store what is wrong."""
+    done = done_shard_attrs(path)
+    recorded = (read_store_attrs(path) or {}).get("shards", {})
+    ours = [t for t in tars if shard_name(t) in done]
+    changed = []
+    for tar, sha in tar_sha256s(ours).items():
+        name = shard_name(tar)
+        try:
+            check_shard_unchanged(path, name, done[name]["sha256"], sha, tar, recorded.get(name, ""))
+        except ShardChangedError:
+            changed.append(name)
+    return sorted(changed)
+
+
 def _shard_attrs(path: str) -> dict[str, dict]:
     """Shard group name -> its attrs, for every group under shards/ (done or not), sorted by name."""
     root = _open_root(path, "r")
@@ -349,7 +416,9 @@ def _shard_attrs(path: str) -> dict[str, dict]:
     return out
 
 
-REBUILD = "delete the damaged shard's group (shards/NAME) and rerun `semspai extract-clip` to extract it again"
+REBUILD = (
+    "drop the damaged shard (`semspai store drop STORE NAME`) and rerun `semspai extract-clip` to extract it again"
+)
 # the prompt vectors are written once, when the store is made: no rerun rewrites them
 REBUILD_TEXT = "restore the store's text/ folder from a copy, or extract into a new --store"
 
@@ -663,8 +732,9 @@ def check_shard_unchanged(store: str, name: str, stored_sha: str, tar_sha: str, 
             "Shard folders that share a store need tars of other names (shard the later one with --prefix NAME); "
             "else extract into a new --store"
         )
-    raise FeatureStoreError(
-        f"shard {name} ({path}) changed since it was extracted into {store} ({shas}); extract into a new --store"
+    raise ShardChangedError(
+        f"shard {name} ({path}) changed since it was extracted into {store} ({shas}); `semspai store drop {store} "
+        f"{name}` (or `--changed SPEC` for every such shard), then rerun `semspai extract-clip`, extracts it again"
     )
 
 

@@ -429,7 +429,9 @@ def test_a_second_run_on_a_store_being_written_is_refused(shards: Path, referenc
     with writer_lock(str(store)):  # as a run in another process holds it (flock: per open file, not per process)
         assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
         line = one_line_error(cli_args(shards, store))
-        assert "is being written by another extract-clip" in line and f"pid {os.getpid()}" in line
+        assert "is being written by another extract-clip or store drop" in line and f"pid {os.getpid()}" in line
+        line = one_line_error(["store", "drop", str(store), "train-000000"])  # a drop takes the same lock
+        assert f"feature store {store} is being written by another" in line
     assert not lock.exists() and not store.exists()  # the refused run wrote nothing
     lock.write_text("pid 1 on a killed run")  # a killed run leaves its file, never the lock itself
     run(cfg(shards, store), embedder_factory=TINY)
@@ -505,6 +507,51 @@ def test_changed_shard_is_refused(reference: Path, tmp_path: Path) -> None:
     assert "shard train-000000 (" in line and "changed since it was extracted" in line
     with pytest.raises(FeatureStoreError, match="changed since it was extracted"):
         FeatureStore.open(str(store)).check_shards([own / "train-000000.tar"])
+
+
+def test_a_changed_tar_is_dropped_from_the_store_and_extracted_again(shards: Path, reference: Path,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    store = Path(shutil.copytree(reference, tmp_path / "ref.zarr"))
+    other = tmp_path / "other"
+    make_shards(other, n_shards=1, per_shard=3)  # train-000000, with other contents
+    assert (
+        CliRunner()
+        .invoke(cli, ["store", "drop", str(store), "--changed", str(shards)])
+        .output.endswith("nothing to drop (every shard of " + str(shards) + " is as it was extracted)\n")
+    )
+    before = arrays(store)
+    # another folder's tar of a name the store holds, or an unknown name: refused, and nothing is dropped
+    line = one_line_error(["store", "drop", str(store), "--changed", str(other)])
+    assert "shard train-000000: " in line and "is not the tar extracted under that name" in line
+    line = one_line_error(["store", "drop", str(store), "train-000001", "train-000009", "nope"])
+    assert f"feature store {store} holds no shard nope (nor 1 more); nothing dropped" in line
+    assert arrays(store) == before
+    # a tar rewritten in place: refused with the way out, which drops it alone and extracts it again
+    changed = tmp_path / "changed"
+    make_shards(changed, per_shard=4)
+    run(cfg(changed, tmp_path / "c.zarr"), embedder_factory=TINY)
+    make_shards(tmp_path / "remade", per_shard=5)
+    shutil.copyfile(tmp_path / "remade" / "train-000001.tar", changed / "train-000001.tar")
+    line = one_line_error(cli_args(changed, tmp_path / "c.zarr"))
+    assert f"`semspai store drop {tmp_path / 'c.zarr'} train-000001` (or `--changed SPEC`" in line
+    res = CliRunner().invoke(cli, ["store", "drop", str(tmp_path / "c.zarr"), "--changed", str(changed)])
+    assert res.exit_code == 0 and "dropped 1 shard(s): train-000001;" in res.output, res.output
+    assert not (tmp_path / "c.zarr" / "shards" / "train-000001").exists()
+    info = CliRunner().invoke(cli, ["store", "info", str(tmp_path / "c.zarr")]).output
+    assert "shards: 2 done, 1 missing (train-000001: asked for by a run, not done)" in info
+    result = run(cfg(changed, tmp_path / "c.zarr"), embedder_factory=TINY)
+    assert [s.name for s in result.extracted] == ["train-000001"]
+    run(cfg(changed, tmp_path / "c-fresh.zarr"), embedder_factory=TINY)
+    assert arrays(tmp_path / "c.zarr") == arrays(tmp_path / "c-fresh.zarr")
+    # by name (or tar): a shard's group goes whole, and the next run extracts it again, bit for bit
+    res = CliRunner().invoke(cli, ["store", "drop", str(store), "train-000002", str(shards / "train-000000.tar")])
+    assert res.exit_code == 0 and "dropped 2 shard(s): train-000000, train-000002;" in res.output, res.output
+    assert FeatureStore.open(str(store)).done_shards == ["train-000001"]
+    assert [s.name for s in run(cfg(shards, store), embedder_factory=TINY).extracted] == [
+        "train-000000",
+        "train-000002",
+    ]
+    assert arrays(store) == before
 
 
 def test_tar_unlike_its_index_fails_naming_it_and_keeps_the_others(

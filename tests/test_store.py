@@ -18,6 +18,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 from store_data import CORRUPT_KEY, make_shards
+from zarr.storage import LocalStore
 
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.stages.cli import cli
@@ -31,6 +32,7 @@ from semspai.store.features import (
     check_new_store_path,
     damaged_arrays,
     done_shard_attrs,
+    drop_shards,
     verify_store,
 )
 from semspai.store.shards import file_sha256, iter_shard, shard_name
@@ -228,6 +230,44 @@ def test_unfinished_group_is_replaced_and_done_group_never_rewritten(tmp_path: P
     assert writer.done_shards() == {f.name: f.sha256}
     with pytest.raises(FeatureStoreError, match="already done"):
         writer.write_rows(f)
+    # what a delete killed half-way can leave (arrays without their group's metadata) is cleared, not tripped on
+    _, (g,) = write(store, shards[1:2], done=False)
+    (Path(store) / "shards" / g.name / "zarr.json").unlink()
+    assert (Path(store) / "shards" / g.name / "global" / "zarr.json").exists()
+    writer.write_rows(g)
+    writer.mark_done(g)
+    assert FeatureStore.open(store).keys == f.keys + g.keys
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_a_drop_stopped_half_way_leaves_an_unfinished_group_that_extraction_replaces(
+    tmp_path: Path, shards: list[Path], monkeypatch
+) -> None:
+    store = str(tmp_path / "f.zarr")
+    writer, feats = write(store, shards[:2])
+    before = FeatureStore.open(store).global_vectors()
+    deleted, delete_dir = [], LocalStore.delete_dir
+
+    async def stops_after_one(self, prefix: str) -> None:
+        if deleted:
+            raise Stopped(prefix)
+        deleted.append(prefix)
+        await delete_dir(self, prefix)
+
+    monkeypatch.setattr(LocalStore, "delete_dir", stops_after_one)
+    with pytest.raises(Stopped):
+        drop_shards(store, [feats[0].name])
+    monkeypatch.undo()
+    assert deleted[0].startswith(f"shards/{feats[0].name}/") and deleted[0] != f"shards/{feats[0].name}/"
+    # the marker went first: readers no longer see the shard, and its group is an unfinished one
+    assert FeatureStore.open(store).done_shards == [feats[1].name]
+    assert FeatureStore.open(store).unfinished_shards == [feats[0].name]
+    writer.write_rows(feats[0])
+    writer.mark_done(feats[0])
+    assert np.array_equal(FeatureStore.open(store).global_vectors(), before)
 
 
 def test_a_tar_damaged_since_sharding_is_named_so_with_the_repair(
@@ -319,8 +359,10 @@ def test_a_missing_chunk_file_is_damage_every_reader_refuses(tmp_path: Path, sha
     }
     verify = CliRunner().invoke(cli, ["store", "verify", str(store), "--shards", str(shards[0])])
     assert verify.exit_code == 1 and f"problem: shards/{f.name}/label: missing" in verify.output
-    # the repair the message gives: the damaged shard's group deleted, the shard extracted again
-    shutil.rmtree(store / "shards" / f.name)
+    # the repair the message gives: the damaged shard dropped, then extracted again
+    assert "`semspai store drop STORE NAME`" in verify.output
+    assert CliRunner().invoke(cli, ["store", "drop", str(store), f.name]).exit_code == 0
+    assert not (store / "shards" / f.name).exists()
     writer = FeatureStoreWriter(str(store))
     writer.write_rows(f)
     writer.mark_done(f)
