@@ -407,9 +407,9 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
     return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"])
 
 
-def warm_start(module: TrainModule, file: Path, cfg: RunConfig, store: FeatureStore | None) -> dict:
-    """--init: put the trainable weights of checkpoint `file` into a fresh run's `module` (its optimiser, schedule
-    and random state start fresh). The checkpoint must fit the run's model and, where both read CLIP vectors,
+def warm_start(module: TrainModule, file: Path, sha256: str, cfg: RunConfig, store: FeatureStore | None) -> dict:
+    """--init: put the trainable weights of checkpoint `file` (of contents `sha256`) into a fresh run's `module` (its
+    optimiser, schedule and random state start fresh). The checkpoint must fit the run's model and, where both read CLIP vectors,
     have learnt on those of the store's encoder; its loss head is taken when it fits too. Returns what the run's
     checkpoints record of it."""
     state = load_checkpoint(file)
@@ -444,7 +444,7 @@ def warm_start(module: TrainModule, file: Path, cfg: RunConfig, store: FeatureSt
              "fresh", file, epoch, f", val AUC {auc:.4f}" if auc is not None else "",
              ", its semantic projection too" if took_head else "",
              f"; it was trained with other {', '.join(differ)}" if differ else "")  # fmt: skip
-    return {"path": str(file.resolve()), "sha256": file_sha256(file), "epoch": int(epoch or 0)}
+    return {"path": str(file.resolve()), "sha256": sha256, "epoch": int(epoch or 0)}
 
 
 class Trainer:
@@ -602,7 +602,7 @@ class Trainer:
                 return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS)
             refuse_foreign(self.out)
             if self.init is not None:  # before anything is written: a checkpoint that does not fit changes nothing
-                self.init_info = warm_start(self.module, self.init, self.cfg, self.store)
+                self.init_info = warm_start(self.module, self.init, self.inputs["init"], self.cfg, self.store)
             if self.rank == 0:
                 if force:
                     clear_run(self.out)
