@@ -42,6 +42,7 @@ from semspai.pipeline.extraction import (
     worker_embedder,
 )
 from semspai.pipeline.grid import grid_boxes
+from semspai.pipeline.host import tune_malloc
 from semspai.stages.extract import ExtractConfig, run
 from semspai.store.shards import ShardWriter, iter_shard
 from semspai.store.writer import WRITER_ENV
@@ -293,6 +294,9 @@ def main() -> None:
         help="with --host-ceiling: alternate runs with shard writes by the writer process and in a thread",
     )
     args = parser.parse_args()
+    # as the `semspai` command does in its own process (pipeline/host.py); GLIBC_TUNABLES=glibc.malloc.check=0 (any
+    # allocator setting of one's own) measures glibc's defaults instead
+    print(json.dumps({"malloc_tuned": tune_malloc()}), flush=True)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("semspai.pipeline.extraction").setLevel(logging.INFO)  # a line per shard, with its seconds
     rows = []

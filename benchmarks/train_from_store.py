@@ -31,6 +31,7 @@ from semspai.pipeline.data import BATCHES_AHEAD, Sample, ShardStream, TrainBatch
 from semspai.pipeline.demodata import synthetic_photo
 from semspai.pipeline.detector import DetectorBatch, unit_pixels
 from semspai.pipeline.engine import Trainer
+from semspai.pipeline.host import tune_malloc
 from semspai.pipeline.iterate import Background, batched
 from semspai.stages.extract import ExtractConfig
 from semspai.stages.extract import run as extract
@@ -215,6 +216,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="synchronise after each part of a step and "
                         "print where the time goes (a diagnostic: it removes the host/device overlap)")  # fmt: skip
     args = parser.parse_args()
+    # as the `semspai` command does in its own process (pipeline/host.py); GLIBC_TUNABLES=glibc.malloc.check=0 (any
+    # allocator setting of one's own) measures glibc's defaults instead
+    print(f"malloc tuned: {tune_malloc()}", flush=True)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     need = args.batch_size * (args.warmup + args.steps)

@@ -30,6 +30,7 @@ from PIL import Image
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.config import PROMPT_TEMPLATE, ConfigError
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
+from semspai.pipeline.host import worker_environment
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.pipeline.progress import configure_logging
 from semspai.store.features import ShardFeatures, done_marker, sidecar_fields
@@ -755,17 +756,23 @@ class DaskDistributor(InlineDistributor):
         else:
             # processes; a task's torch threads are set by the task itself. Two task threads: one shard is
             # embedded while the one before is written (`extract_shard` lets one compute at a time)
-            self.cluster = LocalCluster(
-                n_workers=0 if gpus else workers, threads_per_worker=2, processes=True, dashboard_address=None
-            )
-            if gpus:
-                for i in range(workers):
-                    ((name, spec),) = self.cluster.new_worker_spec().items()  # the cluster's shared template
-                    env = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
-                    self.cluster.worker_spec[name] = {**spec, "options": {**spec["options"], "env": env}}
-                self.cluster.scale(workers)
-            self.client = Client(self.cluster)
-            self.client.wait_for_workers(workers)
+            import dask
+
+            # the workers are this command's own processes: they get its allocator settings, as variables that the
+            # nanny sets before it starts them (Dask's own MALLOC_TRIM_THRESHOLD_ would return freed memory at once)
+            spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **worker_environment()}
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn}):  # until every worker is up
+                self.cluster = LocalCluster(
+                    n_workers=0 if gpus else workers, threads_per_worker=2, processes=True, dashboard_address=None
+                )
+                if gpus:
+                    for i in range(workers):
+                        ((name, spec),) = self.cluster.new_worker_spec().items()  # the cluster's shared template
+                        env = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+                        self.cluster.worker_spec[name] = {**spec, "options": {**spec["options"], "env": env}}
+                    self.cluster.scale(workers)
+                self.client = Client(self.cluster)
+                self.client.wait_for_workers(workers)
         log.info("dask: %s", self.client)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

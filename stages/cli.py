@@ -9,7 +9,10 @@ import os
 import click
 
 from semspai import __version__
+from semspai.pipeline.host import tune_malloc
 from semspai.pipeline.progress import configure_logging
+
+TUNE_MALLOC = "tune_malloc"  # set in the context object by `main`: this process is the command's own
 
 # command name -> "module:attribute"; imported only when that command runs, so `semspai shard` does not pay
 # for importing torch models and open_clip
@@ -67,9 +70,12 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="semspai")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """semspai: detect AI-generated images at any resolution (spectral learning + CLIP semantics)."""
     configure_logging(logging.DEBUG if verbose else logging.INFO)
+    if (ctx.obj or {}).get(TUNE_MALLOC):  # the command's own process; not a caller's (tests, notebooks)
+        tune_malloc()
     # Dask's scheduler and nanny narrate every connection at INFO: its warnings only, unless --verbose. Through
     # dask's config too, which `import distributed` applies to its loggers (here and in its worker processes)
     level = "debug" if verbose else "warning"
@@ -78,4 +84,4 @@ def cli(verbose: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="semspai")
+    cli(prog_name="semspai", obj={TUNE_MALLOC: True})
