@@ -225,6 +225,11 @@ class ClipEmbedder:
         self.precision = precision if precision == BF16_WEIGHTS else resolve_precision(precision, device)
         self.dtype = torch.bfloat16 if self.precision == BF16_WEIGHTS else torch.float32  # weights and inputs
         self.model = model.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        # a timm CNN's convolutions run channels-last (oneDNN's depthwise kernels want it; so do a GPU's tensor
+        # cores): EfficientNet-Lite0 alone on 2 CPU cores 33 -> 67 crops/s at batch 256; the vectors move by
+        # float rounding only (tested against the model called as timm builds it)
+        self._memory_format = torch.channels_last if spec.kind == "timm" else torch.contiguous_format
+        self.model = self.model.to(memory_format=self._memory_format)
         self.spec = spec
         self.device = device
         self._global_transform = global_transform
@@ -266,7 +271,7 @@ class ClipEmbedder:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ValueError(f"expected a (B, 3, {s}, {s}) batch for {self.spec.arg}, got {tuple(x.shape)}")
         with torch.inference_mode(), self._autocast():
-            x = x.to(self.device, self.dtype, non_blocking=True)
+            x = x.to(self.device, self.dtype, non_blocking=True, memory_format=self._memory_format)
             feats = self.model(x) if self.spec.kind == "timm" else self.model.encode_image(x)  # (B, D)
         return F.normalize(feats.float(), dim=-1)
 

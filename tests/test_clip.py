@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -402,8 +403,15 @@ def test_timm_encoder_has_no_text_tower() -> None:
         True,
     )
     assert spec.mean == (0.485, 0.456, 0.406) and spec.interpolation == "bicubic"
-    v = emb.get_image_embedding(emb.preprocess_patches(np.stack([_image(224, 224, 0)] * 2)))
+    x = emb.preprocess_patches(np.stack([_image(224, 224, 0), _image(224, 224, 1)]))
+    v = emb.get_image_embedding(x)
     assert v.shape == (2, 1280)
+    # its convolutions run channels-last, with the vectors of the model as timm builds it, up to float rounding
+    assert emb.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = timm.create_model("efficientnet_lite0", num_classes=0).eval()
+    plain.load_state_dict(emb.model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(v, torch.nn.functional.normalize(plain(x), dim=-1), atol=1e-5, rtol=0)
     with pytest.raises(NoTextTowerError, match="no text tower"):
         emb.get_text_embedding(["a cat"])
 
