@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,3 +92,15 @@ def train_store(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     store = tmp_path_factory.mktemp("store") / "features.zarr"
     run(ExtractConfig(shards=str(tiny_shards), store=str(store), clip="tiny-random", workers=0))
     return store
+
+
+def run_in_own_session(args: list[str], env: dict[str, str], timeout: float = 600, **popen) -> tuple[int, Any, Any]:
+    """Run `args` in a session of its own: (return code, stdout, stderr). Whatever it started (a Dask cluster's
+    processes) is killed with it afterwards, and nothing else."""
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err

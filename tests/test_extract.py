@@ -58,7 +58,7 @@ from semspai.store.shards import (
     resolve_shards,
 )
 from semspai.store.writer import FAULT_ENV, WRITER_ENV, writer_process
-from tests.conftest import XMP_ROTATED, encode, with_adobe
+from tests.conftest import XMP_ROTATED, encode, run_in_own_session, with_adobe
 from tests.conftest import random_photo as photo
 
 TINY = ClipFactory("tiny-random", "cpu", "fp32")
@@ -193,15 +193,8 @@ def test_kill_after_rows_then_resume_is_bitwise_equal(shards: Path, reference: P
     exe = Path(sys.executable).with_name("semspai")
     args = [str(exe), *cli_args(shards, store, "tiny-random", "--batch-size", str(BATCH))]
     env = {**os.environ, FAULT_ENV: "train-000001"}
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session: only what this test started
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL, out.decode()[-2000:]
+    returncode, out, _ = run_in_own_session(args, env, stderr=subprocess.STDOUT)
+    assert returncode == -signal.SIGKILL, out.decode()[-2000:]
     partial = zarr.open_group(str(store), mode="r")["shards"]
     assert partial["train-000001"].attrs["done"] is False  # rows written, marker not
     assert FeatureStore.open(str(store)).done_shards == ["train-000000"]

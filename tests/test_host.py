@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from click.testing import CliRunner
 
 from semspai.pipeline import host
 from semspai.stages.cli import cli
+from tests.conftest import run_in_own_session
 
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
 pytestmark = pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
@@ -93,14 +93,7 @@ finally:
 print(json.dumps(list(seen.values())))
 """
     env = {k: v for k, v in os.environ.items() if k not in host.USER_SETTINGS and not k.startswith("DASK_")}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session: only what this test started
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, err[-3000:]
+    returncode, out, err = run_in_own_session([sys.executable, "-c", script], env, 300, stderr=subprocess.PIPE,
+                                              text=True)  # fmt: skip
+    assert returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1]) == [host.ENVIRONMENT]
