@@ -43,6 +43,45 @@ def unit_pixels(patches: torch.Tensor) -> torch.Tensor:
     return patches.permute(0, 3, 1, 2).contiguous().float().div_(255)
 
 
+def fingerprints(rows: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """(N, F) pixel rows in [0, 1] -> (N,) float64: equal rows get equal values, whatever the row's position
+    (BLAS sums rows in orders that depend on it, so a float sum would not), and unequal rows almost always differ.
+
+    The sum runs over grey levels (0..255) times integer weights below 2**20, every partial sum an integer under
+    2**53, hence exact in any order. Values off the 1/255 grid only make more rows collide.
+    """
+    f = rows.shape[1]
+    weights = (torch.arange(f, device=rows.device, dtype=torch.float64) * 40503 % 1048573) + 1
+    with torch.autocast(rows.device.type, enabled=False):
+        return torch.cat([part.double().mul_(255).round_() @ weights for part in torch.split(rows, chunk)])
+
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where x (N, ...) repeats rows: `(first, inverse)` with `x[first]` its distinct rows in order of first
+    occurrence and `x[first][inverse]` equal to x, bit for bit; None when no row repeats.
+
+    A 224-px image's five crops are one patch five times, and flat regions of a large image (a screenshot's
+    white) repeat too: eval-mode encoders then compute each once. Rows are grouped by a fingerprint and every
+    grouped row is compared in full with its group's first, so a fingerprint collision costs only a missed
+    repeat. One read back from the device (the candidates' count).
+    """
+    n = len(x)
+    if n < 2:
+        return None
+    flat = x.reshape(n, -1)
+    _, group = torch.unique(fingerprints(flat), return_inverse=True)  # (N,) group of each row
+    order = torch.arange(n, device=x.device)
+    first_of_group = torch.full((n,), n, device=x.device).scatter_reduce_(0, group, order, "amin")
+    rep = first_of_group[group]  # (N,) each row's candidate original
+    cand = (rep != order).nonzero().squeeze(1)
+    if len(cand) == 0:
+        return None
+    differ = (flat[cand] != flat[rep[cand]]).any(dim=1)
+    rep[cand[differ]] = cand[differ]  # a fingerprint collision: the row stands for itself
+    first, inverse = torch.unique(rep, return_inverse=True)  # sorted: first occurrences in order
+    return None if len(first) == n else (first, inverse)
+
+
 def pack_images(
     images: list[np.ndarray], rule: PatchRule = DEFAULT_RULE
 ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
@@ -98,6 +137,14 @@ class SemSpaiDetector(nn.Module):
         """
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.spectral.encoder.parameters()):
             return self.spectral(patches, joint=patches.device.type != "cpu")
+        # in eval mode equal patches give equal vectors (no dropout, fixed norms): encode each distinct one once
+        repeats = None if self.training else distinct_rows(patches)
+        if repeats is not None:
+            first, inverse = repeats
+            return self._encode_chunks(patches[first])[inverse]
+        return self._encode_chunks(patches)
+
+    def _encode_chunks(self, patches: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.spectral(chunk) for chunk in torch.split(patches, self.chunk_size)])
 
     def forward(self, batch: DetectorBatch, return_maps: bool = False) -> DetectorOutput:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from semspai.pipeline.clip import ClipSpec, load_embedder
 from semspai.pipeline.config import PROMPT_TEMPLATE, ConfigError
-from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, grid_boxes
+from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches, distinct_boxes, grid_boxes
 from semspai.pipeline.host import worker_environment
 from semspai.pipeline.iterate import Background, batched_by_weight, ordered_map
 from semspai.pipeline.progress import configure_logging
@@ -492,18 +492,26 @@ def features_of(
     batcher = CropBatcher(embedder.get_image_embedding, opts.batch_size)
     kept: list[Prepared] = []
     skipped: list[dict] = []
-    n_samples = 0
+    rows: list[np.ndarray] = []  # per image: the batcher's row of its global crop and of each grid patch
+    n_rows = n_samples = 0
     for prep in prepared:
         n_samples += 1
         if prep.error:
             log.warning("shard %s: skipping unreadable image %s: %s", name, prep.key, prep.error)
             skipped.append({"key": prep.key, "reason": prep.error})
             continue
-        batcher.add(prep.crops)
+        # a box given twice (a 224-px image's five crops are one) is embedded once and its vector copied
+        first, inverse = distinct_boxes(prep.boxes)
+        keep = [0, *(1 + first).tolist()]  # cut as slices: an index tensor would be copied to the device, waiting
+        batcher.add(prep.crops if len(first) == len(inverse) else torch.cat([prep.crops[i : i + 1] for i in keep]))
+        rows.append(n_rows + np.concatenate([[0], 1 + inverse]))
+        n_rows += 1 + len(first)
         prep.crops = None  # the batcher holds what it needs; keep only metadata
         kept.append(prep)
     spec = embedder.spec
-    vectors = batcher.finish(spec.embed_dim)  # (sum(1 + P_i), D)
+    vectors = batcher.finish(spec.embed_dim)  # (sum(1 + distinct P_i), D)
+    if len(vectors) != sum(len(r) for r in rows):
+        vectors = vectors[np.concatenate(rows)]  # (sum(1 + P_i), D)
     n_patches = np.array([len(p.boxes) for p in kept], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(n_patches + 1)])[:-1]  # each image's global row in `vectors`
     is_global = np.zeros(len(vectors), dtype=bool)

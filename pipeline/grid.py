@@ -57,6 +57,16 @@ def grid_boxes(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> np.nd
     return np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
 
 
+def distinct_boxes(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, inverse) for boxes (P, 4): `boxes[first]` the distinct boxes in order of first occurrence and
+    `boxes[first][inverse]` equal to boxes. The five-crop of an image 224 px on a side repeats boxes."""
+    _, first, inverse = np.unique(boxes, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # np.unique sorts by value: back to the image's patch order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.reshape(-1)]
+
+
 def pad_image(image: np.ndarray, rule: PatchRule = DEFAULT_RULE) -> np.ndarray:
     """Pad an (H, W, C) image at the bottom/right to at least `rule.size` on each side."""
     h, w = image.shape[:2]

@@ -24,7 +24,14 @@ from semspai.pipeline.clip import (
     resolve_precision,
 )
 from semspai.pipeline.config import RunConfig, config_from_dict
-from semspai.pipeline.detector import DetectorBatch, SemSpaiDetector, create_detector, load_trainable_state, pack_images
+from semspai.pipeline.detector import (
+    DetectorBatch,
+    SemSpaiDetector,
+    create_detector,
+    distinct_rows,
+    load_trainable_state,
+    pack_images,
+)
 from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
 from semspai.pipeline.iterate import ordered_map
@@ -180,11 +187,13 @@ class Detector:
         """
         emb = self.embedder
         glob = emb.get_image_embedding(torch.stack([emb.preprocess_global(img) for img in images]))  # (B, D)
+        repeats = distinct_rows(patches)  # a small image's five crops are one patch: embed it once
         local = []
-        for chunk in torch.split(patches, self.chunk_size):  # bounded memory for any number of patches
+        for chunk in torch.split(patches if repeats is None else patches[repeats[0]], self.chunk_size):
             crops = chunk.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # exact: patches are u8/255
-            local.append(emb.get_image_embedding(emb.preprocess_patches(crops)))  # (n, D)
-        return glob.half().float(), torch.cat(local).half().float()
+            local.append(emb.get_image_embedding(emb.preprocess_patches(crops)))  # (n, D), bounded memory
+        local = torch.cat(local) if repeats is None else torch.cat(local)[repeats[1]]
+        return glob.half().float(), local.half().float()
 
     @torch.inference_mode()
     def score(self, images: list[np.ndarray], global_vec: torch.Tensor | None = None,

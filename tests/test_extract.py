@@ -149,6 +149,27 @@ def test_vectors_equal_open_clip_on_the_same_pixels(shards: Path, reference: Pat
     assert checked == fs.n_images == 12
 
 
+def test_a_box_given_twice_is_embedded_once_and_its_vector_copied(shards: Path, reference: Path, tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def counting() -> object:  # tiny-random, counting the crops it embeds
+        embedder = TINY()
+        embed = embedder.get_image_embedding
+        embedder.get_image_embedding = lambda x: seen.append(len(x)) or embed(x)
+        return embedder
+
+    store = tmp_path / "s.zarr"
+    run(cfg(shards, store), embedder_factory=counting)
+    assert arrays(store) == arrays(reference)
+    fs = FeatureStore.open(str(store))
+    boxes = [[tuple(b) for b in fs.boxes(i).tolist()] for i in range(fs.n_images)]
+    assert sum(seen) == sum(1 + len(set(b)) for b in boxes) < sum(1 + len(b) for b in boxes)
+    for i, image_boxes in enumerate(boxes):  # 224 x 224: five crops, one box; 300 x 200: five crops, three boxes
+        local = fs.local_vectors(i)
+        for j, box in enumerate(image_boxes):
+            assert np.array_equal(local[j], local[image_boxes.index(box)])
+
+
 def test_layout_offsets_captions_and_skipped(reference: Path) -> None:
     fs = FeatureStore.open(str(reference))
     assert fs.done_shards == ["train-000000", "train-000001", "train-000002"]

@@ -17,6 +17,7 @@ from semspai.pipeline.detector import (
     DetectorBatch,
     SemSpaiDetector,
     create_detector,
+    distinct_rows,
     pack_images,
     trainable_parameters,
     trainable_state_dict,
@@ -158,6 +159,57 @@ def test_chunked_equals_unchunked_and_bounds_encoder_batch() -> None:
     seen.clear()
     model.train()(batch).logits.sum().backward()
     assert seen == [12, 12, 12]
+
+
+def test_distinct_rows_finds_repeats_at_any_position_and_survives_fingerprint_collisions(monkeypatch) -> None:
+    from semspai.pipeline import detector
+
+    gen = torch.Generator().manual_seed(3)
+    for n in range(2, 40):  # BLAS sums a row in an order that depends on its position: a float sum would miss some
+        row = torch.randint(0, 256, (1, 3, 224, 224), generator=gen).float() / 255
+        first, inverse = distinct_rows(row.expand(n, -1, -1, -1).contiguous())
+        assert first.tolist() == [0] and inverse.tolist() == [0] * n
+    rows = torch.randint(0, 256, (6, 3, 8, 8), generator=gen).float() / 255
+    x = rows[[0, 1, 0, 2, 1, 3, 4, 3, 5]]
+    first, inverse = distinct_rows(x)
+    assert first.tolist() == [0, 1, 3, 5, 6, 8] and inverse.tolist() == [0, 1, 0, 2, 1, 3, 4, 3, 5]
+    assert torch.equal(x[first][inverse], x)
+    # every row one fingerprint: the full comparison with the group's first row keeps distinct rows apart (the
+    # repeats of other rows are missed, which costs time, never a wrong vector)
+    monkeypatch.setattr(detector, "fingerprints", lambda r: torch.zeros(len(r), dtype=torch.float64))
+    first, inverse = distinct_rows(x)
+    assert first.tolist() == [0, 1, 3, 4, 5, 6, 7, 8] and torch.equal(x[first][inverse], x)
+    monkeypatch.undo()
+    assert distinct_rows(rows) is None and distinct_rows(rows[:1]) is None
+
+
+def test_eval_encodes_each_distinct_patch_once_and_gives_the_same_logits(monkeypatch) -> None:
+    from semspai.pipeline import detector
+
+    rng = np.random.default_rng(4)
+    sizes = [(224, 224), (224, 300), (120, 90), (300, 300)]  # five equal crops, three distinct, one, five
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    patches, counts, _ = pack_images(images)
+    gen = torch.Generator().manual_seed(1)
+    batch = DetectorBatch(patches, counts, unit((4, CLIP_DIM), gen), unit((len(patches), CLIP_DIM), gen))
+    model = build(model_cfg("global_local", "gate", chunk=4)).eval()
+    seen: list[int] = []
+    model.spectral.encoder.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        once = model(batch, return_maps=True)
+        assert sum(seen) == 3 * (1 + 3 + 1 + 5) and max(seen) <= 4  # three views; chunks still bound the batch
+        seen.clear()
+        monkeypatch.setattr(detector, "distinct_rows", lambda x: None)
+        every = model(batch, return_maps=True)
+        assert sum(seen) == 3 * 20
+    torch.testing.assert_close(once.logits, every.logits, rtol=0, atol=1e-5)
+    for a, b in zip(once.attention + once.gates, every.attention + every.gates, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    monkeypatch.undo()
+    seen.clear()
+    with torch.no_grad():
+        model.train()(batch)  # dropout draws apart what is equal: training encodes every patch
+    assert sum(seen) == 3 * 20
 
 
 def test_views_as_one_encoder_batch_equal_three_calls() -> None:

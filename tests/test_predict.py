@@ -21,6 +21,7 @@ import semspai
 from semspai.pipeline import inference
 from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError
+from semspai.pipeline.detector import pack_images
 from semspai.pipeline.inference import Detector, find_images, load_detector
 from semspai.stages import report
 from semspai.stages.cli import cli
@@ -144,6 +145,35 @@ def test_chunked_equals_unchunked(detector):
     detector.chunk_size = 4
     assert pred.n_patches == 12
     assert max(scores.values()) - min(scores.values()) <= 1e-5
+
+
+def test_repeated_patches_are_embedded_and_encoded_once_with_the_same_result(detector, monkeypatch, request):
+    from semspai.pipeline import detector as detector_module
+
+    images = [random_photo(w, h, seed=s) for s, (w, h) in enumerate(((224, 224), (300, 224), (150, 90), (480, 460)))]
+    emb, model = detector.embedder, detector.model
+    crops: list[int] = []
+    patches: list[int] = []
+    real_embed = emb.get_image_embedding
+    monkeypatch.setattr(emb, "get_image_embedding", lambda x: crops.append(len(x)) or real_embed(x))
+    hook = model.spectral.encoder.register_forward_hook(lambda mod, args, out: patches.append(args[0].shape[0]))
+    request.addfinalizer(hook.remove)  # the detector is the module's
+    once = detector.score(images, return_maps=True)
+    # globals 4; local crops: one of 224 x 224's five, three of 300 x 224's, one of the padded 150 x 90's, four
+    assert sum(crops) == 4 + 1 + 3 + 1 + 4 and sum(patches) == 3 * (1 + 3 + 1 + 4)
+    packed, _, _ = pack_images(images)
+    glob, local = detector.clip_vectors(images, packed)
+    for module in (inference, detector_module):
+        monkeypatch.setattr(module, "distinct_rows", lambda x: None)
+    crops.clear()
+    patches.clear()
+    every = detector.score(images, return_maps=True)
+    assert sum(crops) == 4 + 5 + 5 + 5 + 4 and sum(patches) == 3 * 19
+    glob_all, local_all = detector.clip_vectors(images, packed)
+    assert torch.equal(glob, glob_all) and torch.allclose(local, local_all, rtol=0, atol=1e-3)  # float16 rounding
+    for a, b in zip(once, every, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        np.testing.assert_allclose(a.maps.attention, b.maps.attention, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
