@@ -149,7 +149,9 @@ def test_vectors_equal_open_clip_on_the_same_pixels(shards: Path, reference: Pat
     assert checked == fs.n_images == 12
 
 
-def test_a_box_given_twice_is_embedded_once_and_its_vector_copied(shards: Path, reference: Path, tmp_path: Path) -> None:
+def test_a_box_given_twice_is_embedded_once_and_its_vector_copied(
+    shards: Path, reference: Path, tmp_path: Path
+) -> None:
     seen: list[int] = []
 
     def counting() -> object:  # tiny-random, counting the crops it embeds
