@@ -133,7 +133,8 @@ class SemSpaiDetector(nn.Module):
         Except when a trainable encoder runs under autograd (training): the backward pass keeps every chunk's
         activations anyway, so chunks would bound nothing and only multiply the kernel launches of a step. On an
         accelerator the three views then go through the encoder as one batch (fewer launches again); on the CPU,
-        where a launch costs nothing and large fresh buffers cost page faults, three calls measured faster.
+        where a launch costs nothing, three calls measured faster with glibc's default allocator (page faults on
+        large fresh buffers) and alike with the command's settings (pipeline/host.py), and peak lower.
         """
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.spectral.encoder.parameters()):
             return self.spectral(patches, joint=patches.device.type != "cpu")
