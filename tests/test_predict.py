@@ -22,7 +22,7 @@ from semspai.pipeline import inference
 from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.detector import pack_images
-from semspai.pipeline.inference import Detector, find_images, load_detector
+from semspai.pipeline.inference import DECODE_AHEAD, Detector, find_images, load_detector, patch_batches
 from semspai.stages import report
 from semspai.stages.cli import cli
 from semspai.stages.predict import CSV_HEADER, PredictConfig, PredictResult, progress_path, run
@@ -174,6 +174,34 @@ def test_repeated_patches_are_embedded_and_encoded_once_with_the_same_result(det
     for a, b in zip(once, every, strict=True):
         assert a.score == pytest.approx(b.score, abs=1e-5)
         np.testing.assert_allclose(a.maps.attention, b.maps.attention, rtol=0, atol=1e-5)
+
+
+def test_batches_are_bounded_by_images_and_patches_and_a_ramp_starts_at_one_image():
+    small, large = np.zeros((100, 100, 3), np.uint8), np.zeros((1000, 1000, 3), np.uint8)  # 5 and 16 patches
+    items = [(i, small if i % 7 else None) for i in range(40)]  # an unreadable image is a row of the batch too
+    batches = list(patch_batches(items, max_images=8, max_patches=1000, ramp=True))
+    assert [len(b) for b in batches] == [1, 2, 4, 8, 8, 8, 8, 1] and [i for b in batches for i, _ in b] == list(
+        range(40)
+    )
+    assert [len(b) for b in patch_batches(items, max_images=8, max_patches=1000)] == [8] * 5  # no ramp
+    smalls, larges = [(i, small) for i in range(40)], [(i, large) for i in range(6)]
+    assert [len(b) for b in patch_batches(smalls, max_patches=48, ramp=True)] == [1, 2, 4, 8, 10, 10, 5]
+    assert [len(b) for b in patch_batches(larges, max_patches=48, ramp=True)] == [1, 2, 3]
+    assert [len(b) for b in patch_batches(larges, max_patches=48)] == [3, 3]
+
+
+@pytest.mark.parametrize("ramp", [True, False])
+def test_iter_predict_yields_its_first_result_after_one_image(detector, rgb, ramp):
+    pulled: list[int] = []
+
+    def images():
+        for i in range(40):
+            pulled.append(i)
+            yield np.roll(rgb, i, axis=0)
+
+    first = next(detector.iter_predict(images(), ramp=ramp))
+    assert first[0].path == "<array 0>"
+    assert len(pulled) <= 1 + DECODE_AHEAD if ramp else len(pulled) >= 32
 
 
 @pytest.mark.slow
