@@ -63,7 +63,8 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     A 224-px image's five crops are one patch five times, and flat regions of a large image (a screenshot's
     white) repeat too: eval-mode encoders then compute each once. Rows are grouped by a fingerprint and every
     grouped row is compared in full with its group's first, so a fingerprint collision costs only a missed
-    repeat. One read back from the device (the candidates' count).
+    repeat. It reads sizes back from the device (as `torch.unique` does): a pause per batch, where eval and
+    predict read each batch's scores anyway.
     """
     n = len(x)
     if n < 2:
