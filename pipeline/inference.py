@@ -48,6 +48,7 @@ DEFAULT_BATCH_IMAGES = 32  # images scored together at most (32 vs 8: +8% for 22
 DEFAULT_BATCH_PATCHES = 256  # a batch is closed early at this many patches, so big images do not pile up
 DECODE_AHEAD = 4  # image files decoded ahead of the model at most (threads, and images held waiting)
 MOSTLY_PADDING = 0.5  # a smaller image is scored with a warning: over half its patch pixels are reflections
+PADDING_WARNINGS = 5  # such images named one by one at most; the rest are counted in one line
 
 
 @dataclass
@@ -249,16 +250,23 @@ class Detector:
         # takes tenths of a second to decode); images already in memory are converted inline
         decoded = ordered_map(decode, enumerate(images), self.decode_workers, ahead=self.decode_workers,
                               inline=lambda item: not isinstance(item[1], (str, Path)))  # fmt: skip
+        padded = 0  # images mostly padding: the first few are named, the rest counted (a folder of thumbnails)
         for batch in patch_batches(decoded, ramp=ramp):
             good = [rgb for _, rgb in batch if rgb is not None]
             scored = iter(self.score(good, return_maps=return_maps) if good else [])
             for (path, error), rgb in batch:
                 pred = Prediction(path=path, error=error) if rgb is None else next(scored)
                 if rgb is not None and padding_share(*rgb.shape[:2]) > MOSTLY_PADDING:
-                    log.warning("%s: %dx%d is mostly padding in its %d-px patches; its score says little", path,
-                                rgb.shape[1], rgb.shape[0], DEFAULT_RULE.size)  # fmt: skip
+                    padded += 1
+                    if padded <= PADDING_WARNINGS:
+                        more = "; any further such image is counted at the end" if padded == PADDING_WARNINGS else ""
+                        log.warning("%s: %dx%d is mostly padding in its %d-px patches; its score says little%s",
+                                    path, rgb.shape[1], rgb.shape[0], DEFAULT_RULE.size, more)  # fmt: skip
                 pred.path = path
                 yield pred, rgb
+        if padded > PADDING_WARNINGS:
+            log.warning("%d images in all were mostly padding in their %d-px patches (%d not named above); their "
+                        "scores say little", padded, DEFAULT_RULE.size, padded - PADDING_WARNINGS)  # fmt: skip
 
     def predict(self, images: ImageInput | Iterable[ImageInput], return_maps: bool = False) -> list[Prediction]:
         """Score paths, PIL images or uint8 arrays (one or many): path, score = P(fake), label, n_patches, error."""

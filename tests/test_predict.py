@@ -22,7 +22,14 @@ from semspai.pipeline import inference
 from semspai.pipeline.clip import ClipLoadError
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.detector import pack_images
-from semspai.pipeline.inference import DECODE_AHEAD, Detector, find_images, load_detector, patch_batches
+from semspai.pipeline.inference import (
+    DECODE_AHEAD,
+    PADDING_WARNINGS,
+    Detector,
+    find_images,
+    load_detector,
+    patch_batches,
+)
 from semspai.stages import report
 from semspai.stages.cli import cli
 from semspai.stages.predict import CSV_HEADER, PredictConfig, PredictResult, progress_path, run
@@ -370,6 +377,22 @@ def test_an_image_mostly_padding_is_scored_with_a_warning(detector, rgb, caplog)
     assert warned == [  # 1x1, and 100 of 224 rows; half the rows is not "mostly", nor is a full-size image
         "<array 0>: 1x1 is mostly padding in its 224-px patches; its score says little",
         "<array 1>: 224x100 is mostly padding in its 224-px patches; its score says little",
+    ]
+
+
+def test_many_images_mostly_padding_are_named_up_to_a_few_then_counted(detector, rgb, caplog):
+    with caplog.at_level(logging.WARNING, logger="semspai.pipeline.inference"):
+        preds = detector.predict([rgb[: 20 + i, :30] for i in range(PADDING_WARNINGS + 3)] + [rgb])
+    assert len(preds) == PADDING_WARNINGS + 4 and all(p.score is not None for p in preds)
+    warned = [r.getMessage() for r in caplog.records if "mostly padding" in r.getMessage()]
+    assert warned[:PADDING_WARNINGS] == [
+        f"<array {i}>: 30x{20 + i} is mostly padding in its 224-px patches; its score says little"
+        + ("; any further such image is counted at the end" if i == PADDING_WARNINGS - 1 else "")
+        for i in range(PADDING_WARNINGS)
+    ]
+    assert warned[PADDING_WARNINGS:] == [
+        f"{PADDING_WARNINGS + 3} images in all were mostly padding in their 224-px patches (3 not named above); "
+        "their scores say little"
     ]
 
 
