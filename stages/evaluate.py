@@ -25,7 +25,7 @@ from semspai.pipeline.config import (
     parse_override,
     save_config,
 )
-from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
 from semspai.pipeline.progress import progress
 from semspai.stages.common import resolve_device, user_errors
 from semspai.store.atomic import write_json_atomic
@@ -92,6 +92,7 @@ class CheckpointEval:
     clip_score: dict | None = None
     clip_note: str = ""
     train_generators: dict[str, int] | None = None  # generator -> fakes it was trained on; None: not recorded
+    n_mostly_padding: int = 0  # images of the split over half of whose patch pixels are padding
 
     def degenerate(self) -> str:
         """What makes this checkpoint's figures on the split say little beyond the class shares: one score for
@@ -106,6 +107,13 @@ class CheckpointEval:
             return (f"at its threshold {self.threshold:.3f} every image is called {kind}: accuracy at the threshold "
                     f"is the share of {kind}s{why}")  # fmt: skip
         return ""
+
+    def padding_note(self) -> str:
+        """Say how many images are mostly padding (smaller than a patch): their scores say little."""
+        if not self.n_mostly_padding:
+            return ""
+        return (f"{self.n_mostly_padding} of {len(self.keys)} images are mostly padding in their {DEFAULT_RULE.size}-px "
+                "patches (smaller than a patch, reflection-padded): their scores say little")  # fmt: skip
 
 
 @dataclass
@@ -216,7 +224,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     import torch
 
     from semspai.pipeline.data import STORE_CACHE_DIR, StoreJoin, local_spill_dir, plan_split
-    from semspai.pipeline.inference import load_detector, patch_batches
+    from semspai.pipeline.inference import MOSTLY_PADDING, load_detector, patch_batches
     from semspai.pipeline.metrics import clip_scores, evaluate_scores
 
     # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
@@ -252,6 +260,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
 
         keys, paths, labels, gens, scores = [], [], [], [], []
+        n_padding = 0
         perturbed: dict[str, list[float]] = {p.name: [] for p in perturbations}
         maps: dict[str, PatchMaps] = {}
         label = f"{mode}" if mode == "none" else f"{mode} ({run_cfg.MODEL.SEMANTIC.FUSION})"
@@ -259,6 +268,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         for batch in patch_batches(items):
             samples = [s for (_, s), _ in batch]
             rgbs = [rgb for _, rgb in batch]
+            n_padding += sum(padding_share(*rgb.shape[:2]) > MOSTLY_PADDING for rgb in rgbs)
             global_vec = local_vec = None
             if join is not None:
                 rows = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),
@@ -293,7 +303,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         label=label, checkpoint=det.checkpoint, mode=mode, fusion=run_cfg.MODEL.SEMANTIC.FUSION, config=run_cfg,
         threshold=det.threshold, clip=det.clip_spec.to_dict() if det.clip_spec else None, keys=keys, paths=paths, labels=y,
         generators=gens, scores=clean, perturbed={k: np.asarray(v) for k, v in perturbed.items()}, metrics=metrics,
-        maps=maps, train_generators=det.train_generators,
+        maps=maps, train_generators=det.train_generators, n_mostly_padding=n_padding,
     )  # fmt: skip
     if not clip_note:
         image, caption = (np.concatenate(v) for v in zip(*clip_rows, strict=True))
@@ -401,6 +411,8 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
              f"training). semspai {__version__}.")  # fmt: skip
     if cfg.split in SPLIT_CAVEATS:
         doc.text(f"**Note:** {SPLIT_CAVEATS[cfg.split][0].upper()}{SPLIT_CAVEATS[cfg.split][1:]}.")
+    if run.padding_note():
+        doc.text(f"**Note:** {run.padding_note()}.")
     for r in runs:
         if r.degenerate():
             doc.text(f"**Note:** {r.label}: {r.degenerate()}.")
@@ -572,6 +584,7 @@ def run(cfg: EvalConfig) -> EvalResult:
                          "threshold": r.threshold, "clip": r.clip, "train_generators": r.train_generators,
                          "metrics": r.metrics} for r in runs],
         "clip_score": primary.clip_score, "clip_score_note": primary.clip_note,
+        "n_mostly_padding": primary.n_mostly_padding,
     })  # fmt: skip
     write_json_atomic(out / "metrics.json", primary.metrics)
     return EvalResult(out=out, metrics=primary.metrics, report_md=md, report_html=page, runs=runs,
@@ -633,6 +646,8 @@ def command(checkpoints, shards, out, store, split, perturb, overrides, clip, de
                    + (f"; unseen in training: {', '.join(unseen)}" if unseen else "") + ")")  # fmt: skip
         if r.degenerate():
             click.echo(f"  note: {r.degenerate()}")
+    if result.runs[0].padding_note():
+        click.echo(f"note: {result.runs[0].padding_note()}")
     if any(few_for_ci(r.metrics["overall"]) for r in result.runs):
         click.echo(f"†: fewer than {FEW_FOR_CI} reals or fakes; the bootstrap interval understates the uncertainty")
     click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "

@@ -29,7 +29,7 @@ from semspai.store.checkpoints import load_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStoreError
 from semspai.store.images import decode_image
 from semspai.store.shards import iter_shard, resolve_shards
-from tests.conftest import random_photo
+from tests.conftest import random_photo, write_image
 from tests.detector_fixtures import make_checkpoint
 
 M_KEYS = {"auc", "ap", "acc_at_0_5", "acc_at_threshold", "tpr_at_1_fpr", "tpr_at_5_fpr", "n_real", "n_fake",
@@ -50,6 +50,25 @@ def evaluated(tiny_shards: Path, checkpoints, tmp_path_factory: pytest.TempPathF
                      out=str(tmp_path_factory.mktemp("eval")), perturb=["jpeg:60", "noise:0.05"], device="cpu",
                      bootstrap=200)  # fmt: skip
     return run(cfg)
+
+
+def test_images_mostly_padding_are_counted_in_the_summary_report_and_eval_json(checkpoints, tmp_path):
+    from semspai.stages.shard import ShardConfig
+    from semspai.stages.shard import run as shard
+
+    rows = ["path,label,generator,split"]
+    for i in range(8):  # thumbnails among photos: 60 x 50 is 94% padding, 300 x 260 none
+        label = ("real", "fake")[i % 2]
+        path = write_image(tmp_path / "data" / f"{i}.png", *((60, 50) if i < 3 else (300, 260)), seed=i)
+        rows.append(f"{path.name},{label},{'' if label == 'real' else 'gan'},test")
+    (tmp_path / "data" / "m.csv").write_text("\n".join(rows) + "\n")
+    shard(ShardConfig(sources=[], manifests=[str(tmp_path / "data" / "m.csv")], out=str(tmp_path / "shards")))
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards",
+                                   str(tmp_path / "shards"), "--out", str(tmp_path / "ev"), "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    note = "3 of 8 images are mostly padding in their 224-px patches (smaller than a patch, reflection-padded)"
+    assert f"note: {note}" in res.output and note in (tmp_path / "ev" / "report.md").read_text()
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n_mostly_padding"] == 3
 
 
 def test_metrics_json_has_designs_schema(evaluated):
