@@ -28,6 +28,7 @@ class PatchRule:
 
 
 DEFAULT_RULE = PatchRule()
+MOSTLY_PADDING = 0.5  # an image over this share of padding is still scored, with a warning that it says little
 
 
 def padded_size(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> tuple[int, int]:
@@ -38,6 +39,11 @@ def padding_share(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> fl
     """Share of the padded image that is padding: 0 for images at least `rule.size` on each side."""
     h, w = padded_size(height, width, rule)
     return 1 - height * width / (h * w)
+
+
+def mostly_padding(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> bool:
+    """Over half the image's patch pixels would be padding (a thumbnail, a thin strip): its score says little."""
+    return padding_share(height, width, rule) > MOSTLY_PADDING
 
 
 def grid_boxes(height: int, width: int, rule: PatchRule = DEFAULT_RULE) -> np.ndarray:

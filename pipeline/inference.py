@@ -33,7 +33,7 @@ from semspai.pipeline.detector import (
     pack_images,
 )
 from semspai.pipeline.engine import autocast
-from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, mostly_padding
 from semspai.pipeline.iterate import ordered_map
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from semspai.store.images import ImageDecodeError, decode_image, pil_to_rgb
@@ -47,7 +47,6 @@ T = TypeVar("T")
 DEFAULT_BATCH_IMAGES = 32  # images scored together at most (32 vs 8: +8% for 224-px images on a 2-core CPU)
 DEFAULT_BATCH_PATCHES = 256  # a batch is closed early at this many patches, so big images do not pile up
 DECODE_AHEAD = 4  # image files decoded ahead of the model at most (threads, and images held waiting)
-MOSTLY_PADDING = 0.5  # a smaller image is scored with a warning: over half its patch pixels are reflections
 PADDING_WARNINGS = 5  # such images named one by one at most; the rest are counted in one line
 
 
@@ -256,7 +255,7 @@ class Detector:
             scored = iter(self.score(good, return_maps=return_maps) if good else [])
             for (path, error), rgb in batch:
                 pred = Prediction(path=path, error=error) if rgb is None else next(scored)
-                if rgb is not None and padding_share(*rgb.shape[:2]) > MOSTLY_PADDING:
+                if rgb is not None and mostly_padding(*rgb.shape[:2]):
                     padded += 1
                     if padded <= PADDING_WARNINGS:
                         more = "; any further such image is counted at the end" if padded == PADDING_WARNINGS else ""

@@ -25,7 +25,7 @@ from semspai.pipeline.config import (
     parse_override,
     save_config,
 )
-from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, padding_share
+from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, mostly_padding
 from semspai.pipeline.progress import progress
 from semspai.stages.common import resolve_device, user_errors
 from semspai.store.atomic import write_json_atomic
@@ -224,7 +224,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     import torch
 
     from semspai.pipeline.data import STORE_CACHE_DIR, StoreJoin, local_spill_dir, plan_split
-    from semspai.pipeline.inference import MOSTLY_PADDING, load_detector, patch_batches
+    from semspai.pipeline.inference import load_detector, patch_batches
     from semspai.pipeline.metrics import clip_scores, evaluate_scores
 
     # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
@@ -268,7 +268,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         for batch in patch_batches(items):
             samples = [s for (_, s), _ in batch]
             rgbs = [rgb for _, rgb in batch]
-            n_padding += sum(padding_share(*rgb.shape[:2]) > MOSTLY_PADDING for rgb in rgbs)
+            n_padding += sum(mostly_padding(*rgb.shape[:2]) for rgb in rgbs)
             global_vec = local_vec = None
             if join is not None:
                 rows = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),

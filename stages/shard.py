@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from semspai import __version__
+from semspai.pipeline.grid import DEFAULT_RULE, mostly_padding
 from semspai.pipeline.progress import progress
 from semspai.stages.common import user_errors
 from semspai.store.atomic import write_json_atomic
@@ -356,7 +357,8 @@ def _run(cfg: ShardConfig) -> ShardResult:
 
 def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], shard_size: int, prefix: str = ""):
     """Each split's samples, in key order, into tars of `shard_size` in `staging`; their index entries and counts."""
-    shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter()}
+    shards, counts = [], {"split": Counter(), "label": Counter(), "generator": Counter(), "split_label": Counter(),
+                          "small": Counter()}  # fmt: skip
     for split in SPLITS:
         items = sorted(by_split[split], key=lambda kp: kp[0])
         for n, lo in enumerate(range(0, len(items), shard_size)):
@@ -377,6 +379,9 @@ def _write_tars(staging: Path, by_split: dict[str, list[tuple[str, _Probed]]], s
             counts["label"][label] += 1
             counts["generator"][p.record.generator] += 1
             counts["split_label"][f"{split}/{label}"] += 1
+            if min(p.width, p.height) < DEFAULT_RULE.size:  # padded to a patch: `small` counts them by kind
+                counts["small"]["under_patch"] += 1
+                counts["small"]["mostly_padding"] += mostly_padding(p.height, p.width)
     return shards, counts
 
 
@@ -460,6 +465,10 @@ def command(sources, out, manifests, shard_size, split, max_pixels, skip_unlabel
     )
     click.echo("splits: " + ", ".join(f"{k}={v}" for k, v in result.counts["split"].items()))
     click.echo("labels: " + ", ".join(f"{k}={v}" for k, v in result.counts["label"].items()))
+    small = result.counts.get("small", {})  # an index of an older semspai has none
+    if small.get("under_patch"):
+        click.echo(f"small: {small['under_patch']} image(s) under {DEFAULT_RULE.size} px on a side, reflection-padded "
+                   f"to a patch; {small.get('mostly_padding', 0)} of them mostly padding (their scores say little)")  # fmt: skip
     if result.n_skipped or result.n_duplicates or result.n_conflicting or result.n_unlabeled_skipped:
         click.echo(
             f"skipped {result.n_skipped - result.n_too_large - result.n_missing} unreadable, "

@@ -347,6 +347,22 @@ def test_shard_command_counts_conflicting_labels(image_tree, tmp_path):
     assert "0 duplicate, 2 labelled both real and fake, 0 unlabeled" in res.output
 
 
+def test_images_under_a_patch_are_counted_and_said(image_tree, tmp_path):
+    for i in range(2):  # thumbnails, 60 x 40: 95% padding; the tree's 200 x 180 images are under a patch too
+        write_image(image_tree / "fake" / "gan_a" / f"thumb{i}.png", 60, 40, seed=100 + i)
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert (
+        "small: 6 image(s) under 224 px on a side, reflection-padded to a patch; 2 of them mostly padding" in res.output
+    )
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    assert index["counts"]["small"] == {"mostly_padding": 2, "under_patch": 6}
+    for thumb in image_tree.rglob("thumb*"):
+        thumb.unlink()
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "photos"), "--split", "1,0,0"])
+    assert "small: 4 image(s)" in res.output and "; 0 of them mostly padding" in res.output
+
+
 def test_nothing_left_but_conflicting_labels_is_an_error(tmp_path):
     photo = tmp_path / "one.png"
     write_image(photo, 32, 32, seed=1)
