@@ -14,11 +14,12 @@
 #                                                                                  -> $OUT/f_train_compiled.log
 #                   g  step c with the augmentation in the loader processes (AUG.WHERE=loader; c puts it on the GPU)
 #                                                                                  -> $OUT/g_train_aug_in_loader.log
+#                   p  predict at 4K    benchmarks/predict.py           -> $OUT/p_predict.log (not in the default STEPS)
 #   EXTRACT_ARGS  arguments of step b, default "--skip-cpu --gpu-images 8192 --gpu-shards 4 --gpu-workers 0,2"
 #   TRAIN_ARGS    arguments of step c, default "--device cuda --images 512 --batch-size 64 --steps 5 --num-workers 12"
 #   PYTEST_K      -k expression of step d, default "gpu_decode or device_crops or mixed or cuda_training_step or pinned
 #                 or on_cuda"
-#   T_A ... T_G   per-step timeouts in s (150 240 150 90 60 240 150)
+#   T_A ... T_G, T_P  per-step timeouts in s (150 240 150 90 60 240 150, 120)
 #   BUDGET_S      wall-clock budget of the whole script (default 570): a step's timeout is cut to what is left,
 #                 and a step is skipped when under 20 s are left, so the summary always gets printed
 #   OUT           output folder (default /tmp/out)
@@ -142,7 +143,9 @@ for s in $STEPS; do
         # shellcheck disable=SC2086
         g) step g_train_aug_in_loader "${T_G:-150}" "$ROOT" "$PY" benchmarks/train_from_store.py $TRAIN_ARGS \
                --set AUG.WHERE=loader ;;
-        *) echo "unknown step '$s' (a b c d e f g)" ;;
+        p) step p_predict "${T_P:-120}" "$ROOT" "$PY" benchmarks/predict.py --device cuda --sizes 3840x2160 \
+               --small-images 256 ;;
+        *) echo "unknown step '$s' (a b c d e f g p)" ;;
     esac
 done
 
