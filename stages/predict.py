@@ -26,6 +26,7 @@ from semspai.store.checkpoints import load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import StaleOutputError
+from semspai.store.progress import begin_progress, read_progress, row_line
 from semspai.store.shards import file_sha256
 
 if TYPE_CHECKING:  # the model's modules are imported where they are used: `predict --help` answers at once
@@ -106,15 +107,15 @@ def heatmap_path(folder: Path, i: int, path: str | Path) -> Path:
     return folder / f"{i:05d}-{Path(path).stem}.png"
 
 
-def progress_line(pred: Prediction, state: list[int] | None) -> str:
+def progress_row(pred: Prediction, state: list[int] | None) -> dict:
     """A row of `OUT.progress`: the result's fields, the file's real path (what --resume matches, however the
     path is spelled then) and its state when it was read."""
-    return json.dumps(pred.row() | {"realpath": os.path.realpath(pred.path), "file": state}) + "\n"
+    return pred.row() | {"realpath": os.path.realpath(pred.path), "file": state}
 
 
 class ScoredSoFar:
     """The rows of a predict into OUT, kept in `OUT.progress` as they are scored: a header line naming the
-    checkpoint (by sha256) and the threshold, then one JSON row a line (`progress_line`), flushed row by row, so
+    checkpoint (by sha256) and the threshold, then one JSON row a line (`progress_row`), flushed row by row, so
     a killed predict keeps its work for `--resume`. Removed once OUT is written."""
 
     def __init__(self, path: Path, header: dict, rows: dict[str, dict]) -> None:
@@ -123,27 +124,8 @@ class ScoredSoFar:
     @classmethod
     def read(cls, path: Path) -> ScoredSoFar:
         """The header and rows of a progress file; a last line cut short by a kill is dropped."""
-        lines = path.read_bytes().split(b"\n")
-        try:
-            header = json.loads(lines[0])
-            ok = isinstance(header, dict) and header.get("semspai") == PROGRESS_KIND
-        except ValueError:
-            ok = False
-        if not ok:
-            raise FileExistsError(f"{path} exists and is not the progress of a `semspai predict`; it is left as it is: "
-                                  "remove it or choose another --out")  # fmt: skip
-        rows = {}
-        for n, line in enumerate(lines[1:-1], start=2):  # lines[-1]: b"" after a whole last row, else a cut one
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise StaleOutputError(f"{path}: line {n} is damaged ({exc}); delete the file to start over") from exc
-            missing = [k for k in (*CSV_HEADER, "realpath", "file") if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise StaleOutputError(f"{path}: line {n} is not a row a predict of this semspai keeps (no "
-                                       f"{', '.join(missing)}); delete the file to start over")  # fmt: skip
-            rows[row["realpath"]] = row
-        return cls(path, header, rows)
+        header, rows = read_progress(path, PROGRESS_KIND, (*CSV_HEADER, "realpath", "file"), "predict")
+        return cls(path, header, {row["realpath"]: row for row in rows})
 
     def reusable(self, paths: list[Path], heatmaps: Path | None) -> dict[str, Prediction]:
         """The rows this run can keep, by `str(path)` of `paths`: those of files that are as they were scored,
@@ -253,10 +235,8 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
         sink = None
         if out is not None:  # rows kept as they come: a killed run loses at most the row being written
             out.parent.mkdir(parents=True, exist_ok=True)
-            # the rows kept so far are rewritten whole before any is added (a kill meanwhile keeps the old file)
-            kept = [progress_line(p, have.rows[os.path.realpath(p.path)]["file"]) for p in done.values()]
-            write_text_atomic(progress_path(out), json.dumps(header) + "\n" + "".join(kept))
-            sink = stack.enter_context(progress_path(out).open("a", encoding="utf-8"))
+            kept = [progress_row(p, have.rows[os.path.realpath(p.path)]["file"]) for p in done.values()]
+            sink = stack.enter_context(begin_progress(progress_path(out), header, kept))
         scored = det.iter_predict([p for _, p in todo], return_maps=folder is not None)
         for (i, _), (pred, rgb) in zip(todo, progress(scored, total=len(todo), desc="predict", unit="img"),
                                        strict=True):  # fmt: skip
@@ -265,7 +245,7 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
                 heatmaps.append(report.plot_heatmap(rgb, pred.maps, title, heatmap_path(folder, i, pred.path)))
             pred.maps = None  # drawn: a long run keeps rows, not maps
             if sink is not None:
-                sink.write(progress_line(pred, states[str(pred.path)]))
+                sink.write(row_line(progress_row(pred, states[str(pred.path)])))
                 sink.flush()
             if on_row is not None:
                 on_row(pred)
