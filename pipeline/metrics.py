@@ -107,6 +107,22 @@ def evaluate_scores(
     return {"overall": binary_metrics(y, s, threshold, rounds, seed), "per_generator": per_gen}
 
 
+def clip_score_per_image(image_vecs: np.ndarray, caption_vecs: np.ndarray) -> np.ndarray:
+    """(N,) CLIP score, 100 x the cosine of each image's vector and its caption's; NaN where a row is NaN (no
+    caption)."""
+    a = image_vecs / np.linalg.norm(image_vecs, axis=1, keepdims=True)
+    b = caption_vecs / np.linalg.norm(caption_vecs, axis=1, keepdims=True)
+    return 100.0 * (a * b).sum(axis=1)
+
+
+def clip_score_groups(score: np.ndarray, labels: Sequence[int], generators: Sequence[str]) -> dict[str, dict]:
+    """Mean CLIP score and count per class and per fake generator; NaN scores (no caption) are left out."""
+    y, g, ok = np.asarray(labels), np.asarray(generators, dtype=object), np.isfinite(score)
+    groups = {"real": ok & (y == 0), "fake": ok & (y == 1)}
+    groups |= {f"fake/{gen}": ok & (y == 1) & (g == gen) for gen in sorted(set(g[y == 1]))}
+    return {name: {"clip_score": float(score[m].mean()), "n": int(m.sum())} for name, m in groups.items() if m.any()}
+
+
 def clip_scores(
     image_vecs: np.ndarray, caption_vecs: np.ndarray, labels: Sequence[int], generators: Sequence[str]
 ) -> dict[str, dict]:
@@ -114,10 +130,4 @@ def clip_scores(
 
     image_vecs, caption_vecs: (N, D); rows with no caption are rows of NaN and are left out.
     """
-    a = image_vecs / np.linalg.norm(image_vecs, axis=1, keepdims=True)
-    b = caption_vecs / np.linalg.norm(caption_vecs, axis=1, keepdims=True)
-    score = 100.0 * (a * b).sum(axis=1)  # (N,)
-    y, g, ok = np.asarray(labels), np.asarray(generators, dtype=object), np.isfinite(score)
-    groups = {"real": ok & (y == 0), "fake": ok & (y == 1)}
-    groups |= {f"fake/{gen}": ok & (y == 1) & (g == gen) for gen in sorted(set(g[y == 1]))}
-    return {name: {"clip_score": float(score[m].mean()), "n": int(m.sum())} for name, m in groups.items() if m.any()}
+    return clip_score_groups(clip_score_per_image(image_vecs, caption_vecs), labels, generators)

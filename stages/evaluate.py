@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -31,9 +32,13 @@ from semspai.stages.common import resolve_device, user_errors
 from semspai.store.atomic import write_json_atomic
 from semspai.store.features import FeatureStore
 from semspai.store.images import ImageDecodeError, decode_image
+from semspai.store.locks import lock_beside, run_lock
+from semspai.store.manifest import StaleOutputError
+from semspai.store.progress import begin_progress, file_state, read_progress, row_line
 from semspai.store.shards import (
     SPLITS,
     ShardSample,
+    file_sha256,
     iter_shard,
     resolve_shards,
     shard_name,
@@ -42,11 +47,16 @@ from semspai.store.shards import (
 
 if TYPE_CHECKING:  # the model's and the plots' modules are imported where they are used: `eval --help` is quick
     from semspai.pipeline.data import SplitPlan
-    from semspai.pipeline.inference import Detector, PatchMaps
+    from semspai.pipeline.inference import Detector, PatchMaps, Prediction
     from semspai.pipeline.perturb import Perturbation
     from semspai.stages import report
 
 log = logging.getLogger(__name__)
+
+PROGRESS_DIR = "eval-progress"  # in --out: each checkpoint's scored rows, kept until the eval is written
+PROGRESS_KIND = "eval progress"
+ROW_FIELDS = ("key", "path", "label", "generator", "score", "perturbed", "mostly_padding", "maps", "clip")
+RESUME_KEYS = ("checkpoint_sha256", "tars", "store", "perturb", "report")  # a progress file's rows depend on these
 
 # Keys `--set` may change at eval: which generators to score, and memory per step. The model itself comes
 # from the checkpoint, so any other key would describe a model that was never trained.
@@ -68,6 +78,7 @@ class EvalConfig:
     n_heatmaps: int = 3  # images per heatmap group (most confident fakes, reals, worst errors)
     bootstrap: int = BOOTSTRAP_ROUNDS
     seed: int = 0  # of the bootstrap
+    resume: bool = False  # take the rows an eval into `out` that stopped kept, and score only the rest
 
 
 @dataclass
@@ -157,11 +168,14 @@ def split_shards(spec: str, split: str) -> list[Path]:
     return [p for p in resolve_shards(spec) if shard_split(p) == split or shard_split(p) not in SPLITS]
 
 
-def _samples(plan: SplitPlan) -> Iterator[tuple[tuple[Path, ShardSample], np.ndarray]]:
+def _samples(plan: SplitPlan, skip: set[str]) -> Iterator[tuple[tuple[Path, ShardSample], np.ndarray]]:
+    """The plan's samples, decoded, in its order; those of `skip` (scored before a stop) are not decoded."""
     from semspai.pipeline.data import DataError
 
-    wanted = {k for keys in plan.keys.values() for k in keys}
+    wanted = {k for keys in plan.keys.values() for k in keys} - skip
     for path in sorted(plan.keys):
+        if not wanted.intersection(plan.keys[path]):
+            continue  # every sample of this tar was scored before: not even read
         for sample in iter_shard(path):
             if sample.key in wanted:
                 try:
@@ -170,6 +184,50 @@ def _samples(plan: SplitPlan) -> Iterator[tuple[tuple[Path, ShardSample], np.nda
                     raise DataError(f"shard {shard_name(path)}: sample {sample.key} cannot be decoded ({exc}); "
                                     "rerun `semspai shard` for its source") from exc  # fmt: skip
                 yield (path, sample), rgb
+
+
+def progress_path(out: Path, index: int) -> Path:
+    """Where an eval into `out` keeps the rows of its `index`-th checkpoint as they are scored."""
+    return out / PROGRESS_DIR / f"checkpoint-{index}.jsonl"
+
+
+def sample_row(sample: ShardSample, rgb: np.ndarray, pred: Prediction) -> dict:
+    """What eval keeps of one scored image (a line of its progress file); perturbed scores and the CLIP score
+    are filled in by the caller."""
+    maps = pred.maps
+    kept = None if maps is None else {"boxes": maps.boxes.tolist(), "attention": maps.attention.tolist(),
+                                      "gates": None if maps.gates is None else maps.gates.tolist()}  # fmt: skip
+    return {"key": sample.key, "path": str(sample.meta.get("path") or ""), "label": int(sample.meta["label"]),
+            "generator": str(sample.meta.get("generator") or ""), "score": pred.score, "perturbed": {},
+            "mostly_padding": mostly_padding(*rgb.shape[:2]), "maps": kept, "clip": None}  # fmt: skip
+
+
+def progress_header(cfg: EvalConfig, det: Detector, perturbations: list[Perturbation], plan: SplitPlan,
+                    primary: bool) -> dict:  # fmt: skip
+    """A progress file's first line: what its rows depend on (RESUME_KEYS; a resumed eval takes them only when
+    all of these agree) and, to name it, the checkpoint's path."""
+    store = cfg.store if not cfg.store or "://" in cfg.store else os.path.abspath(cfg.store)
+    return {"semspai": PROGRESS_KIND, "checkpoint": det.checkpoint, "checkpoint_sha256": file_sha256(det.checkpoint),
+            "tars": {os.path.realpath(p): file_state(p) for p in sorted(plan.keys)}, "store": store,
+            "perturb": [p.name for p in perturbations], "report": primary}  # fmt: skip
+
+
+def kept_rows(path: Path, header: dict, resume: bool) -> dict[str, dict]:
+    """The rows (by key) an eval that stopped kept in `path`, for `resume` to take; {} when there are none. A
+    file of other checkpoint, tars, store or perturbations is refused, naming what differs."""
+    if not resume or not path.exists():
+        return {}
+    have, rows = read_progress(path, PROGRESS_KIND, ROW_FIELDS, "eval")
+    if not rows:
+        return {}
+    differ = [k for k in RESUME_KEYS if have.get(k) != header[k]]
+    if differ:
+        names = {"checkpoint_sha256": f"checkpoint ({have.get('checkpoint')})", "tars": "shards (or tars changed "
+                 "since)", "store": "--store", "perturb": "--perturb", "report": "checkpoint order"}  # fmt: skip
+        raise StaleOutputError(f"--resume: {path} was scored with another {', '.join(names[k] for k in differ)}; "
+                               f"resume with the same ones, or delete {path.parent} to start over")  # fmt: skip
+    log.info("%s: resuming, %d image(s) scored before the stop", header["checkpoint"], len(rows))
+    return {r["key"]: r for r in rows}
 
 
 def unseen_generators(scored: Iterable[str], trained: dict[str, int] | None) -> list[str]:
@@ -219,13 +277,15 @@ def clip_score_vectors(store: FeatureStore | None, det: Detector, samples: list[
 
 
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Perturbation], primary: bool,
-                        device: str) -> CheckpointEval:  # fmt: skip
-    """Score one checkpoint on the split, clean and under each perturbation, and compute its metrics."""
+                        device: str, progress_file: Path) -> CheckpointEval:  # fmt: skip
+    """Score one checkpoint on the split, clean and under each perturbation, and compute its metrics. Each batch's
+    rows are kept in `progress_file` as they are scored; with cfg.resume, the rows kept there by an eval that
+    stopped are taken and only the rest is scored."""
     import torch
 
     from semspai.pipeline.data import STORE_CACHE_DIR, StoreJoin, local_spill_dir, plan_split
-    from semspai.pipeline.inference import load_detector, patch_batches
-    from semspai.pipeline.metrics import clip_scores, evaluate_scores
+    from semspai.pipeline.inference import PatchMaps, load_detector, patch_batches
+    from semspai.pipeline.metrics import clip_score_groups, clip_score_per_image, evaluate_scores
 
     # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
     encoder = not cfg.store or bool(perturbations)
@@ -251,49 +311,57 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         if mode == "global_local":
             spill = local_spill_dir(store, run_cfg.DATA.STORE_MEMORY_GB, Path(cfg.out) / STORE_CACHE_DIR)
         join = StoreJoin(store, need_global=True, need_local=mode == "global_local", need_text=False, spill_dir=spill)
+    stack = contextlib.ExitStack()  # the progress file, once opened
     try:  # the memory-mapped copies go whatever happens: they can be as large as the store
         plan = plan_split(shards, cfg.split, run_cfg.DATA.GENERATORS, join, skip_missing=False,
                           missing_hint="or leave out --store (CLIP then runs on the fly)",
                           shards_are=f"the tars of {cfg.shards} that may hold split {cfg.split}")  # fmt: skip
         log_generators(plan, det.train_generators, checkpoint)
         clip_note = clip_score_blocker(store, det) if primary else "not the report's checkpoint"
-        clip_rows: list[tuple[np.ndarray, np.ndarray]] = []
-
-        keys, paths, labels, gens, scores = [], [], [], [], []
-        n_padding = 0
-        perturbed: dict[str, list[float]] = {p.name: [] for p in perturbations}
-        maps: dict[str, PatchMaps] = {}
         label = f"{mode}" if mode == "none" else f"{mode} ({run_cfg.MODEL.SEMANTIC.FUSION})"
-        items = progress(_samples(plan), total=len(plan), desc=f"eval {label}", unit="img")
+        header = progress_header(cfg, det, perturbations, plan, primary)
+        rows = kept_rows(progress_file, header, cfg.resume)  # key -> row, scored before a stop
+        sink = None
+        items = progress(_samples(plan, skip=set(rows)), total=len(plan) - len(rows), desc=f"eval {label}",
+                         unit="img")  # fmt: skip
         for batch in patch_batches(items):
             samples = [s for (_, s), _ in batch]
             rgbs = [rgb for _, rgb in batch]
-            n_padding += sum(mostly_padding(*rgb.shape[:2]) for rgb in rgbs)
             global_vec = local_vec = None
             if join is not None:
-                rows = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),
-                                     slice(None)) for (p, s), rgb in batch]  # fmt: skip
-                global_vec = torch.from_numpy(np.stack([g for g, _, _ in rows])).float()  # (B, D)
+                vectors = [join.vectors(f"shard {shard_name(p)}", s.key, grid_boxes(*rgb.shape[:2], DEFAULT_RULE),
+                                        slice(None)) for (p, s), rgb in batch]  # fmt: skip
+                global_vec = torch.from_numpy(np.stack([g for g, _, _ in vectors])).float()  # (B, D)
                 if mode == "global_local":
-                    local_vec = torch.from_numpy(np.concatenate([loc for _, loc, _ in rows])).float()  # (N, D)
+                    local_vec = torch.from_numpy(np.concatenate([loc for _, loc, _ in vectors])).float()  # (N, D)
             preds = det.score(rgbs, global_vec, local_vec, return_maps=primary)
-            for sample, pred in zip(samples, preds, strict=True):
-                keys.append(sample.key)
-                paths.append(str(sample.meta.get("path") or ""))
-                labels.append(int(sample.meta["label"]))
-                gens.append(str(sample.meta.get("generator") or ""))
-                scores.append(pred.score)
-                if primary:
-                    maps[sample.key] = pred.maps
+            new = [sample_row(sample, rgb, pred) for sample, rgb, pred in zip(samples, rgbs, preds, strict=True)]
             for p in perturbations:  # CLIP vectors of perturbed pixels are computed here: the store holds clean ones
                 changed = [p.apply(rgb, sample.key) for sample, rgb in zip(samples, rgbs, strict=True)]
-                perturbed[p.name] += [q.score for q in det.score(changed)]
+                for row, q in zip(new, det.score(changed), strict=True):
+                    row["perturbed"][p.name] = q.score
             if not clip_note:
-                clip_rows.append(clip_score_vectors(store, det, samples, rgbs))
+                for row, value in zip(new, clip_score_per_image(*clip_score_vectors(store, det, samples, rgbs)),
+                                      strict=True):  # fmt: skip
+                    row["clip"] = None if np.isnan(value) else float(value)
+            if sink is None:  # the first new rows: the file gets the header and the rows kept from before
+                sink = stack.enter_context(begin_progress(progress_file, header, rows.values()))
+            sink.write("".join(row_line(r) for r in new))
+            sink.flush()  # a stop loses at most the batch being scored
+            rows.update((r["key"], r) for r in new)
     finally:
+        stack.close()
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
-    y, clean = np.asarray(labels), np.asarray(scores)
+    ordered = [rows[k] for path in sorted(plan.keys) for k in plan.keys[path]]  # the split's order, resumed or not
+    keys = [r["key"] for r in ordered]
+    paths, gens = [r["path"] for r in ordered], [r["generator"] for r in ordered]
+    y, clean = np.asarray([r["label"] for r in ordered]), np.asarray([r["score"] for r in ordered])
+    perturbed = {p.name: [r["perturbed"][p.name] for r in ordered] for p in perturbations}
+    maps = {r["key"]: PatchMaps(np.asarray(r["maps"]["boxes"], np.int32), np.asarray(r["maps"]["attention"], np.float32),
+                                None if r["maps"]["gates"] is None else np.asarray(r["maps"]["gates"], np.float32))
+            for r in ordered if primary}  # fmt: skip
+    n_padding = sum(r["mostly_padding"] for r in ordered)
     metrics = evaluate_scores(y, clean, gens, det.threshold, cfg.bootstrap, cfg.seed)
     metrics["perturbations"] = {
         name: evaluate_scores(y, np.asarray(v), gens, det.threshold, cfg.bootstrap, cfg.seed)
@@ -306,8 +374,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         maps=maps, train_generators=det.train_generators, n_mostly_padding=n_padding,
     )  # fmt: skip
     if not clip_note:
-        image, caption = (np.concatenate(v) for v in zip(*clip_rows, strict=True))
-        result.clip_score = clip_scores(image, caption, y, gens) or None
+        values = np.asarray([np.nan if r["clip"] is None else r["clip"] for r in ordered], dtype=np.float64)
+        result.clip_score = clip_score_groups(values, y, gens) or None
         clip_note = "" if result.clip_score else f"no image of split {cfg.split} has a caption"
     result.clip_note = clip_note
     return result
@@ -553,12 +621,37 @@ def run(cfg: EvalConfig) -> EvalResult:
     perturbations = parse_perturbations(cfg.perturb)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+
+    def busy(holder: str) -> FileExistsError:
+        return FileExistsError(f"{out} is being written by another `semspai eval` ({holder})")
+
+    with run_lock(lock_beside(out), busy):
+        return _run(cfg, out, perturbations, device, start)
+
+
+def stopped_rows(out: Path) -> int:
+    """How many rows the progress files of an eval into `out` that stopped hold."""
+    folder = out / PROGRESS_DIR
+    files = sorted(folder.glob("checkpoint-*.jsonl")) if folder.is_dir() else []
+    return sum(len(read_progress(f, PROGRESS_KIND, ROW_FIELDS, "eval")[1]) for f in files)
+
+
+def _run(cfg: EvalConfig, out: Path, perturbations: list[Perturbation], device: str, start: float) -> EvalResult:
+    kept = stopped_rows(out)
+    if kept and not cfg.resume:
+        raise StaleOutputError(f"{out / PROGRESS_DIR} holds {kept} image score(s) of an eval into {out} that stopped: "
+                               "pass --resume to go on from there, or delete that folder to start over")  # fmt: skip
+    if cfg.resume and not kept:
+        log.info("%s: no stopped eval to resume; scoring every image", out)
+    if not kept:  # rows of no use (none, or a header alone)
+        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        runs = [evaluate_checkpoint(cfg, ck, perturbations, i == 0, device) for i, ck in enumerate(cfg.checkpoints)]
+        runs = [evaluate_checkpoint(cfg, ck, perturbations, i == 0, device, progress_path(out, i))
+                for i, ck in enumerate(cfg.checkpoints)]  # fmt: skip
     except BaseException:
-        if made:  # a failed eval leaves no empty --out behind
+        if made:  # a failed eval leaves no empty --out behind (one that kept rows for --resume is not empty)
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise  # and an earlier eval's outputs there whole: they are replaced only once this one has its numbers
@@ -587,6 +680,7 @@ def run(cfg: EvalConfig) -> EvalResult:
         "n_mostly_padding": primary.n_mostly_padding,
     })  # fmt: skip
     write_json_atomic(out / "metrics.json", primary.metrics)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # the eval is written: nothing left to resume
     return EvalResult(out=out, metrics=primary.metrics, report_md=md, report_html=page, runs=runs,
                       seconds=time.perf_counter() - start)  # fmt: skip
 
@@ -632,12 +726,20 @@ def run(cfg: EvalConfig) -> EvalResult:
     type=click.IntRange(min=0),
     help="Images per heatmap group.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help=f"Go on from the images an eval into --out that stopped scored (kept in OUT/{PROGRESS_DIR}).",
+)
 @user_errors
-def command(checkpoints, shards, out, store, split, perturb, overrides, clip, device, n_heatmaps) -> None:
-    """Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report."""
+def command(checkpoints, shards, out, store, split, perturb, overrides, clip, device, n_heatmaps, resume) -> None:
+    """Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report.
+
+    Scores are kept as they are made (in OUT/eval-progress until the report is written), so an eval that
+    stopped goes on with --resume."""
     result = run(EvalConfig(checkpoints=list(checkpoints), shards=shards, out=out, store=store, split=split,
                             perturb=list(perturb), overrides=list(overrides), clip=clip, device=device,
-                            n_heatmaps=n_heatmaps))  # fmt: skip
+                            n_heatmaps=n_heatmaps, resume=resume))  # fmt: skip
     for r in result.runs:
         o = r.metrics["overall"]
         unseen = unseen_generators(r.metrics["per_generator"], r.train_generators)

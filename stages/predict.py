@@ -26,7 +26,7 @@ from semspai.store.checkpoints import load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import StaleOutputError
-from semspai.store.progress import begin_progress, read_progress, row_line
+from semspai.store.progress import begin_progress, file_state, read_progress, row_line
 from semspai.store.shards import file_sha256
 
 if TYPE_CHECKING:  # the model's modules are imported where they are used: `predict --help` answers at once
@@ -90,16 +90,6 @@ def written_by_predict(path: Path) -> bool:
 def progress_path(out: Path) -> Path:
     """`OUT.progress`: the rows a predict into OUT has scored so far (see `ScoredSoFar`)."""
     return out.with_name(out.name + PROGRESS_SUFFIX)
-
-
-def file_state(path: str | Path) -> list[int] | None:
-    """[size, mtime_ns] of a file (None when it cannot be read): a row is reused on --resume only while its file
-    is as it was scored."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
 
 
 def heatmap_path(folder: Path, i: int, path: str | Path) -> Path:

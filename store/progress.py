@@ -4,12 +4,23 @@ flushed row by row, so a killed run loses at most the row being written and a re
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from semspai.store.atomic import write_text_atomic
 from semspai.store.manifest import StaleOutputError
+
+
+def file_state(path: str | Path) -> list[int] | None:
+    """[size, mtime_ns] of a file (None when it cannot be read): a row is reused on --resume only while its file
+    is as it was scored."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def row_line(row: dict) -> str:
@@ -54,4 +65,4 @@ def begin_progress(path: Path, header: dict, kept: Iterable[dict]) -> TextIO:
     return path.open("a", encoding="utf-8")
 
 
-__all__ = ["begin_progress", "read_progress", "row_line"]
+__all__ = ["begin_progress", "file_state", "read_progress", "row_line"]

@@ -28,6 +28,8 @@ from semspai.stages.extract import run as extract
 from semspai.store.checkpoints import load_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStoreError
 from semspai.store.images import decode_image
+from semspai.store.locks import lock_beside, run_lock
+from semspai.store.manifest import StaleOutputError
 from semspai.store.shards import iter_shard, resolve_shards
 from tests.conftest import random_photo, write_image
 from tests.detector_fixtures import make_checkpoint
@@ -69,6 +71,84 @@ def test_images_mostly_padding_are_counted_in_the_summary_report_and_eval_json(c
     note = "3 of 8 images are mostly padding in their 224-px patches (smaller than a patch, reflection-padded)"
     assert f"note: {note}" in res.output and note in (tmp_path / "ev" / "report.md").read_text()
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n_mostly_padding"] == 3
+
+
+class Stopped(Exception):
+    """Stands for a kill: raised from inside the scoring loop."""
+
+
+def test_a_stopped_eval_resumes_from_its_kept_rows_to_the_same_result(tiny_shards, checkpoints, tmp_path, monkeypatch):
+    from semspai.stages import evaluate
+
+    real_batches, real_row = inference.patch_batches, evaluate.sample_row
+    monkeypatch.setattr(inference, "patch_batches", lambda items: real_batches(items, max_images=1))
+    rows_made: list[str] = []
+
+    def counting_row(sample, rgb, pred):
+        if len(rows_made) == stop_at:
+            raise Stopped
+        rows_made.append(sample.key)
+        return real_row(sample, rgb, pred)
+
+    monkeypatch.setattr(evaluate, "sample_row", counting_row)
+
+    def cfg(out: str, **over) -> EvalConfig:
+        base = dict(checkpoints=[str(checkpoints["global_local"]), str(checkpoints["none"])], shards=str(tiny_shards),
+                    out=str(tmp_path / out), perturb=["jpeg:60"], device="cpu", bootstrap=50, n_heatmaps=1)  # fmt: skip
+        return EvalConfig(**base | over)
+
+    stop_at = -1
+    whole = run(cfg("whole"))
+    n = len(whole.runs[0].keys)
+    assert n == 4 and len(rows_made) == 2 * n and not (tmp_path / "whole" / evaluate.PROGRESS_DIR).exists()
+    rows_made.clear()
+    stop_at = n + 1  # the first checkpoint scored, one image of the second
+    with pytest.raises(Stopped):
+        run(cfg("out"))
+    kept = tmp_path / "out" / evaluate.PROGRESS_DIR
+    assert [len(p.read_text().splitlines()) - 1 for p in sorted(kept.iterdir())] == [n, 1]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    with (kept / "checkpoint-1.jsonl").open("a") as fh:
+        fh.write('{"key": "cut sh')  # a kill in the middle of a line: dropped on reading
+    stop_at = -1
+    with pytest.raises(StaleOutputError, match=f"holds {n + 1} image score.s. of an eval .* pass --resume"):
+        run(cfg("out"))
+    with pytest.raises(StaleOutputError, match="scored with another --perturb"):
+        run(cfg("out", perturb=["jpeg:70"], resume=True))
+    with pytest.raises(StaleOutputError, match="scored with another checkpoint"):
+        run(cfg("out", checkpoints=[str(checkpoints["none"]), str(checkpoints["global_local"])], resume=True))
+    rows_made.clear()
+    resumed = run(cfg("out", resume=True))
+    assert len(rows_made) == n - 1  # only what the stop left: the second checkpoint's last three images
+    assert not kept.exists()
+    for a, b in zip(whole.runs, resumed.runs, strict=True):
+        assert a.keys == b.keys and a.paths == b.paths and a.generators == b.generators
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.scores, b.scores)
+        assert all(np.array_equal(a.perturbed[k], b.perturbed[k]) for k in a.perturbed)
+        assert a.metrics == b.metrics and a.clip_score == b.clip_score and a.n_mostly_padding == b.n_mostly_padding
+    assert whole.runs[0].clip_score is not None  # the report's checkpoint has its CLIP score, from kept rows too
+    for key, maps in whole.runs[0].maps.items():
+        got = resumed.runs[0].maps[key]
+        assert np.array_equal(maps.boxes, got.boxes) and np.array_equal(maps.attention, got.attention)
+        assert np.array_equal(maps.gates, got.gates)
+    assert (tmp_path / "out" / "metrics.json").read_text() == (tmp_path / "whole" / "metrics.json").read_text()
+
+
+def test_resume_without_a_stopped_eval_scores_everything_and_two_evals_into_one_out_are_refused(
+    tiny_shards, checkpoints, tmp_path, caplog
+):
+    out = tmp_path / "ev"
+    with caplog.at_level("INFO", logger="semspai.stages.evaluate"):
+        res = run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(out),
+                             device="cpu", bootstrap=20, n_heatmaps=0, resume=True))  # fmt: skip
+    assert len(res.runs[0].keys) == 4 and "no stopped eval to resume" in caplog.text
+    with run_lock(lock_beside(out), FileExistsError):
+        res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
+                                       "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert res.exit_code != 0 and "is being written by another `semspai eval`" in res.output
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
+                                   "--out", str(out), "--device", "cpu", "--resume"])  # fmt: skip
+    assert res.exit_code == 0 and "none: AUC" in res.output, res.output
 
 
 def test_metrics_json_has_designs_schema(evaluated):
