@@ -29,7 +29,7 @@ from semspai.pipeline.config import (
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, mostly_padding
 from semspai.pipeline.progress import progress
 from semspai.stages.common import resolve_device, user_errors
-from semspai.store.atomic import write_json_atomic
+from semspai.store.atomic import clear_partials, write_json_atomic
 from semspai.store.features import FeatureStore
 from semspai.store.images import ImageDecodeError, decode_image
 from semspai.store.locks import lock_beside, run_lock
@@ -626,6 +626,7 @@ def run(cfg: EvalConfig) -> EvalResult:
         return FileExistsError(f"{out} is being written by another `semspai eval` ({holder})")
 
     with run_lock(lock_beside(out), busy):
+        clear_partials([out / name for name in ("metrics.json", "eval.json")])  # what an eval killed mid-write left
         return _run(cfg, out, perturbations, device, start)
 
 

@@ -21,7 +21,7 @@ import click
 from semspai.pipeline.config import ConfigError
 from semspai.pipeline.progress import progress
 from semspai.stages.common import refuse_foreign_output, resolve_device, user_errors
-from semspai.store.atomic import write_text_atomic
+from semspai.store.atomic import clear_partials, write_text_atomic
 from semspai.store.checkpoints import load_checkpoint, resolve_checkpoint
 from semspai.store.images import IMAGE_EXTENSIONS
 from semspai.store.locks import lock_beside, run_lock
@@ -186,6 +186,7 @@ def run(cfg: PredictConfig, on_row: Callable[[Prediction], None] | None = None) 
         return FileExistsError(f"{out} is being written by another `semspai predict` ({holder})")
 
     with run_lock(lock_beside(out), busy):
+        clear_partials([out, progress_path(out)])  # what a predict killed mid-write left
         return _predict(cfg, out, on_row, start)
 
 

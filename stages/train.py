@@ -14,7 +14,9 @@ import click
 from semspai.pipeline.config import ConfigError, load_config
 from semspai.pipeline.progress import quiet_progress
 from semspai.stages.common import config_options, user_errors
+from semspai.store.atomic import clear_partials
 from semspai.store.locks import lock_beside, run_lock
+from semspai.store.manifest import MANIFEST_NAME
 
 if TYPE_CHECKING:  # torch and the engine are imported where they are used: `train --help` answers at once
     import torch
@@ -74,7 +76,7 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
     import torch.distributed as dist
 
     from semspai.pipeline.clip import resolve_precision
-    from semspai.pipeline.engine import CONFIG_NAME, Trainer, finished_run
+    from semspai.pipeline.engine import CONFIG_NAME, METRICS_NAME, Trainer, finished_run
 
     if cfg.resume and cfg.force:
         raise ConfigError("--resume continues the run in --out and --force starts it over: pass one")
@@ -91,6 +93,8 @@ def run(cfg: TrainStageConfig, device: torch.device | None = None, on_epoch_end=
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     with run_lock(lock, busy) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:  # what a run killed while writing its metrics log or manifest left
+            clear_partials([Path(cfg.out) / name for name in (METRICS_NAME, MANIFEST_NAME)])
         if (
             not cfg.resume
             and not cfg.force

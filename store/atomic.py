@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,21 @@ def replacing(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def clear_partials(paths: list[Path]) -> int:
+    """Remove the temporary files `replacing` left beside each of `paths` when a run was killed mid-write
+    (`NAME.<8 hex digits>.partial`; nothing else, e.g. not a file of the user's called `NAME.partial`). Call it
+    only while holding the lock that keeps other runs from writing these outputs; returns how many went."""
+    removed = 0
+    for path in map(Path, paths):
+        pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{8}\.partial")
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(path.parent):
+                if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> None:

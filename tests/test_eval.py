@@ -142,6 +142,8 @@ def test_resume_without_a_stopped_eval_scores_everything_and_two_evals_into_one_
         res = run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(out),
                              device="cpu", bootstrap=20, n_heatmaps=0, resume=True))  # fmt: skip
     assert len(res.runs[0].keys) == 4 and "no stopped eval to resume" in caplog.text
+    (out / "metrics.json.0a1b2c3d.partial").write_text("half a file")  # what a kill mid-write leaves
+    (out / "notes.partial").write_text("mine")
     with run_lock(lock_beside(out), FileExistsError):
         res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
                                        "--out", str(out), "--device", "cpu"])  # fmt: skip
@@ -149,6 +151,7 @@ def test_resume_without_a_stopped_eval_scores_everything_and_two_evals_into_one_
     res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards", str(tiny_shards),
                                    "--out", str(out), "--device", "cpu", "--resume"])  # fmt: skip
     assert res.exit_code == 0 and "none: AUC" in res.output, res.output
+    assert [p.name for p in out.glob("*.partial")] == ["notes.partial"]
 
 
 def test_metrics_json_has_designs_schema(evaluated):

@@ -415,8 +415,12 @@ def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, r
     assert predict(tmp_path / "notes.csv").exit_code == 1
     assert (tmp_path / "notes.csv").read_text() == "my,own,table\n"
     (tmp_path / "s.csv.partial").write_text("mine\n")  # a file of the user's named as a temporary file might be
+    (tmp_path / "s.csv.notes.partial").write_text("mine\n")
+    for left in ("s.csv.0a1b2c3d.partial", "s.csv.progress.9f8e7d6c.partial"):  # what a kill mid-write leaves
+        (tmp_path / left).write_text("half a file")
     assert predict(tmp_path / "s.csv").exit_code == 0
-    assert (tmp_path / "s.csv.partial").read_text() == "mine\n" and len(list(tmp_path.glob("*.partial"))) == 1
+    assert sorted(p.name for p in tmp_path.glob("*.partial")) == ["s.csv.notes.partial", "s.csv.partial"]
+    assert (tmp_path / "s.csv.partial").read_text() == "mine\n"
 
 
 def test_threshold_sets_the_labels_and_defaults_to_the_checkpoints(checkpoint, tmp_path, rgb):
