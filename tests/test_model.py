@@ -212,6 +212,27 @@ def test_eval_encodes_each_distinct_patch_once_and_gives_the_same_logits(monkeyp
     assert sum(seen) == 3 * 20
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_distinct_rows_and_eval_encoding_once_on_cuda() -> None:
+    gen = torch.Generator().manual_seed(6)
+    rows = torch.randint(0, 256, (5, 3, 224, 224), generator=gen).float() / 255
+    x = rows[[0, 1, 0, 2, 1, 3, 4, 3, 0]]
+    cpu, cuda = distinct_rows(x), distinct_rows(x.cuda())
+    assert cpu[0].tolist() == cuda[0].tolist() == [0, 1, 3, 5, 6] and cpu[1].tolist() == cuda[1].tolist()
+    model = build(model_cfg("global_local", "gate", chunk=4)).eval().cuda()
+    gen = torch.Generator().manual_seed(1)
+    batch = DetectorBatch(
+        x.cuda(), torch.tensor([5, 4]), unit((2, CLIP_DIM), gen).cuda(), unit((9, CLIP_DIM), gen).cuda()
+    )
+    # no TF32 convolutions (cuDNN's default), whose rounding would dwarf what is compared here
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        once = model(batch).logits
+        every = model._encode_chunks(batch.patches)  # every patch, as before the repeats were found
+        feats, gates, cond = model.fusion(every, batch.counts, batch.global_vec, batch.local_vec)
+        direct = model.head(model.pool(feats, batch.counts, cond)[0]).squeeze(-1).float()
+    torch.testing.assert_close(once, direct, rtol=0, atol=1e-5)
+
+
 def test_views_as_one_encoder_batch_equal_three_calls() -> None:
     model = build(model_cfg("none")).eval()
     seen: list[int] = []
