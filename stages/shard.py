@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +102,7 @@ class ShardResult:
     n_unlabeled_skipped: int = 0
     shards: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
+    confounds: list[str] = field(default_factory=list)  # label_confounds: what else tells real from fake
     seconds: float = 0.0
 
 
@@ -110,6 +112,7 @@ class _Probed:
     sha256: str = ""
     width: int = 0
     height: int = 0
+    format: str = ""  # as PIL names it: JPEG, PNG, WEBP, ...
     error: str = ""
 
 
@@ -152,8 +155,37 @@ def _probe(record: SourceRecord, max_pixels: int) -> _Probed:
     except ImageDecodeError as exc:
         probed.error = str(exc)
     else:
-        probed.width, probed.height = info.width, info.height
+        probed.width, probed.height, probed.format = info.width, info.height, info.format
     return probed
+
+
+CONFOUND_MIN = 10  # images of each label before a difference between the labels is called out
+FORMAT_GAP = 0.5  # total variation distance between the labels' shares of file formats
+SIZE_RATIO = 2.0  # ratio of the labels' median pixel counts
+
+
+def label_confounds(kept: list[_Probed]) -> list[str]:
+    """What differs between the real and the fake images besides how they were made, which a detector can learn
+    instead: the file format (JPEG reals and PNG fakes: compression alone tells them apart) and the size."""
+    real = [p for p in kept if p.record.label == 0]
+    fake = [p for p in kept if p.record.label == 1]
+    if min(len(real), len(fake)) < CONFOUND_MIN:
+        return []
+    found = []
+    shares = [{f: n / len(ps) for f, n in Counter(p.format or "?" for p in ps).items()} for ps in (real, fake)]
+    gap = 0.5 * sum(abs(shares[0].get(f, 0) - shares[1].get(f, 0)) for f in shares[0].keys() | shares[1].keys())
+    if gap >= FORMAT_GAP:
+        said = ["; ".join(f"{f} {v:.0%}" for f, v in sorted(sh.items(), key=lambda kv: -kv[1])) for sh in shares]
+        found.append(f"file formats differ by label (real: {said[0]}; fake: {said[1]}): a detector can learn the "
+                     "formats' compression instead of generation traces; re-encode both alike, or read eval under "
+                     "--perturb jpeg:...")  # fmt: skip
+    medians = [float(statistics.median(p.width * p.height for p in ps)) for ps in (real, fake)]
+    ratio = max(medians) / max(min(medians), 1.0)
+    if ratio >= SIZE_RATIO:
+        found.append(f"image sizes differ by label (median real {medians[0] / 1e6:.2f} MP, fake "
+                     f"{medians[1] / 1e6:.2f} MP, {ratio:.1f}x): a detector can learn the size (patch counts, "
+                     "resampling) instead; match the sizes, or read the results with that in mind")  # fmt: skip
+    return found
 
 
 def _set_old_shards_aside(out: Path) -> None:
@@ -324,6 +356,9 @@ def _run(cfg: ShardConfig) -> ShardResult:
     for entry in shards:
         os.replace(staging / entry["name"], out / entry["name"])
     staging.rmdir()
+    confounds = label_confounds(kept)
+    for text in confounds:
+        log.warning("%s: %s", out, text)
     index = {
         "schema_version": SHARD_SCHEMA_VERSION,
         "decoder": DECODER_ID,
@@ -335,6 +370,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         "duplicates": duplicates,
         "conflicting": conflicting,
         "unlabeled_skipped": [str(r.path) for r in unlabeled],
+        "confounds": confounds,
     }
     write_json_atomic(out / INDEX_NAME, index)
     write_manifest(out, wanted)
@@ -351,6 +387,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         n_unlabeled_skipped=len(unlabeled),
         shards=[s["name"] for s in shards],
         counts=index["counts"],
+        confounds=confounds,
         seconds=time.perf_counter() - start,
     )
 

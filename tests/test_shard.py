@@ -363,6 +363,34 @@ def test_images_under_a_patch_are_counted_and_said(image_tree, tmp_path):
     assert "small: 4 image(s)" in res.output and "; 0 of them mostly padding" in res.output
 
 
+def test_formats_or_sizes_that_tell_the_labels_apart_are_warned_of(tmp_path, caplog):
+    def tree(name: str, real: tuple[str, int], fake: tuple[str, int], n: int = 10) -> Path:
+        for label, (suffix, side) in (("real", real), ("fake", fake)):
+            for i in range(n):
+                write_image(
+                    tmp_path / name / label / "g" / f"{i}.{suffix}", side, side, seed=i + 100 * (label == "fake")
+                )
+        return tmp_path / name
+
+    cases = {
+        "alike": (("jpg", 64), ("jpg", 64), []),
+        "formats": (("jpg", 64), ("png", 64), ["file formats differ by label (real: JPEG 100%; fake: PNG 100%)"]),
+        "sizes": (("png", 64), ("png", 96), ["image sizes differ by label (median real 0.00 MP, fake 0.01 MP, 2.2x)"]),
+    }
+    for name, (real, fake, want) in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="semspai.stages.shard"):
+            result = run(ShardConfig(sources=[str(tree(name, real, fake))], out=str(tmp_path / f"{name}-out")))
+        assert [c.split(":")[0] for c in result.confounds] == [w.split(":")[0] for w in want], result.confounds
+        assert all(c.startswith(w) for c, w in zip(result.confounds, want, strict=True)), result.confounds
+        assert json.loads((tmp_path / f"{name}-out" / INDEX_NAME).read_text())["confounds"] == result.confounds
+        assert [r.getMessage() for r in caplog.records if "differ by label" in r.getMessage()] == [
+            f"{tmp_path / f'{name}-out'}: {c}" for c in result.confounds
+        ]
+    few = run(ShardConfig(sources=[str(tree("few", ("jpg", 64), ("png", 64), n=9))], out=str(tmp_path / "few-out")))
+    assert few.confounds == []  # nine of each: too few to call a difference
+
+
 def test_nothing_left_but_conflicting_labels_is_an_error(tmp_path):
     photo = tmp_path / "one.png"
     write_image(photo, 32, 32, seed=1)
