@@ -55,6 +55,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "TRAIN.WARMUP_EPOCHS": (0, None),
     "TRAIN.CLIP_GRAD": (0, None),
     "TRAIN.SEED": (0, 2**63 - 1),  # numpy's and torch's seeds are non-negative
+    "TRAIN.EARLY_STOP": (0, None),
     "LOSS.SEMANTIC_WEIGHT": (0, None),
     "LOSS.TEMPERATURE": (0, None),
 }
@@ -64,6 +65,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 # differs in these alone is the same run (up to date, resumable; e.g. a smaller memory budget to resume with).
 # Not MODEL.SPECTRAL.CHUNK_SIZE: a frozen encoder trains in chunks, and on a GPU dropout's draws follow them
 NOT_IDENTITY = ("DATA.STORE_MEMORY_GB",)
+# keys added after runs were made: at these values (the behaviour before they existed) they are left out of a run's
+# identity, so a run made before stays up to date and resumable
+ADDED_LATER = {"TRAIN.EARLY_STOP": 0}
 BOOTSTRAP_ROUNDS = 1000  # eval's AUC intervals: enough for a stable 95% interval on test sets of a few hundred
 PROMPT_TEMPLATE = "a photo of a {}."  # each class name of a store's prompt bank becomes one prompt (CLIP's zero-shot)
 
@@ -152,6 +156,9 @@ class TrainConfig:
     # first validation compile (minutes), so it pays on long runs only. Dropout then draws from inductor's own
     # generator: a compiled run is not the eager run's numbers
     COMPILE: bool = False
+    # stop once this many epochs in a row bring no better val AUC than the best before (0: train every epoch).
+    # best.pt keeps the best epoch either way; this saves the epochs that would not have improved on it
+    EARLY_STOP: int = 0
 
 
 @dataclass
@@ -204,7 +211,8 @@ class RunConfig:
 
     def identity(self) -> dict:
         """What makes a run this run: the config, with the keys that change how it is computed but not its
-        results (NOT_IDENTITY) at their defaults."""
+        results (NOT_IDENTITY) at their defaults, and keys added later (ADDED_LATER) left out at their old
+        behaviour."""
         data, defaults = self.to_dict(), RunConfig().to_dict()
         for key in NOT_IDENTITY:
             *parents, leaf = key.split(".")
@@ -212,6 +220,13 @@ class RunConfig:
             for p in parents:
                 mine, theirs = mine[p], theirs[p]
             mine[leaf] = theirs[leaf]
+        for key, before in ADDED_LATER.items():
+            *parents, leaf = key.split(".")
+            mine = data
+            for p in parents:
+                mine = mine[p]
+            if mine[leaf] == before:
+                del mine[leaf]
         return data
 
     def digest(self) -> str:

@@ -90,6 +90,7 @@ class TrainResult:
     threshold: float = 0.5
     dropped_batches: int = 0  # over all ranks and epochs of this call (DDP evening-out)
     init: dict = field(default_factory=dict)  # where the run started (--init: path, sha256, epoch); {} from scratch
+    stopped_early: bool = False  # ended before TRAIN.EPOCHS by TRAIN.EARLY_STOP
 
 
 class TrainModule(nn.Module):
@@ -329,7 +330,32 @@ def holds_run(out: Path) -> bool:
     return (out / CHECKPOINT_DIR / "last.pt").exists() or (out / METRICS_NAME).exists()
 
 
-def existing_run(out: Path, wanted: StageManifest, epochs: int) -> tuple[int, list[dict]]:
+def _aucs(history: list[dict]) -> list[float]:
+    return [math.nan if row["val_auc"] is None else float(row["val_auc"]) for row in history]
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The epoch best.pt holds: the last that beat every epoch before it (`is_best`)."""
+    aucs = _aucs(history)
+    return max((row["epoch"] for i, row in enumerate(history) if is_best(aucs[: i + 1])), default=0)
+
+
+def last_epoch(history: list[dict], epochs: int, patience: int) -> int:
+    """The epoch a run ends with: `epochs`, or with `patience` (TRAIN.EARLY_STOP) the first epoch that closes
+    `patience` epochs in a row none of which beat the best before them (`is_best`, as best.pt is chosen). A
+    function of the history alone, so a resumed or rerun run ends where the uninterrupted one did."""
+    if patience <= 0:
+        return epochs
+    aucs, best = _aucs(history), 0
+    for i, row in enumerate(history):
+        if is_best(aucs[: i + 1]):
+            best = row["epoch"]
+        elif row["epoch"] - best >= patience:
+            return min(row["epoch"], epochs)
+    return epochs
+
+
+def existing_run(out: Path, wanted: StageManifest, epochs: int, patience: int = 0) -> tuple[int, list[dict]]:
     """A rerun without --resume or --force into a run dir that holds a run: (past the last epoch, history)
     when that run is finished with the same config and inputs (nothing to do); else an error saying why."""
     again = f"`semspai train ... --out {out} --force` to start over (its checkpoints are deleted)"
@@ -347,7 +373,7 @@ def existing_run(out: Path, wanted: StageManifest, epochs: int) -> tuple[int, li
         raise FileExistsError(f"{out} holds this run's metrics but no {CHECKPOINT_DIR}/last.pt to go on from; run "
                               f"{again}, or choose another --out")  # fmt: skip
     state = load_checkpoint(last, map_location="cpu")
-    if int(state["epoch"]) < epochs:
+    if int(state["epoch"]) < last_epoch(list(state["history"]), epochs, patience):
         raise FileExistsError(f"{out} holds this run (same config and inputs) stopped after epoch {state['epoch']} "
                               f"of {epochs}; pass --resume to continue it, or run {again}")  # fmt: skip
     return int(state["epoch"]) + 1, list(state["history"])
@@ -403,8 +429,9 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
         shas = {n: a["sha256"] for n, a in done_shard_attrs(store_path).items()}
         inputs = run_inputs(paths, attrs["clip"]["sha256"], shas, tar_shas, init_file)
     inputs = legacy_inputs(out, inputs, paths)
-    _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS)
-    return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"])
+    _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS, cfg.TRAIN.EARLY_STOP)
+    return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"],
+                       stopped_early=history[-1]["epoch"] < cfg.TRAIN.EPOCHS)  # fmt: skip
 
 
 def warm_start(module: TrainModule, file: Path, sha256: str, cfg: RunConfig, store: FeatureStore | None) -> dict:
@@ -599,7 +626,7 @@ class Trainer:
         manifest = run_manifest(self.cfg, inputs, self.file_shas)
         if not resume:
             if holds_run(self.out) and not force:
-                return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS)
+                return existing_run(self.out, manifest, self.cfg.TRAIN.EPOCHS, self.cfg.TRAIN.EARLY_STOP)
             refuse_foreign(self.out)
             if self.init is not None:  # before anything is written: a checkpoint that does not fit changes nothing
                 self.init_info = warm_start(self.module, self.init, self.inputs["init"], self.cfg, self.store)
@@ -743,12 +770,15 @@ class Trainer:
 
     def _fit(self, resume: bool, on_epoch_end: Callable[[dict], None] | None, force: bool) -> TrainResult:
         first, history = self._start(resume, force)
-        epochs = self.cfg.TRAIN.EPOCHS
-        if first > epochs:
-            log.info("%s: all %d epochs are done; nothing to do", self.out, epochs)
-            return TrainResult(
-                self.out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"]
-            )
+        epochs, patience = self.cfg.TRAIN.EPOCHS, self.cfg.TRAIN.EARLY_STOP
+        if first > last_epoch(history, epochs, patience):
+            if first <= epochs:
+                log.info("%s: stopped early after epoch %d (TRAIN.EARLY_STOP=%d); nothing to do", self.out,
+                         first - 1, patience)  # fmt: skip
+            else:
+                log.info("%s: all %d epochs are done; nothing to do", self.out, epochs)
+            return TrainResult(self.out, nothing_to_do=True, epochs_run=0, history=history,
+                               threshold=history[-1]["threshold"], stopped_early=first <= epochs)  # fmt: skip
         tb = open_tensorboard(self.out) if self.rank == 0 else None
         try:
             for epoch in range(first, epochs + 1):
@@ -783,17 +813,23 @@ class Trainer:
                     dist.barrier()  # no rank starts the next epoch before rank 0 has written this one
                 if on_epoch_end is not None:
                     on_epoch_end(row)
+                if last_epoch(history, epochs, patience) == epoch < epochs:  # every rank: the same history
+                    log.info("epoch %d: %d epochs without a better val AUC (TRAIN.EARLY_STOP): stopping early; "
+                             "best.pt is epoch %d", epoch, patience, best_epoch(history))  # fmt: skip
+                    break
         finally:
             if tb is not None:
                 tb.close()
+        ran = history[-1]["epoch"] + 1 - first
         return TrainResult(
             self.out,
             nothing_to_do=False,
-            epochs_run=epochs + 1 - first,
+            epochs_run=ran,
             history=history,
             threshold=history[-1]["threshold"],
-            dropped_batches=self.dropped_per_epoch * (epochs + 1 - first),
+            dropped_batches=self.dropped_per_epoch * ran,
             init=self.init_info,
+            stopped_early=history[-1]["epoch"] < epochs,
         )
 
 

@@ -159,13 +159,17 @@ def command(store, shards, out, config_path, overrides, resume, force, init) -> 
             dist.destroy_process_group()
     if rank != 0:  # rank 0 reports for all
         return
+    from semspai.pipeline.engine import best_epoch
+
     if result.nothing_to_do:
         same = "" if resume else " with the same config and inputs"
-        click.echo(f"{out}: up to date: all {len(result.history)} epochs are done{same}; nothing to do"
+        done = (f"it stopped early after epoch {result.history[-1]['epoch']} (TRAIN.EARLY_STOP)" if result.stopped_early
+                else f"all {len(result.history)} epochs are done")  # fmt: skip
+        click.echo(f"{out}: up to date: {done}{same}; nothing to do"
                    + ("" if resume else ". Pass --force to train again."))  # fmt: skip
         return
     last = result.history[-1]
-    best = max(result.history, key=lambda h: h["val_auc"])  # the first of equals, as best.pt keeps it
+    best = next(h for h in result.history if h["epoch"] == best_epoch(result.history))  # what best.pt holds
     click.echo(
         f"trained {result.epochs_run} epoch(s) into {out}"
         + (
@@ -177,6 +181,7 @@ def command(store, shards, out, config_path, overrides, resume, force, init) -> 
         + f": last epoch val AUC {last['val_auc']:.4f}, "
         f"AP {last['val_ap']:.4f}; best.pt (what eval and predict take for RUN) is epoch {best['epoch']}: "
         f"val AUC {best['val_auc']:.4f}, AP {best['val_ap']:.4f}, threshold {best['threshold']:.3f}"
+        + ("; stopped early (TRAIN.EARLY_STOP: no better val AUC in as many epochs)" if result.stopped_early else "")
     )
     if result.dropped_batches:
         click.echo(f"dropped {result.dropped_batches} batch(es) to keep the DDP ranks in step")

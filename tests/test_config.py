@@ -326,11 +326,15 @@ def test_digest_tracks_every_change():
 
 def test_settings_of_how_not_what_leave_the_digest_alone():
     """DATA.STORE_MEMORY_GB changes no result: a run differing in it alone is the same run. It counts at its
-    default, so digests of configs with the defaults are those of before."""
+    default, so digests of configs with the defaults are those of before. A key added later (TRAIN.EARLY_STOP) is
+    left out at the value that behaves as before it existed, so runs made before stay up to date."""
     base = load_config(None, [])
     assert load_config(None, ["DATA.STORE_MEMORY_GB=0"]).digest() == base.digest()
     assert load_config(None, ["MODEL.SPECTRAL.CHUNK_SIZE=3"]).digest() != base.digest()  # a frozen encoder's chunks
-    assert base.digest() == hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()
+    before = base.to_dict()
+    del before["TRAIN"]["EARLY_STOP"]  # the config as it was before the key existed
+    assert base.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert load_config(None, ["TRAIN.EARLY_STOP=2"]).digest() != base.digest()  # fewer epochs: another run
     assert load_config(None, ["DATA.NUM_WORKERS=2"]).digest() != base.digest()  # the sample order may change
 
 

@@ -28,7 +28,9 @@ from semspai.pipeline.engine import (
     INTERRUPT_WAIT_S,
     Trainer,
     TrainResult,
+    best_epoch,
     is_best,
+    last_epoch,
     lr_at,
     shared_tar_shas,
     youden_threshold,
@@ -81,6 +83,41 @@ def full_run(tiny_shards: Path, train_store: Path, tmp_path_factory: pytest.Temp
     out = tmp_path_factory.mktemp("runs") / "full"
     _train(tiny_shards, train_store, out)
     return out
+
+
+def test_early_stop_ends_a_run_after_its_patience_and_best_pt_follows_is_best():
+    def history(*aucs):
+        return [{"epoch": i + 1, "val_auc": a} for i, a in enumerate(aucs)]
+
+    h = history(0.6, 0.7, 0.65, 0.68, 0.9)
+    assert [last_epoch(h, 10, p) for p in (0, 1, 2, 3)] == [10, 3, 4, 10]
+    assert last_epoch(h, 3, 2) == 3 and best_epoch(h) == 5 and best_epoch(h[:4]) == 2
+    tie = history(0.7, 0.7 + 1e-15, 0.69)  # float noise is no better AUC (is_best), for best.pt and early stop
+    assert best_epoch(tie) == 1 and last_epoch(tie, 10, 2) == 3
+    assert last_epoch(history(None, None), 10, 1) == 2 and best_epoch(history(None, None)) == 1
+
+
+def test_early_stop_stops_training_and_a_rerun_or_resume_has_nothing_to_do(tiny_shards, train_store, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    scripted = {1: 0.6, 2: 0.8, 3: 0.7, 4: 0.75, 5: 0.99}  # patience 2: epochs 3 and 4 beat nothing -> stop at 4
+    real = Trainer.validate
+
+    def validate(self, epoch):
+        return real(self, epoch) | {"val_auc": scripted[epoch]}
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    out = tmp_path / "run"
+    extra = ("TRAIN.EPOCHS=5", "TRAIN.EARLY_STOP=2")
+    result = _train(tiny_shards, train_store, out, extra)
+    assert result.stopped_early and result.epochs_run == 4 and [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert engine.load_checkpoint(out / "checkpoints" / "best.pt")["epoch"] == 2
+    args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(out)]
+    args += [x for o in (*MICRO, *extra) for x in ("--set", o)]
+    for more in ([], ["--resume"]):
+        res = CliRunner().invoke(cli, [*args, *more])
+        assert res.exit_code == 0 and "it stopped early after epoch 4 (TRAIN.EARLY_STOP)" in res.output, res.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_run_directory_and_checkpoint_contents(full_run: Path, train_store: Path):
