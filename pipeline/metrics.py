@@ -107,6 +107,24 @@ def evaluate_scores(
     return {"overall": binary_metrics(y, s, threshold, rounds, seed), "per_generator": per_gen}
 
 
+def per_format(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, formats: Sequence[str],
+               threshold: float, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> dict[str, dict]:  # fmt: skip
+    """`{format: M}`: the metrics of each file format's images alone (reals and fakes of that format), so a
+    score that follows the format (JPEG reals, PNG fakes) shows as a high AUC overall and none within a format."""
+    y, s, f = np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64), np.asarray(formats, object)
+    return {fmt: binary_metrics(y[f == fmt], s[f == fmt], threshold, rounds, seed) for fmt in sorted(set(f))}
+
+
+def format_confound(by_format: dict[str, dict]) -> str:
+    """Why the overall figures may measure the file format ('' when they cannot): with several formats, none of
+    them holds both reals and fakes."""
+    if len(by_format) < 2 or any(m["n_real"] and m["n_fake"] for m in by_format.values()):
+        return ""
+    held = {kind: ", ".join(f for f, m in by_format.items() if m[f"n_{kind}"]) for kind in ("real", "fake")}
+    return (f"no file format holds both classes (real: {held['real']}; fake: {held['fake']}): the AUC may measure "
+            "the format's compression, not generation traces; --perturb jpeg:... scores every image re-encoded alike")  # fmt: skip
+
+
 def clip_score_per_image(image_vecs: np.ndarray, caption_vecs: np.ndarray) -> np.ndarray:
     """(N,) CLIP score, 100 x the cosine of each image's vector and its caption's; NaN where a row is NaN (no
     caption)."""

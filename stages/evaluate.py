@@ -31,7 +31,7 @@ from semspai.pipeline.progress import progress
 from semspai.stages.common import resolve_device, user_errors
 from semspai.store.atomic import clear_partials, write_json_atomic
 from semspai.store.features import FeatureStore
-from semspai.store.images import ImageDecodeError, decode_image
+from semspai.store.images import ImageDecodeError, decode_image, format_of
 from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import StaleOutputError
 from semspai.store.progress import begin_progress, file_state, read_progress, row_line
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "eval-progress"  # in --out: each checkpoint's scored rows, kept until the eval is written
 PROGRESS_KIND = "eval progress"
-ROW_FIELDS = ("key", "path", "label", "generator", "score", "perturbed", "mostly_padding", "maps", "clip")
+ROW_FIELDS = ("key", "path", "label", "generator", "format", "score", "perturbed", "mostly_padding", "maps", "clip")
 RESUME_KEYS = ("checkpoint_sha256", "tars", "store", "perturb", "report")  # a progress file's rows depend on these
 
 # Keys `--set` may change at eval: which generators to score, and memory per step. The model itself comes
@@ -104,6 +104,7 @@ class CheckpointEval:
     clip_note: str = ""
     train_generators: dict[str, int] | None = None  # generator -> fakes it was trained on; None: not recorded
     n_mostly_padding: int = 0  # images of the split over half of whose patch pixels are padding
+    per_format: dict[str, dict] = field(default_factory=dict)  # file format -> M of that format's images alone
 
     def degenerate(self) -> str:
         """What makes this checkpoint's figures on the split say little beyond the class shares: one score for
@@ -118,6 +119,12 @@ class CheckpointEval:
             return (f"at its threshold {self.threshold:.3f} every image is called {kind}: accuracy at the threshold "
                     f"is the share of {kind}s{why}")  # fmt: skip
         return ""
+
+    def format_note(self) -> str:
+        """Why the figures may measure the file format rather than generation ('' when they cannot)."""
+        from semspai.pipeline.metrics import format_confound
+
+        return format_confound(self.per_format)
 
     def padding_note(self) -> str:
         """Say how many images are mostly padding (smaller than a patch): their scores say little."""
@@ -198,7 +205,8 @@ def sample_row(sample: ShardSample, rgb: np.ndarray, pred: Prediction) -> dict:
     kept = None if maps is None else {"boxes": maps.boxes.tolist(), "attention": maps.attention.tolist(),
                                       "gates": None if maps.gates is None else maps.gates.tolist()}  # fmt: skip
     return {"key": sample.key, "path": str(sample.meta.get("path") or ""), "label": int(sample.meta["label"]),
-            "generator": str(sample.meta.get("generator") or ""), "score": pred.score, "perturbed": {},
+            "generator": str(sample.meta.get("generator") or ""), "format": format_of(sample.ext),
+            "score": pred.score, "perturbed": {},
             "mostly_padding": mostly_padding(*rgb.shape[:2]), "maps": kept, "clip": None}  # fmt: skip
 
 
@@ -285,7 +293,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
 
     from semspai.pipeline.data import STORE_CACHE_DIR, StoreJoin, local_spill_dir, plan_split
     from semspai.pipeline.inference import PatchMaps, load_detector, patch_batches
-    from semspai.pipeline.metrics import clip_score_groups, clip_score_per_image, evaluate_scores
+    from semspai.pipeline.metrics import clip_score_groups, clip_score_per_image, evaluate_scores, per_format
 
     # with a store, the clean scores read every vector from it: the encoder is needed only for perturbed pixels
     encoder = not cfg.store or bool(perturbations)
@@ -372,6 +380,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
         threshold=det.threshold, clip=det.clip_spec.to_dict() if det.clip_spec else None, keys=keys, paths=paths, labels=y,
         generators=gens, scores=clean, perturbed={k: np.asarray(v) for k, v in perturbed.items()}, metrics=metrics,
         maps=maps, train_generators=det.train_generators, n_mostly_padding=n_padding,
+        per_format=per_format([r["label"] for r in ordered], clean, [r["format"] for r in ordered], det.threshold,
+                              cfg.bootstrap, cfg.seed),
     )  # fmt: skip
     if not clip_note:
         values = np.asarray([np.nan if r["clip"] is None else r["clip"] for r in ordered], dtype=np.float64)
@@ -481,6 +491,8 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
         doc.text(f"**Note:** {SPLIT_CAVEATS[cfg.split][0].upper()}{SPLIT_CAVEATS[cfg.split][1:]}.")
     if run.padding_note():
         doc.text(f"**Note:** {run.padding_note()}.")
+    if run.format_note():
+        doc.text(f"**Note:** {run.format_note()}.")
     for r in runs:
         if r.degenerate():
             doc.text(f"**Note:** {r.label}: {r.degenerate()}.")
@@ -511,6 +523,12 @@ def write_report(cfg: EvalConfig, runs: list[CheckpointEval], out: Path, store_u
     seen = {g: "–" if trained is None else ("trained on" if g in trained else "unseen") for g in m["per_generator"]}
     doc.table(["generator", "in training", *METRIC_HEADER],
               [[g, seen[g], *_metric_row(gm)] for g, gm in m["per_generator"].items()])  # fmt: skip
+
+    if len(run.per_format) > 1:
+        doc.heading("Per file format")
+        doc.text("Each file format's images alone, reals against fakes: a score that follows the format (and its "
+                 "compression) rather than generation is high overall and near chance within a format.")  # fmt: skip
+        doc.table(["format", *METRIC_HEADER], [[f, *_metric_row(fm)] for f, fm in run.per_format.items()])
 
     if m["perturbations"]:
         doc.heading("Robustness")
@@ -676,7 +694,7 @@ def _run(cfg: EvalConfig, out: Path, perturbations: list[Perturbation], device: 
         "settings": settings | {"device": device, "semspai_version": __version__},
         "checkpoints": [{"label": r.label, "checkpoint": r.checkpoint, "mode": r.mode, "fusion": r.fusion,
                          "threshold": r.threshold, "clip": r.clip, "train_generators": r.train_generators,
-                         "metrics": r.metrics} for r in runs],
+                         "metrics": r.metrics, "per_format": r.per_format} for r in runs],
         "clip_score": primary.clip_score, "clip_score_note": primary.clip_note,
         "n_mostly_padding": primary.n_mostly_padding,
     })  # fmt: skip
@@ -749,8 +767,9 @@ def command(checkpoints, shards, out, store, split, perturb, overrides, clip, de
                    + (f"; unseen in training: {', '.join(unseen)}" if unseen else "") + ")")  # fmt: skip
         if r.degenerate():
             click.echo(f"  note: {r.degenerate()}")
-    if result.runs[0].padding_note():
-        click.echo(f"note: {result.runs[0].padding_note()}")
+    for note in (result.runs[0].padding_note(), result.runs[0].format_note()):
+        if note:
+            click.echo(f"note: {note}")
     if any(few_for_ci(r.metrics["overall"]) for r in result.runs):
         click.echo(f"†: fewer than {FEW_FOR_CI} reals or fakes; the bootstrap interval understates the uncertainty")
     click.echo(f"report: {result.report_html} (and report.md); metrics: {result.out / 'metrics.json'} "

@@ -62,6 +62,15 @@ def _admit_in_pil(max_pixels: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
 
 
+FORMAT_NAMES = {"jpg": "jpeg", "jpe": "jpeg", "tif": "tiff"}  # one name per format, whatever the extension
+
+
+def format_of(ext: str) -> str:
+    """An image file's format by its extension: `JPG` and `jpeg` are one format."""
+    ext = ext.lower().lstrip(".")
+    return FORMAT_NAMES.get(ext, ext)
+
+
 def probe_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Fully decode `data` (so truncation is caught) and report its size after orientation."""
     img = _open(data, max_pixels)

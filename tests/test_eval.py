@@ -54,23 +54,48 @@ def evaluated(tiny_shards: Path, checkpoints, tmp_path_factory: pytest.TempPathF
     return run(cfg)
 
 
-def test_images_mostly_padding_are_counted_in_the_summary_report_and_eval_json(checkpoints, tmp_path):
+def eval_test_split(checkpoint: Path, root: Path, images: list[tuple[str, tuple[int, int]]]):
+    """Shard `images` ((suffix, (width, height)), alternately real and fake, all in the test split) under `root`
+    and eval them with `checkpoint` by the command; (its output, eval.json, report.md)."""
     from semspai.stages.shard import ShardConfig
     from semspai.stages.shard import run as shard
 
     rows = ["path,label,generator,split"]
-    for i in range(8):  # thumbnails among photos: 60 x 50 is 94% padding, 300 x 260 none
+    for i, (suffix, size) in enumerate(images):
         label = ("real", "fake")[i % 2]
-        path = write_image(tmp_path / "data" / f"{i}.png", *((60, 50) if i < 3 else (300, 260)), seed=i)
+        path = write_image(root / "data" / f"{i}.{suffix}", *size, seed=i)
         rows.append(f"{path.name},{label},{'' if label == 'real' else 'gan'},test")
-    (tmp_path / "data" / "m.csv").write_text("\n".join(rows) + "\n")
-    shard(ShardConfig(sources=[], manifests=[str(tmp_path / "data" / "m.csv")], out=str(tmp_path / "shards")))
-    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoints["none"]), "--shards",
-                                   str(tmp_path / "shards"), "--out", str(tmp_path / "ev"), "--device", "cpu"])  # fmt: skip
+    (root / "data" / "m.csv").write_text("\n".join(rows) + "\n")
+    shard(ShardConfig(sources=[], manifests=[str(root / "data" / "m.csv")], out=str(root / "shards")))
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoint), "--shards", str(root / "shards"),
+                                   "--out", str(root / "ev"), "--device", "cpu"])  # fmt: skip
     assert res.exit_code == 0, res.output
+    return res.output, json.loads((root / "ev" / "eval.json").read_text()), (root / "ev" / "report.md").read_text()
+
+
+def test_images_mostly_padding_are_counted_in_the_summary_report_and_eval_json(checkpoints, tmp_path):
+    # thumbnails among photos: 60 x 50 is 94% padding, 300 x 260 none
+    output, info, md = eval_test_split(checkpoints["none"], tmp_path, [("png", (60, 50) if i < 3 else (300, 260))
+                                                                       for i in range(8)])  # fmt: skip
     note = "3 of 8 images are mostly padding in their 224-px patches (smaller than a patch, reflection-padded)"
-    assert f"note: {note}" in res.output and note in (tmp_path / "ev" / "report.md").read_text()
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n_mostly_padding"] == 3
+    assert f"note: {note}" in output and note in md and info["n_mostly_padding"] == 3
+
+
+def test_file_formats_are_scored_apart_and_one_class_per_format_is_noted(checkpoints, tmp_path):
+    size = (240, 230)
+    output, info, md = eval_test_split(checkpoints["none"], tmp_path / "apart", [("jpg", size), ("png", size)] * 4)
+    note = "no file format holds both classes (real: jpeg; fake: png): the AUC may measure the format's compression"
+    assert f"note: {note}" in output and note in md
+    per_format = info["checkpoints"][0]["per_format"]
+    assert {f: (m["n_real"], m["n_fake"], m["auc"]) for f, m in per_format.items()} == {
+        "jpeg": (4, 0, None), "png": (0, 4, None)}  # fmt: skip
+    assert "## Per file format" in md
+    output, info, md = eval_test_split(checkpoints["none"], tmp_path / "mixed",
+                                       [("jpg", size), ("png", size), ("png", size), ("jpeg", size)] * 2)  # fmt: skip
+    per_format = info["checkpoints"][0]["per_format"]
+    assert {f: (m["n_real"], m["n_fake"]) for f, m in per_format.items()} == {"jpeg": (2, 2), "png": (2, 2)}
+    assert all(m["auc"] is not None for m in per_format.values())
+    assert "no file format holds both classes" not in output + md and "## Per file format" in md
 
 
 class Stopped(Exception):
