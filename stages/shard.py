@@ -164,27 +164,44 @@ FORMAT_GAP = 0.5  # total variation distance between the labels' shares of file 
 SIZE_RATIO = 2.0  # ratio of the labels' median pixel counts
 
 
-def label_confounds(kept: list[_Probed]) -> list[str]:
-    """What differs between the real and the fake images besides how they were made, which a detector can learn
-    instead: the file format (JPEG reals and PNG fakes: compression alone tells them apart) and the size."""
-    real = [p for p in kept if p.record.label == 0]
-    fake = [p for p in kept if p.record.label == 1]
-    if min(len(real), len(fake)) < CONFOUND_MIN:
-        return []
-    found = []
+def _differences(real: list[_Probed], fake: list[_Probed], what: str, name: str) -> dict[str, str]:
+    """{"format": why, "size": why} for what tells `fake` (called `name`) from `real` besides generation."""
+    found = {}
     shares = [{f: n / len(ps) for f, n in Counter(p.format or "?" for p in ps).items()} for ps in (real, fake)]
     gap = 0.5 * sum(abs(shares[0].get(f, 0) - shares[1].get(f, 0)) for f in shares[0].keys() | shares[1].keys())
     if gap >= FORMAT_GAP:
         said = ["; ".join(f"{f} {v:.0%}" for f, v in sorted(sh.items(), key=lambda kv: -kv[1])) for sh in shares]
-        found.append(f"file formats differ by label (real: {said[0]}; fake: {said[1]}): a detector can learn the "
-                     "formats' compression instead of generation traces; re-encode both alike, or read eval under "
-                     "--perturb jpeg:...")  # fmt: skip
+        found["format"] = (f"file formats differ {what} (real: {said[0]}; {name}: {said[1]}): a detector can learn "
+                           "the formats' compression instead of generation traces; re-encode both alike, or read "
+                           "eval under --perturb jpeg:...")  # fmt: skip
     medians = [float(statistics.median(p.width * p.height for p in ps)) for ps in (real, fake)]
     ratio = max(medians) / max(min(medians), 1.0)
     if ratio >= SIZE_RATIO:
-        found.append(f"image sizes differ by label (median real {medians[0] / 1e6:.2f} MP, fake "
-                     f"{medians[1] / 1e6:.2f} MP, {ratio:.1f}x): a detector can learn the size (patch counts, "
-                     "resampling) instead; match the sizes, or read the results with that in mind")  # fmt: skip
+        found["size"] = (f"image sizes differ {what} (median real {medians[0] / 1e6:.2f} MP, {name} "
+                         f"{medians[1] / 1e6:.2f} MP, {ratio:.1f}x): a detector can learn the size (patch counts, "
+                         "resampling) instead; match the sizes, or read the results with that in mind")  # fmt: skip
+    return found
+
+
+def label_confounds(kept: list[_Probed]) -> list[str]:
+    """What differs between the real and the fake images besides how they were made, which a detector can learn
+    instead: the file format (JPEG reals and PNG fakes: compression alone tells them apart) and the size. All
+    fakes against the reals first, then each generator's (with CONFOUND_MIN fakes or more) for what the whole
+    did not show: one generator's PNGs among JPEGs would learn its format."""
+    real = [p for p in kept if p.record.label == 0]
+    fake = [p for p in kept if p.record.label == 1]
+    if len(real) < CONFOUND_MIN:
+        return []
+    overall = _differences(real, fake, "by label", "fake") if len(fake) >= CONFOUND_MIN else {}
+    found = list(overall.values())
+    by_gen: dict[str, list[_Probed]] = {}
+    for p in fake:
+        by_gen.setdefault(p.record.generator, []).append(p)
+    if len(by_gen) > 1:
+        for gen, ps in sorted(by_gen.items()):
+            if len(ps) >= CONFOUND_MIN:
+                what = f"between the reals and the fakes of {gen or '(no generator)'}"
+                found += [t for k, t in _differences(real, ps, what, gen or "fake").items() if k not in overall]
     return found
 
 

@@ -391,6 +391,30 @@ def test_formats_or_sizes_that_tell_the_labels_apart_are_warned_of(tmp_path, cap
     assert few.confounds == []  # nine of each: too few to call a difference
 
 
+def test_one_generator_whose_format_or_size_differs_from_the_reals_is_warned_of(tmp_path):
+    root = tmp_path / "data"
+    kinds = {"real/cam": ("jpg", 64), "fake/a": ("jpg", 64), "fake/b": ("jpg", 64), "fake/c": ("png", 64),
+             "fake/d": ("jpg", 96), "fake/e": ("png", 96)}  # fmt: skip
+    for seed, (folder, (suffix, side)) in enumerate(kinds.items()):
+        for i in range(10 if folder != "fake/e" else 9):  # e: too few of its own to be called out
+            write_image(root / folder / f"{i}.{suffix}", side, side, seed=100 * seed + i)
+    result = run(ShardConfig(sources=[str(root)], out=str(tmp_path / "out")))
+    # all fakes against the reals: PNG 19 of 49 and a median size alike, so nothing overall; c and d alone differ
+    assert [c.split(" (")[0] for c in result.confounds] == [
+        "file formats differ between the reals and the fakes of c",
+        "image sizes differ between the reals and the fakes of d",
+    ]
+    assert "(real: JPEG 100%; c: PNG 100%)" in result.confounds[0]
+    for folder in ("fake/a", "fake/b", "fake/d", "fake/e"):
+        shutil.rmtree(root / folder)
+    write_image(root / "fake" / "c2" / "0.png", 64, 64, seed=999)
+    for i in range(10):
+        write_image(root / "fake" / "f" / f"{i}.png", 64, 64, seed=900 + i)
+    result = run(ShardConfig(sources=[str(root)], out=str(tmp_path / "out"), force=True))
+    # every fake a PNG: said once, for all fakes, not again for each generator
+    assert [c.split(" (")[0] for c in result.confounds] == ["file formats differ by label"]
+
+
 def test_nothing_left_but_conflicting_labels_is_an_error(tmp_path):
     photo = tmp_path / "one.png"
     write_image(photo, 32, 32, seed=1)
