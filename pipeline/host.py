@@ -1,4 +1,5 @@
-"""Host memory: glibc's allocator kept from mapping and unmapping each large tensor (the CLI's processes only).
+"""Host settings: glibc's allocator kept from mapping and unmapping each large tensor (the CLI's processes only),
+and torch's thread count for a block (`predict --threads`).
 
 By default glibc serves every block over its mmap threshold (at most 32 MiB) with a fresh mmap and returns it to
 the OS on free, so each batch's activations (hundreds of MiB at 256 crops) are page-faulted in anew: on the CPU,
@@ -10,11 +11,13 @@ its memory stays at its peak, which it reaches again with every batch anyway.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +61,18 @@ def tune_malloc() -> bool:
 def worker_environment() -> dict[str, str]:
     """Environment variables for worker processes this one starts: the same settings when it took them."""
     return dict(ENVIRONMENT) if _tuned else {}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block (None: left as they are), and set back after it, so a
+    caller's process (a notebook, a test) keeps its own setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -51,6 +51,7 @@ class PredictConfig:
     chunk_size: int | None = None  # patches per encoder step (memory); None = the checkpoint's
     threshold: float | None = None  # label = fake when score >= this; None = the checkpoint's (chosen on val)
     resume: bool = False  # go on from the rows an interrupted predict into `out` kept in OUT.progress
+    threads: int | None = None  # CPU threads for the model and for decoding; None: torch's default (the cores)
 
 
 @dataclass
@@ -174,18 +175,21 @@ def _scored_so_far(out: Path, header: dict, resume: bool) -> ScoredSoFar | None:
 def run(cfg: PredictConfig, on_row: Callable[[Prediction], None] | None = None) -> PredictResult:
     """Score every image of cfg.inputs; unreadable files get an error row and the rest go on. `on_row` gets
     each prediction as it is made (the command streams CSV to stdout with it)."""
+    from semspai.pipeline.host import torch_threads
+
     start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else None
     if cfg.resume and out is None:
         raise ConfigError("--resume continues a predict into --out FILE: give the --out of the run to continue")
     if out is None:
-        return _predict(cfg, None, on_row, start)
+        with torch_threads(cfg.threads):
+            return _predict(cfg, None, on_row, start)
     refuse_foreign_output(out, written_by_predict, "an earlier predict result")
 
     def busy(holder: str) -> FileExistsError:
         return FileExistsError(f"{out} is being written by another `semspai predict` ({holder})")
 
-    with run_lock(lock_beside(out), busy):
+    with run_lock(lock_beside(out), busy), torch_threads(cfg.threads):
         clear_partials([out, progress_path(out)])  # what a predict killed mid-write left
         return _predict(cfg, out, on_row, start)
 
@@ -209,6 +213,8 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     det = load_detector(file, clip=cfg.clip, device=resolve_device(cfg.device))
     if cfg.chunk_size is not None:
         det.chunk_size = cfg.chunk_size
+    if cfg.threads is not None:
+        det.decode_workers = min(det.decode_workers, cfg.threads)
     if cfg.threshold is not None:
         det.threshold = cfg.threshold
     header["threshold"] = det.threshold
@@ -285,8 +291,14 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     is_flag=True,
     help="Go on from the images an interrupted predict into --out scored (kept in OUT.progress).",
 )
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="CPU threads for the model and for decoding images; default: torch's (one per core).",
+)
 @user_errors
-def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold, resume) -> None:
+def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold, resume, threads) -> None:
     """Score images (files, or directories walked recursively) of any size: score = P(fake).
 
     In a directory, files ending .jpg .jpeg .png .webp .tif .tiff .bmp (any case) are scored and hidden ones
@@ -309,7 +321,8 @@ def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, thresho
         sys.stdout.flush()
 
     cfg = PredictConfig(inputs=list(inputs), checkpoint=checkpoint, out=out, heatmaps=heatmaps, clip=clip,
-                        device=device, chunk_size=chunk_size, threshold=threshold, resume=resume)  # fmt: skip
+                        device=device, chunk_size=chunk_size, threshold=threshold, resume=resume,
+                        threads=threads)  # fmt: skip
     try:
         result = run(cfg, on_row=on_row if out is None else None)
     except BrokenPipeError:  # the reader of stdout stopped (`| head`): so does predict, quietly, as `cat` would

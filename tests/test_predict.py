@@ -652,6 +652,22 @@ def test_stdout_gets_each_row_as_it_is_scored(checkpoint, tmp_path, rgb, monkeyp
     assert res.stdout.splitlines() == lines[:3] and lines[0] == ",".join(CSV_HEADER) and len(lines) == 5
 
 
+def test_threads_bound_the_model_and_the_decoding_and_are_set_back(checkpoint, tmp_path, rgb, monkeypatch):
+    image = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
+    seen = []
+    real = Detector.score
+    monkeypatch.setattr(Detector, "score", lambda self, *a, **k: seen.append(
+        (torch.get_num_threads(), self.decode_workers)) or real(self, *a, **k))  # fmt: skip
+    before = torch.get_num_threads()
+    for out in ([], ["--out", str(tmp_path / "s.csv")]):
+        seen.clear()
+        res = CliRunner().invoke(cli, ["predict", str(image), "--checkpoint", str(checkpoint), "--device", "cpu",
+                                       "--threads", "1", *out])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert seen == [(1, 1)] and torch.get_num_threads() == before
+    assert "--threads" in CliRunner().invoke(cli, ["predict", "--help"]).output
+
+
 def test_one_predict_at_a_time_per_out(checkpoint, tmp_path, rgb):
     image = save(Image.fromarray(rgb), tmp_path / "a.png", "PNG")
     out = tmp_path / "s.csv"
