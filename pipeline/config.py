@@ -215,16 +215,10 @@ class RunConfig:
         behaviour."""
         data, defaults = self.to_dict(), RunConfig().to_dict()
         for key in NOT_IDENTITY:
-            *parents, leaf = key.split(".")
-            mine, theirs = data, defaults
-            for p in parents:
-                mine, theirs = mine[p], theirs[p]
-            mine[leaf] = theirs[leaf]
+            mine, leaf = _section(data, key)
+            mine[leaf] = _section(defaults, key)[0][leaf]
         for key, before in ADDED_LATER.items():
-            *parents, leaf = key.split(".")
-            mine = data
-            for p in parents:
-                mine = mine[p]
+            mine, leaf = _section(data, key)
             if mine[leaf] == before:
                 del mine[leaf]
         return data
@@ -233,6 +227,14 @@ class RunConfig:
         """sha256 of the canonical JSON form of `identity`: equal configs hash equal whatever file they came from
         (and configs at NOT_IDENTITY's defaults as they did before it existed)."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+
+def _section(data: dict, key: str) -> tuple[dict, str]:
+    """The nested dict of `data` that holds dotted `key` (e.g. TRAIN.EARLY_STOP -> data["TRAIN"]), and its leaf."""
+    *parents, leaf = key.split(".")
+    for p in parents:
+        data = data[p]
+    return data, leaf
 
 
 def check_ranges(cfg: RunConfig, keys: typing.Collection[str] | None = None) -> RunConfig:

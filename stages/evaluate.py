@@ -656,14 +656,13 @@ def stopped_rows(out: Path) -> int:
 
 
 def _run(cfg: EvalConfig, out: Path, perturbations: list[Perturbation], device: str, start: float) -> EvalResult:
-    kept = stopped_rows(out)
-    if kept and not cfg.resume:
-        raise StaleOutputError(f"{out / PROGRESS_DIR} holds {kept} image score(s) of an eval into {out} that stopped: "
-                               "pass --resume to go on from there, or delete that folder to start over")  # fmt: skip
-    if cfg.resume and not kept:
+    if not cfg.resume:
+        if kept := stopped_rows(out):
+            raise StaleOutputError(f"{out / PROGRESS_DIR} holds {kept} image score(s) of an eval into {out} that "
+                                   "stopped: pass --resume to go on from there, or delete that folder to start over")  # fmt: skip
+        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # rows of no use: none, or a header alone
+    elif not (out / PROGRESS_DIR).is_dir():  # with one, each checkpoint's file is read once, by kept_rows
         log.info("%s: no stopped eval to resume; scoring every image", out)
-    if not kept:  # rows of no use (none, or a header alone)
-        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -181,17 +181,17 @@ def run(cfg: PredictConfig, on_row: Callable[[Prediction], None] | None = None) 
     out = Path(cfg.out) if cfg.out else None
     if cfg.resume and out is None:
         raise ConfigError("--resume continues a predict into --out FILE: give the --out of the run to continue")
-    if out is None:
-        with torch_threads(cfg.threads):
-            return _predict(cfg, None, on_row, start)
-    refuse_foreign_output(out, written_by_predict, "an earlier predict result")
 
     def busy(holder: str) -> FileExistsError:
         return FileExistsError(f"{out} is being written by another `semspai predict` ({holder})")
 
-    with run_lock(lock_beside(out), busy), torch_threads(cfg.threads):
-        clear_partials([out, progress_path(out)])  # what a predict killed mid-write left
-        return _predict(cfg, out, on_row, start)
+    with torch_threads(cfg.threads):
+        if out is None:
+            return _predict(cfg, None, on_row, start)
+        refuse_foreign_output(out, written_by_predict, "an earlier predict result")
+        with run_lock(lock_beside(out), busy):
+            clear_partials([out, progress_path(out)])  # what a predict killed mid-write left
+            return _predict(cfg, out, on_row, start)
 
 
 def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction], None] | None,

@@ -169,7 +169,8 @@ def command(store, shards, out, config_path, overrides, resume, force, init) -> 
                    + ("" if resume else ". Pass --force to train again."))  # fmt: skip
         return
     last = result.history[-1]
-    best = next(h for h in result.history if h["epoch"] == best_epoch(result.history))  # what best.pt holds
+    kept = best_epoch(result.history)
+    best = next(h for h in result.history if h["epoch"] == kept)  # what best.pt holds
     click.echo(
         f"trained {result.epochs_run} epoch(s) into {out}"
         + (
