@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -12,7 +13,12 @@ from torch import nn
 from semspai.pipeline.config import ModelConfig
 from semspai.pipeline.fusion import SemanticFusionModule, SpectralContextAttention
 from semspai.pipeline.grid import DEFAULT_RULE, PatchRule, crop_patches
-from semspai.pipeline.spectral import PATCH_SIZE, FrequencyRestorationEstimator, load_encoder_config
+from semspai.pipeline.spectral import (
+    PATCH_SIZE,
+    FrequencyRestorationEstimator,
+    SpectralEncoderConfig,
+    load_encoder_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +107,16 @@ class SemSpaiDetector(nn.Module):
         clip_dim: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        encoder: SpectralEncoderConfig | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         sem = cfg.SEMANTIC
         self.chunk_size = cfg.SPECTRAL.CHUNK_SIZE
+        # the model JSON as built: a checkpoint records it, so it rebuilds the same whatever the file says later
+        self.encoder_config = encoder if encoder is not None else load_encoder_config(cfg.SPECTRAL.ENCODER)
         self.spectral = FrequencyRestorationEstimator(
-            load_encoder_config(cfg.SPECTRAL.ENCODER),
+            self.encoder_config,
             cfg.HIDDEN_DIM,
             cfg.SPECTRAL.MASK_RADIUS,
             cfg.DROPOUT,
@@ -173,9 +182,14 @@ class SemSpaiDetector(nn.Module):
 
 
 def create_detector(
-    model_cfg: ModelConfig, clip_dim: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    model_cfg: ModelConfig,
+    clip_dim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    encoder: SpectralEncoderConfig | None = None,
 ) -> SemSpaiDetector:
-    """Build the detector from the MODEL section; `clip_dim` is the CLIP vector width (0 allowed in mode none)."""
+    """Build the detector from the MODEL section; `clip_dim` is the CLIP vector width (0 allowed in mode none);
+    `encoder`: the spectral model JSON as a checkpoint recorded it (default: MODEL.SPECTRAL.ENCODER's file)."""
     sem = model_cfg.SEMANTIC
     if sem.MODE != "none" and clip_dim <= 0:
         raise ValueError(f"MODEL.SEMANTIC.MODE={sem.MODE} needs CLIP vectors: clip_dim must be > 0, got {clip_dim}")
@@ -185,13 +199,22 @@ def create_detector(
     if model_cfg.SPECTRAL.CHUNK_SIZE < 1:
         raise ValueError(f"MODEL.SPECTRAL.CHUNK_SIZE must be >= 1, got {model_cfg.SPECTRAL.CHUNK_SIZE}")
     device = torch.device(device) if device is not None else None
-    model = SemSpaiDetector(model_cfg, clip_dim, device=device, dtype=dtype)
+    model = SemSpaiDetector(model_cfg, clip_dim, device=device, dtype=dtype, encoder=encoder)
     log.info(
         "detector: encoder %s, semantic %s/%s, %.2fM trainable parameters",
         model_cfg.SPECTRAL.ENCODER, model.semantic_mode, sem.FUSION,
         sum(p.numel() for p in trainable_parameters(model)) / 1e6,
     )  # fmt: skip
     return model
+
+
+def encoder_record(model: SemSpaiDetector) -> dict:
+    """What a checkpoint keeps of the spectral encoder: its model JSON as built, and the sha256 of a frozen
+    encoder's weights file (which the checkpoint does not hold)."""
+    return {
+        "config": dataclasses.asdict(model.encoder_config),
+        "weights_sha256": model.spectral.encoder.weights_sha256,
+    }
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -42,6 +42,7 @@ from semspai.pipeline.data import (
 from semspai.pipeline.detector import (
     DetectorBatch,
     create_detector,
+    encoder_record,
     load_trainable_state,
     state_misfit,
     trainable_parameters,
@@ -283,16 +284,20 @@ def shared_tar_shas(paths: list[Path], out: Path, rank: int, world: int) -> dict
 
 
 def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[str, str] | None = None,
-               tar_shas: dict[str, str] | None = None, init: Path | None = None) -> dict:  # fmt: skip
+               tar_shas: dict[str, str] | None = None, init: Path | None = None,
+               encoder_weights: str = "") -> dict:  # fmt: skip
     """A run's input fingerprints: its shard tars' names and contents (sha256: `tar_shas` by str(path), hashed
     here when not given), so that tars moved, copied or rebuilt the same are the same input; with a store,
     also the store's CLIP weights and what it extracted from these tars (shards added to the store for other
-    runs change nothing); with an `init` checkpoint (--init), its contents."""
+    runs change nothing); with an `init` checkpoint (--init), its contents; with a frozen spectral encoder
+    (MODEL.SPECTRAL.ENCODER_WEIGHTS), its weights' contents."""
     tar_shas = tar_shas if tar_shas is not None else tar_sha256s(paths)
     contents = sorted({(shard_name(p), tar_shas[str(p)]) for p in paths})
     inputs = {"shards": hashlib.sha256(json.dumps(contents).encode()).hexdigest()}
     if init is not None:
         inputs["init"] = file_sha256(init)
+    if encoder_weights and Path(encoder_weights).is_file():  # a missing file: building the model says so
+        inputs["encoder_weights"] = file_sha256(encoder_weights)
     if clip_sha is not None:
         names = {shard_name(p) for p in paths}
         done = {n: sha for n, sha in (shard_shas or {}).items() if n in names}
@@ -303,9 +308,12 @@ def run_inputs(paths: list[Path], clip_sha: str | None = None, shard_shas: dict[
 
 
 def legacy_inputs(out: Path, inputs: dict[str, str], paths: list[Path]) -> dict[str, str]:
-    """`inputs`, with the shards' fingerprint as earlier semspai wrote it (tar paths, sizes and mtimes) when
-    the run in `out` holds that one and it still matches: such runs stay up to date and resumable."""
+    """`inputs`, as earlier semspai wrote them when the run in `out` was made so, so that such runs stay up to date
+    and resumable: the shards' fingerprint by tar paths, sizes and mtimes where it still matches, and no
+    fingerprint of a frozen encoder's weights where the run recorded none."""
     have = read_manifest(out) if holds_run(out) else None
+    if have is not None and "encoder_weights" not in have.inputs:
+        inputs = {k: v for k, v in inputs.items() if k != "encoder_weights"}
     legacy = have.inputs.get("shards") if have is not None else None
     if legacy is not None and legacy != inputs["shards"] and legacy == fingerprint_paths(paths):
         return inputs | {"shards": legacy}
@@ -422,12 +430,13 @@ def finished_run(cfg: RunConfig, shards: str, out: str | Path, store_path: str |
     paths = resolve_shards(shards)
     tar_shas = tar_sha256s(paths, known_shas(out))  # unchanged tars are not read again
     init_file = resolve_checkpoint(init) if init else None
+    weights = cfg.MODEL.SPECTRAL.ENCODER_WEIGHTS
     if no_store:
-        inputs = run_inputs(paths, tar_shas=tar_shas, init=init_file)
+        inputs = run_inputs(paths, tar_shas=tar_shas, init=init_file, encoder_weights=weights)
     else:
         cfg = record_store_clip(cfg, attrs["clip"], store_path)
         shas = {n: a["sha256"] for n, a in done_shard_attrs(store_path).items()}
-        inputs = run_inputs(paths, attrs["clip"]["sha256"], shas, tar_shas, init_file)
+        inputs = run_inputs(paths, attrs["clip"]["sha256"], shas, tar_shas, init_file, weights)
     inputs = legacy_inputs(out, inputs, paths)
     _, history = existing_run(out, run_manifest(cfg, inputs), cfg.TRAIN.EPOCHS, cfg.TRAIN.EARLY_STOP)
     return TrainResult(out, nothing_to_do=True, epochs_run=0, history=history, threshold=history[-1]["threshold"],
@@ -455,6 +464,15 @@ def warm_start(module: TrainModule, file: Path, sha256: str, cfg: RunConfig, sto
             f"--init {file} learnt on the CLIP vectors of {their_clip.get('arg', 'another encoder')}, but feature store "
             f"{store.path} holds those of {store.clip_spec['arg']}: its fusion weights would read vectors of another "
             "encoder. Start from a checkpoint trained on a store of this encoder, or without --init"
+        )
+    theirs_sha = (state.get("spectral_encoder") or {}).get("weights_sha256")
+    mine_sha = module.detector.spectral.encoder.weights_sha256
+    if theirs_sha and theirs_sha != mine_sha:
+        raise CheckpointError(
+            f"--init {file} learnt on the features of a frozen spectral encoder with weights of sha256 "
+            f"{theirs_sha[:12]}…, but this run's MODEL.SPECTRAL.ENCODER_WEIGHTS is "
+            f"{cfg.MODEL.SPECTRAL.ENCODER_WEIGHTS or '(none)'}{f' (sha256 {mine_sha[:12]}…)' if mine_sha else ''}: "
+            "set it to the weights that checkpoint was trained with"
         )
     misfit = state_misfit(module.detector, state["model"])
     if misfit:
@@ -528,12 +546,13 @@ class Trainer:
         # each tar read once, for the store's check and the run's fingerprint; not at all when the run recorded
         # its hash and it is unchanged since (same size and mtime)
         tar_shas = shared_tar_shas(paths, self.out, self.rank, self.world)
+        weights = cfg.MODEL.SPECTRAL.ENCODER_WEIGHTS
         if self.store is None:
-            self.inputs = run_inputs(paths, tar_shas=tar_shas, init=self.init)
+            self.inputs = run_inputs(paths, tar_shas=tar_shas, init=self.init, encoder_weights=weights)
         else:
             self.store.check_shards(paths, tar_shas)
             shas = {n: i["sha256"] for n, i in self.store.shard_info.items()}
-            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas, tar_shas, self.init)
+            self.inputs = run_inputs(paths, self.store.clip_spec["sha256"], shas, tar_shas, self.init, weights)
         self.paths, self.file_shas = paths, file_stats(paths, tar_shas)
         data = cfg.DATA
         plans = {s: plan_split(paths, s, data.GENERATORS, join, data.SKIP_MISSING) for s in ("train", "val")}
@@ -729,6 +748,7 @@ class Trainer:
     def _checkpoint(self, epoch: int, history: list[dict], rngs: list[dict]) -> dict:
         return {
             "model": trainable_state_dict(self.module.detector),
+            "spectral_encoder": encoder_record(self.module.detector),
             "loss_head": self.module.loss.state_dict(),
             "config": self.cfg.to_dict(),
             "clip_spec": dict(self.store.clip_spec) if self.store is not None else {},

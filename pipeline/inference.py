@@ -35,6 +35,7 @@ from semspai.pipeline.detector import (
 from semspai.pipeline.engine import autocast
 from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes, mostly_padding
 from semspai.pipeline.iterate import ordered_map
+from semspai.pipeline.spectral import SpectralEncoderConfig
 from semspai.store.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
 from semspai.store.images import ImageDecodeError, decode_image, pil_to_rgb
 from semspai.store.manifest import unique_files
@@ -275,13 +276,15 @@ class Detector:
 
 
 def load_detector(checkpoint: str | Path, clip: str | None = None, device: str | torch.device = "cpu",
-                  precision: str = "auto", encoder: bool = True) -> Detector:  # fmt: skip
+                  precision: str = "auto", encoder: bool = True, encoder_weights: str | None = None) -> Detector:  # fmt: skip
     """The detector a checkpoint (or a run directory, meaning its best checkpoint) holds, with its CLIP encoder.
 
     `clip` overrides where the encoder's weights are read from (e.g. the file moved); it must still be the
     encoder the checkpoint was trained with, since the fusion weights only understand that one's vectors.
     `encoder=False` leaves the encoder unloaded, for a caller that gives every CLIP vector (from a store); the
-    detector's `clip_spec` is then the one the checkpoint recorded.
+    detector's `clip_spec` is then the one the checkpoint recorded. `encoder_weights` does for a frozen spectral
+    encoder what `clip` does for CLIP: where its weights are now, checked against the sha256 the checkpoint
+    recorded.
     """
     file = resolve_checkpoint(checkpoint)
     state = load_checkpoint(file)
@@ -291,7 +294,7 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
     config = config_from_dict(state["config"], saved=True)
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    model = create_detector(config.MODEL, int(state["clip_dim"]))
+    model = _build_recorded_detector(state, config, encoder_weights, file)
     try:  # a frozen encoder comes back from its own weights file, not from here
         load_trainable_state(model, state["model"])
     except ValueError as exc:
@@ -306,6 +309,38 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
     gens = state.get("train_generators")  # absent from checkpoints written before it was recorded
     return Detector(model, config, embedder, float(state["threshold"]), device, precision, str(file),
                     None if gens is None else {str(g): int(n) for g, n in gens.items()}, spec)  # fmt: skip
+
+
+def _build_recorded_detector(state: dict, config: RunConfig, weights: str | None, file: Path) -> SemSpaiDetector:
+    """The detector of checkpoint `file`, its spectral encoder built from the model JSON the checkpoint recorded
+    (checkpoints written before it was recorded: from MODEL.SPECTRAL.ENCODER) and a frozen encoder's weights from
+    `weights` or the path it was trained with, refused unless they are the ones it was trained with."""
+    record = state.get("spectral_encoder")
+    encoder = SpectralEncoderConfig(**record["config"]) if record is not None else None
+    spectral = config.MODEL.SPECTRAL
+    if weights and encoder is not None and not encoder.frozen:  # as --clip is without CLIP: eval may name several
+        log.warning("--encoder-weights %s is not used by %s: it trained its spectral encoder (%s) and holds its "
+                    "weights", weights, file, encoder.timm_model)  # fmt: skip
+    elif weights:
+        spectral.ENCODER_WEIGHTS = weights
+    if record is None:  # written before checkpoints recorded their encoder: as then
+        return create_detector(config.MODEL, int(state["clip_dim"]))
+    want, path = record.get("weights_sha256", ""), spectral.ENCODER_WEIGHTS
+    if encoder.frozen and not (path and Path(path).is_file()):
+        raise CheckpointError(
+            f"checkpoint {file} needs the weights of its frozen spectral encoder {encoder.timm_model} "
+            f"(sha256 {want[:12]}…), which are not at {path or '(no path)'}: pass --encoder-weights "
+            "/path/to/them (the same file at another path)"
+        )
+    model = create_detector(config.MODEL, int(state["clip_dim"]), encoder=encoder)
+    have = model.spectral.encoder.weights_sha256  # hashed as the weights were read
+    if have != want:
+        given = f"--encoder-weights {path}" if weights else f"the frozen spectral encoder's weights at {path}"
+        raise CheckpointError(
+            f"{given} (sha256 {have[:12]}…) are not the weights checkpoint {file} was trained with (sha256 "
+            f"{want[:12]}…), and its spectral head only understands their features: pass --encoder-weights with those"
+        )
+    return model
 
 
 def _load_recorded_embedder(spec: ClipSpec, override: str | None, file: Path, device: torch.device,

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from semspai.store.shards import file_sha256
+
 log = logging.getLogger(__name__)
 
 PATCH_SIZE = 224  # the patch grid's cell (pipeline.grid.PatchRule.size); every encoder sees exactly this
@@ -120,11 +122,16 @@ class PatchEncoder(nn.Module):
             cfg.timm_model, pretrained=False, num_classes=0, device=device, dtype=dtype, **cfg.timm_kwargs
         )
         norms = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if norms:
-            # batch statistics would make a sample's score depend on its batch and on the chunk size
-            raise EncoderConfigError(f"encoder {cfg.timm_model} uses BatchNorm ({norms[0]}); pick one without it")
+        if norms and not cfg.frozen:
+            # batch statistics would make a sample's score depend on its batch and on the chunk size; a frozen
+            # encoder stays in eval mode (`train` below), where BatchNorm uses its pretrained running statistics
+            raise EncoderConfigError(
+                f"encoder {cfg.timm_model} uses BatchNorm ({norms[0]}), whose batch statistics would make a score "
+                'depend on its batch: pick one without it, or a frozen pretrained one ("frozen": true)'
+            )
         self.indices = list(cfg.feature_indices)
         self.frozen = cfg.frozen
+        self.weights_sha256 = ""  # of the frozen encoder's weights file: checkpoints record it
         if weights:
             self._load(weights)
             self.backbone.requires_grad_(False)
@@ -143,6 +150,7 @@ class PatchEncoder(nn.Module):
     def _load(self, path: str) -> None:
         if not Path(path).is_file():
             raise EncoderConfigError(f"MODEL.SPECTRAL.ENCODER_WEIGHTS: {path} does not exist")
+        self.weights_sha256 = file_sha256(path)
         if path.endswith(".safetensors"):
             state = load_file(path)
         else:

@@ -74,6 +74,7 @@ class EvalConfig:
     perturb: list[str] = field(default_factory=list)  # e.g. ["jpeg:50,75,90", "blur:1.0"]
     overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, keys in EVAL_OVERRIDES only
     clip: str | None = None  # where the CLIP weights are now, when they moved since training
+    encoder_weights: str | None = None  # where a frozen spectral encoder's weights are now (checkpoints that have one)
     device: str = "auto"
     n_heatmaps: int = 3  # images per heatmap group (most confident fakes, reals, worst errors)
     bootstrap: int = BOOTSTRAP_ROUNDS
@@ -299,7 +300,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: str, perturbations: list[Pe
     encoder = not cfg.store or bool(perturbations)
     if cfg.clip and not encoder:
         log.warning("--clip %s is not used: every CLIP vector comes from the store (no --perturb)", cfg.clip)
-    det = load_detector(checkpoint, clip=cfg.clip, device=device, encoder=encoder)
+    det = load_detector(checkpoint, clip=cfg.clip, device=device, encoder=encoder, encoder_weights=cfg.encoder_weights)
     run_cfg = apply_overrides(det.config, cfg.overrides)
     det.chunk_size = run_cfg.MODEL.SPECTRAL.CHUNK_SIZE
     mode = det.semantic_mode
@@ -735,6 +736,12 @@ def _run(cfg: EvalConfig, out: Path, perturbations: list[Perturbation], device: 
     help=f"Override {' or '.join(EVAL_OVERRIDES)} (e.g. DATA.GENERATORS=a,b).",
 )
 @click.option("--clip", default=None, help="Where the checkpoint's CLIP weights are now (MODEL:WEIGHTS).")
+@click.option(
+    "--encoder-weights",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Where the weights of the checkpoints' frozen spectral encoder are now (checked by sha256).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option(
     "--heatmaps",
@@ -750,13 +757,15 @@ def _run(cfg: EvalConfig, out: Path, perturbations: list[Perturbation], device: 
     help=f"Go on from the images an eval into --out that stopped scored (kept in OUT/{PROGRESS_DIR}).",
 )
 @user_errors
-def command(checkpoints, shards, out, store, split, perturb, overrides, clip, device, n_heatmaps, resume) -> None:
+def command(checkpoints, shards, out, store, split, perturb, overrides, clip, encoder_weights, device, n_heatmaps,
+            resume) -> None:  # fmt: skip
     """Score a split with one or more checkpoints: metrics per generator, robustness, plots and a report.
 
     Scores are kept as they are made (in OUT/eval-progress until the report is written), so an eval that
     stopped goes on with --resume."""
     result = run(EvalConfig(checkpoints=list(checkpoints), shards=shards, out=out, store=store, split=split,
-                            perturb=list(perturb), overrides=list(overrides), clip=clip, device=device,
+                            perturb=list(perturb), overrides=list(overrides), clip=clip,
+                            encoder_weights=encoder_weights, device=device,
                             n_heatmaps=n_heatmaps, resume=resume))  # fmt: skip
     for r in result.runs:
         o = r.metrics["overall"]

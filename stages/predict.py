@@ -47,6 +47,7 @@ class PredictConfig:
     out: str | None = None  # .json -> JSON, anything else -> CSV; None -> CSV on stdout (by the command)
     heatmaps: str | None = None  # folder for one attention/gate heatmap PNG per scored image
     clip: str | None = None  # where the checkpoint's CLIP weights are now
+    encoder_weights: str | None = None  # where a frozen spectral encoder's weights are now
     device: str = "auto"
     chunk_size: int | None = None  # patches per encoder step (memory); None = the checkpoint's
     threshold: float | None = None  # label = fake when score >= this; None = the checkpoint's (chosen on val)
@@ -210,7 +211,7 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     if out is not None and (progress_path(out).exists() or cfg.resume):
         threshold = cfg.threshold if cfg.threshold is not None else float(load_checkpoint(file)["threshold"])
         have = _scored_so_far(out, header | {"threshold": threshold}, cfg.resume)
-    det = load_detector(file, clip=cfg.clip, device=resolve_device(cfg.device))
+    det = load_detector(file, clip=cfg.clip, device=resolve_device(cfg.device), encoder_weights=cfg.encoder_weights)
     if cfg.chunk_size is not None:
         det.chunk_size = cfg.chunk_size
     if cfg.threads is not None:
@@ -273,6 +274,12 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     help="Folder for one heatmap PNG per image (attention per patch, fusion gates).",
 )
 @click.option("--clip", default=None, help="Where the checkpoint's CLIP weights are now (MODEL:WEIGHTS).")
+@click.option(
+    "--encoder-weights",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Where the weights of the checkpoint's frozen spectral encoder are now (checked by sha256).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option(
     "--chunk-size",
@@ -298,7 +305,8 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     help="CPU threads for the model and for decoding images; default: torch's (one per core).",
 )
 @user_errors
-def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, threshold, resume, threads) -> None:
+def command(inputs, checkpoint, out, heatmaps, clip, encoder_weights, device, chunk_size, threshold, resume,
+            threads) -> None:  # fmt: skip
     """Score images (files, or directories walked recursively) of any size: score = P(fake).
 
     In a directory, files ending .jpg .jpeg .png .webp .tif .tiff .bmp (any case) are scored and hidden ones
@@ -321,7 +329,7 @@ def command(inputs, checkpoint, out, heatmaps, clip, device, chunk_size, thresho
         sys.stdout.flush()
 
     cfg = PredictConfig(inputs=list(inputs), checkpoint=checkpoint, out=out, heatmaps=heatmaps, clip=clip,
-                        device=device, chunk_size=chunk_size, threshold=threshold, resume=resume,
+                        encoder_weights=encoder_weights, device=device, chunk_size=chunk_size, threshold=threshold, resume=resume,
                         threads=threads)  # fmt: skip
     try:
         result = run(cfg, on_row=on_row if out is None else None)

@@ -368,6 +368,34 @@ def test_frozen_pretrained_timm_vit(tmp_path: Path) -> None:
     assert not any(k.startswith("spectral.encoder.backbone") for k in trainable_state_dict(model))
 
 
+def test_a_frozen_encoder_may_use_batchnorm_with_its_pretrained_statistics(tmp_path: Path) -> None:
+    spec = {
+        "timm_model": "efficientnet_lite0",
+        "feature_indices": [0, 1],
+        "frozen": True,
+        "srs_dim": 8,
+        "context_dim": 8,
+    }
+    encoder = tmp_path / "frozen-bn.json"
+    encoder.write_text(json.dumps(spec))
+    weights = write_frozen_weights(str(encoder), tmp_path)
+    model = build(model_cfg("none", encoder=str(encoder), weights=weights)).train()
+    backbone = model.spectral.encoder.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert any(k.endswith("running_mean") for k in before)
+    patches = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    alone = model.spectral.encoder(patches[:1])  # in a training step: not batch statistics, the pretrained ones
+    together = model.spectral.encoder(patches)
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b[:1], rtol=1e-5, atol=1e-6)
+    model(random_batch([2, 1])).logits.sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())  # statistics unchanged
+    spec["frozen"] = False  # trained from scratch, its batch statistics would make a score depend on its batch
+    encoder.write_text(json.dumps(spec))
+    with pytest.raises(EncoderConfigError, match=r"uses BatchNorm .* or a frozen pretrained one"):
+        build(model_cfg(encoder=str(encoder)))
+
+
 def test_trainable_state_dict_round_trip(tmp_path: Path) -> None:
     cfg = model_cfg("global_local", "film")
     a, b = build(cfg, seed=0).eval(), build(cfg, seed=5).eval()

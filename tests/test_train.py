@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -20,6 +22,7 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from semspai.pipeline import engine
 from semspai.pipeline.config import ConfigError, load_config
@@ -830,3 +833,81 @@ def test_an_epoch_whose_val_auc_is_at_most_chance_is_warned_about(tiny_shards, t
     warned = [r.getMessage() for r in caplog.records if "val AUC" in r.getMessage()]
     assert warned == ["epoch 1: val AUC 0.400: the model does not (yet) tell val's fakes from its reals, so threshold "
                       "1.000 is no real choice"]  # fmt: skip
+
+
+def _frozen_bn_encoder(root: Path, seed: int) -> tuple[Path, Path]:
+    """A frozen encoder with BatchNorm (EfficientNet-Lite0's first two stages) and its weights, drawn from `seed`."""
+    import timm
+    from safetensors.torch import save_file
+
+    spec = {"timm_model": "efficientnet_lite0", "feature_indices": [0, 1], "frozen": True, "srs_dim": 8,
+            "context_dim": 8}  # fmt: skip
+    encoder = root / "frozen-bn.json"
+    encoder.write_text(json.dumps(spec))
+    torch.manual_seed(seed)
+    backbone = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    for m in backbone.modules():  # pretrained statistics, not the init's zeros and ones
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    weights = root / f"frozen-{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    return encoder, weights
+
+
+def test_a_frozen_encoder_run_records_its_encoder_and_weights(full_run, tiny_shards, tmp_path, caplog):
+    from semspai.pipeline.inference import load_detector
+
+    encoder, weights = _frozen_bn_encoder(tmp_path, seed=1)
+    (tmp_path / "b").mkdir()
+    _, other = _frozen_bn_encoder(tmp_path / "b", seed=2)
+    none = ("MODEL.SEMANTIC.MODE=none", "LOSS.SEMANTIC_WEIGHT=0", "TRAIN.EPOCHS=1")
+    frozen = (f"MODEL.SPECTRAL.ENCODER={encoder}", f"MODEL.SPECTRAL.ENCODER_WEIGHTS={weights}")
+    out = tmp_path / "run"
+    _train(tiny_shards, None, out, (*none, *frozen))
+    state = load_checkpoint(out)
+    assert state["spectral_encoder"]["config"] == {**json.loads(encoder.read_text()), "timm_kwargs": {},
+                                                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    assert state["spectral_encoder"]["weights_sha256"] == file_sha256(weights)
+    assert json.loads((out / MANIFEST_NAME).read_text())["inputs"]["encoder_weights"] == file_sha256(weights)
+    images = [np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8) for i in range(3)]
+    scores = [p.score for p in load_detector(out).predict(images)]
+    # the checkpoint rebuilds its encoder from what it recorded: the model JSON may change or go
+    encoder.write_text(json.dumps({"timm_model": "efficientnet_lite0", "feature_indices": [0], "frozen": True}))
+    assert [p.score for p in load_detector(out).predict(images)] == scores
+    encoder.unlink()
+    moved = tmp_path / "moved.safetensors"
+    weights.rename(moved)
+    with pytest.raises(CheckpointError, match=r"needs the weights of its frozen spectral encoder efficientnet_lite0 "
+                       r"\(sha256 [0-9a-f]{12}…\), which are not at .*frozen-1.safetensors: pass --encoder-weights"):  # fmt: skip
+        load_detector(out)
+    assert [p.score for p in load_detector(out, encoder_weights=str(moved)).predict(images)] == scores
+    with pytest.raises(CheckpointError, match=r"--encoder-weights .*frozen-2.safetensors \(sha256 [0-9a-f]{12}…\) are "
+                       r"not the weights checkpoint .* was trained with"):  # fmt: skip
+        load_detector(out, encoder_weights=str(other))
+    shutil.copyfile(other, weights)  # other weights at the path it was trained with
+    with pytest.raises(CheckpointError, match=r"the frozen spectral encoder's weights at .*frozen-1.safetensors"):
+        load_detector(out)
+    # the CLI takes the option; a checkpoint that trained its encoder ignores it (eval may compare both kinds)
+    png = tmp_path / "a.png"
+    Image.fromarray(images[0]).save(png)
+    res = CliRunner().invoke(cli, ["predict", str(png), "--checkpoint", str(out), "--encoder-weights", str(moved)])
+    assert res.exit_code == 0, res.output
+    row = next(csv.DictReader(io.StringIO(res.output[res.output.index("path,") :])))
+    assert math.isclose(float(row["score"]), scores[0], abs_tol=1e-6), res.output
+    with caplog.at_level(logging.WARNING):
+        load_detector(full_run, encoder_weights=str(moved), encoder=False)
+    assert (
+        f"--encoder-weights {moved} is not used by" in caplog.text and "it trained its spectral encoder" in caplog.text
+    )
+    # training: other weights at the run's path are another input; --init with other weights is refused
+    encoder.write_text(json.dumps({"timm_model": "efficientnet_lite0", "feature_indices": [0, 1], "frozen": True,
+                                   "srs_dim": 8, "context_dim": 8}))  # fmt: skip
+    with pytest.raises(StaleOutputError, match="its input encoder_weights changed"):
+        _train(tiny_shards, None, out, (*none, *frozen))
+    with pytest.raises(CheckpointError, match=r"--init .* learnt on the features of a frozen spectral encoder with "
+                       r"weights of sha256 [0-9a-f]{12}…, but this run's MODEL.SPECTRAL.ENCODER_WEIGHTS is "
+                       r".*frozen-1.safetensors \(sha256"):  # fmt: skip
+        _train(tiny_shards, None, tmp_path / "tuned", (*none, *frozen), init=out)
+    shutil.copyfile(moved, weights)
+    assert _train(tiny_shards, None, out, (*none, *frozen)).nothing_to_do
