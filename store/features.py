@@ -183,7 +183,25 @@ def read_store_attrs(path: str) -> dict | None:
         attrs = _zopen(str(path), mode="r").attrs.asdict()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
-    return attrs if "schema_version" in attrs else None
+    return attrs if is_finished(attrs) else None
+
+
+# what a finished store's root and a done shard's marker hold: earlier semspai wrote them key by key, so a kill could
+# leave some without the rest, which readers take for an unfinished creation or shard (redone by the next run)
+# (what StoreHeader.to_attrs and mark_done write; each ends with the key every version wrote last)
+ROOT_KEYS = ("schema_version", "semspai_version", "clip", "clip_identity", "has_text", "embed_dim", "decoder",
+             "patch_rule", "prompts", "prompts_sha256", "preprocessing", "shards")  # fmt: skip
+DONE_KEYS = ("done", "shard", "sha256", "n_samples", "n_images", "skipped", "writer")  # `chunks` since 2026-11-28
+
+
+def is_finished(attrs: dict) -> bool:
+    """Whether a store's root attrs are those of a finished creation."""
+    return all(k in attrs for k in ROOT_KEYS)
+
+
+def is_done(attrs: dict) -> bool:
+    """Whether a shard group's attrs are a whole done marker."""
+    return bool(attrs.get("done")) and all(k in attrs for k in DONE_KEYS)
 
 
 def _chunk_rows(row_bytes: int, n: int) -> int:
@@ -294,8 +312,9 @@ class FeatureStoreWriter:
             if text is None:
                 raise ValueError("a store with a text tower needs its prompt vectors")
             _put(root, TEXT_ARRAY, text.astype(np.float16))
-        # attrs last: a store without them is an unfinished creation that the next run redoes
-        root.attrs.update(header.to_attrs())
+        # attrs last, in one write of the root's metadata (zarr's attrs.update would write key by key): a store
+        # without them all is an unfinished creation that the next run redoes
+        root.update_attributes(header.to_attrs())
         return cls(path)
 
     def record_shards(self, shards: dict[str, str]) -> None:
@@ -303,30 +322,31 @@ class FeatureStoreWriter:
         root = _zopen(self.path, mode="r+")
         recorded = dict(root.attrs.get("shards", {}))
         recorded.update({n: os.path.abspath(p) for n, p in shards.items()})  # where they are, from any directory
-        root.attrs["shards"] = dict(sorted(recorded.items()))
+        root.update_attributes({"shards": dict(sorted(recorded.items()))})
 
     def done_shards(self) -> dict[str, str]:
         """Done shard name -> the sha256 of the tar it was extracted from."""
-        return {name: attrs["sha256"] for name, attrs in _shard_attrs(self.path).items() if attrs.get("done")}
+        return {name: attrs["sha256"] for name, attrs in _shard_attrs(self.path).items() if is_done(attrs)}
 
     def write_rows(self, features: ShardFeatures) -> None:
         """Write a shard's arrays into its group (replacing an unfinished one); not visible until `mark_done`."""
         root = _zopen(self.path, mode="r+")
         shards = root[SHARDS_GROUP]
         if features.name in shards:
-            if shards[features.name].attrs.get("done"):
+            if is_done(shards[features.name].attrs.asdict()):
                 raise FeatureStoreError(f"shard {features.name} is already done in {self.path}; it is never rewritten")
             log.info("shard %s: replacing an unfinished group left by an interrupted run", features.name)
         clear_shard_group(root, features.name)  # an unfinished group, or what a killed delete left of one
         group = shards.create_group(features.name)
-        group.attrs.update({"done": False, "shard": features.name, "sha256": features.sha256})
+        group.update_attributes({"done": False, "shard": features.name, "sha256": features.sha256})
         for name, arr in features.arrays().items():
             _put(group, name, arr)
 
     def mark_done(self, features: ShardFeatures) -> None:
-        """The done marker, written last: from here on readers see the shard."""
+        """The done marker, written last in one write of the group's metadata (zarr's attrs.update would write key
+        by key, and a kill between them left `done` without the rest): from here on readers see the shard."""
         group = _zopen(self.path, mode="r+")[SHARDS_GROUP][features.name]
-        group.attrs.update(
+        group.update_attributes(
             {
                 "done": True,
                 "shard": features.name,
@@ -367,7 +387,7 @@ def drop_shards(path: str, names: Iterable[str]) -> list[str]:
     names = sorted(set(names))
     with writer_lock(path):
         root = _open_root(path, "r+")
-        if "schema_version" not in root.attrs:
+        if not is_finished(root.attrs.asdict()):
             raise FeatureStoreError(f"{path} is no finished feature store (no store attributes); nothing dropped")
         held = set(root[SHARDS_GROUP].group_keys()) if SHARDS_GROUP in root else set()
         absent = [n for n in names if n not in held]
@@ -377,7 +397,7 @@ def drop_shards(path: str, names: Iterable[str]) -> list[str]:
                                     + f"; nothing dropped (`semspai store info {path}` lists its shards)")  # fmt: skip
         for name in names:
             with contextlib.suppress(ValueError, OSError, json.JSONDecodeError):  # a damaged group goes all the same
-                root[f"{SHARDS_GROUP}/{name}"].attrs["done"] = False
+                root[f"{SHARDS_GROUP}/{name}"].update_attributes({"done": False})
             clear_shard_group(root, name)
     return names
 
@@ -491,12 +511,12 @@ def done_marker(path: str, name: str) -> dict | None:
         attrs = _zopen(path, mode="r")[f"{SHARDS_GROUP}/{name}"].attrs.asdict()
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
-    return attrs if attrs.get("done") else None
+    return attrs if is_done(attrs) else None
 
 
 def done_shard_attrs(path: str) -> dict[str, dict]:
     """Done shard name -> its attrs (sha256, n_images, skipped, ...), from the attributes alone (no array read)."""
-    return {name: a for name, a in _shard_attrs(path).items() if a.get("done")}
+    return {name: a for name, a in _shard_attrs(path).items() if is_done(a)}
 
 
 def stored_keys(path: str, done: dict[str, dict], threads: int = 8) -> dict[str, str]:
@@ -530,9 +550,9 @@ class FeatureStore:
         self.clip_spec: dict = attrs["clip"]
         self.has_text: bool = bool(attrs["has_text"])
         self.embed_dim: int = int(attrs["embed_dim"])
-        self.done_shards: list[str] = [n for n, a in shard_attrs.items() if a.get("done")]
+        self.done_shards: list[str] = [n for n, a in shard_attrs.items() if is_done(a)]
         self.recorded_shards: dict[str, str] = dict(attrs.get("shards", {}))
-        self.unfinished_shards: list[str] = [n for n, a in shard_attrs.items() if not a.get("done")]
+        self.unfinished_shards: list[str] = [n for n, a in shard_attrs.items() if not is_done(a)]
         self.shard_info: dict[str, dict] = {n: shard_attrs[n] for n in self.done_shards}
         self.skipped: list[dict] = [
             {"shard": n, **s} for n in self.done_shards for s in shard_attrs[n].get("skipped", [])
@@ -566,7 +586,7 @@ class FeatureStore:
         path = str(path)
         root = _open_root(path, "r")
         attrs = root.attrs.asdict()
-        if "schema_version" not in attrs:
+        if not is_finished(attrs):
             raise FeatureStoreError(
                 f"{path} is not a finished feature store (no schema attributes); rerun extract-clip"
             )
@@ -584,7 +604,7 @@ class FeatureStore:
             wanted = set(shards)
             shard_attrs = {n: a for n, a in shard_attrs.items() if n in wanted}
         if check:
-            damaged = damaged_arrays(path, {n: a for n, a in shard_attrs.items() if a.get("done")})
+            damaged = damaged_arrays(path, {n: a for n, a in shard_attrs.items() if is_done(a)})
             if damaged:
                 raise damage_error(path, damaged)
         return cls(path, attrs, shard_attrs)

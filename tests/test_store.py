@@ -24,6 +24,8 @@ from semspai.pipeline.grid import DEFAULT_RULE, grid_boxes
 from semspai.stages.cli import cli
 from semspai.store import writer as writer_module
 from semspai.store.features import (
+    DONE_KEYS,
+    ROOT_KEYS,
     FeatureStore,
     FeatureStoreError,
     FeatureStoreWriter,
@@ -237,6 +239,54 @@ def test_unfinished_group_is_replaced_and_done_group_never_rewritten(tmp_path: P
     writer.write_rows(g)
     writer.mark_done(g)
     assert FeatureStore.open(store).keys == f.keys + g.keys
+
+
+def test_root_attrs_and_done_markers_are_each_one_metadata_write(
+    tmp_path: Path, shards: list[Path], monkeypatch
+) -> None:
+    """A kill can fall between any two writes: a marker written key by key (zarr's attrs.update) once left `done`
+    without `n_images`, and every reader crashed on it while reruns took the shard for done."""
+    store = str(tmp_path / "f.zarr")
+    written, put = [], LocalStore.set
+
+    async def spy(self, key, value, *args, **kwargs) -> None:
+        written.append(key)
+        await put(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", spy)
+    writer, (f,) = write(store, shards[:1], done=False)
+    assert written.count("zarr.json") == 3  # made; its attrs, whole; the shards asked for
+    written.clear()
+    writer.mark_done(f)
+    monkeypatch.undo()
+    assert written == [f"shards/{f.name}/zarr.json"]  # the whole marker
+    assert tuple(header().to_attrs()) == ROOT_KEYS and set(DONE_KEYS) < set(done_shard_attrs(store)[f.name])
+
+
+@pytest.mark.parametrize("part", ["marker", "root"])
+def test_attrs_cut_short_by_an_earlier_version_are_unfinished_and_redone(tmp_path: Path, shards: list[Path],
+                                                                          part: str) -> None:  # fmt: skip
+    before = FeatureStore.open(write(str(tmp_path / "ref.zarr"), shards[:2])[0].path).global_vectors()
+    store = str(tmp_path / "f.zarr")
+    writer, feats = write(store, shards[:2] if part == "marker" else [])  # a store's creation comes first
+    meta = Path(store) / ("shards" / Path(feats[1].name) if part == "marker" else Path()) / "zarr.json"
+    doc = json.loads(meta.read_text())
+    keys = DONE_KEYS if part == "marker" else ROOT_KEYS
+    doc["attributes"] = {k: doc["attributes"][k] for k in keys[:4]}  # what a kill after 4 of the writes left
+    meta.write_text(json.dumps(doc))
+    if feats:
+        assert FeatureStore.open(store).done_shards == [feats[0].name]
+        assert FeatureStore.open(store).unfinished_shards == [feats[1].name]
+        assert list(done_shard_attrs(store)) == [feats[0].name] and writer.done_shards().keys() == {feats[0].name}
+        writer.write_rows(feats[1])  # what the rerun does: replace it
+        writer.mark_done(feats[1])
+    else:
+        with pytest.raises(FeatureStoreError, match="not a finished feature store"):
+            FeatureStore.open(store)
+        res = CliRunner().invoke(cli, ["store", "info", store])
+        assert res.exit_code == 1 and "not a finished feature store" in res.output and "Traceback" not in res.output
+        write(store, shards[:2])  # the next run redoes the creation
+    assert np.array_equal(FeatureStore.open(store).global_vectors(), before)
 
 
 class Stopped(Exception):
