@@ -8,6 +8,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,20 +62,37 @@ def label_from_parts(parts: tuple[str, ...]) -> tuple[int | None, str]:
     return None, folders[-1] if folders else "unknown"
 
 
+def _walk(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of every folder under `root`, each real folder once, hidden ones left out. Linked
+    folders are walked after the folders reached without a link, so a folder reached both ways is taken by its own
+    path (whose names give its label), not by the link's; a link to a folder already walked (a loop, a second
+    name) is said and passed over."""
+    walked: dict[str, str] = {}  # real path -> the path it was walked by
+    pending = [str(root)]  # the root, then linked folders as they are found
+    for top in pending:  # grows as it goes
+        for folder, dirs, files in os.walk(top):  # links are not followed here: they are queued
+            real = os.path.realpath(folder)
+            if real in walked:
+                log.warning("%s: a link to %s, walked as %s: its files are taken once, as found there", folder, real,
+                            walked[real])  # fmt: skip
+                dirs[:] = []
+                continue
+            walked[real] = folder
+            names = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = [d for d in names if not os.path.islink(os.path.join(folder, d))]
+            pending += [os.path.join(folder, d) for d in names if os.path.islink(os.path.join(folder, d))]
+            yield folder, files
+
+
 def image_files(root: str | Path) -> list[Path]:
     """Image files under `root` by extension (IMAGE_EXTENSIONS, any case), sorted. Linked folders are followed
-    (each real folder once: a link loop ends); hidden files and folders (.git, macOS's ._name.jpg resource
-    forks) are not images of the data set. Files of other extensions are not taken either, and a warning counts
-    them by extension, so a folder of .gif or .jfif files is not passed over unnoticed."""
+    (each real folder once, by its own path where it has one in `root`: `_walk`); hidden files and folders (.git,
+    macOS's ._name.jpg resource forks) are not images of the data set. Files of other extensions are not taken
+    either, and a warning counts them by extension, so a folder of .gif or .jfif files is not passed over
+    unnoticed."""
     root = Path(root)
-    found, walked, others = [], set(), Counter()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in walked:
-            dirs[:] = []
-            continue
-        walked.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found, others = [], Counter()
+    for folder, files in _walk(root):
         for f in files:
             path = Path(folder) / f
             if f.startswith("."):

@@ -99,6 +99,22 @@ def test_scan_folder_follows_linked_folders_once_and_skips_hidden_and_broken(tmp
     assert any("gone.png: a broken symlink" in r.getMessage() for r in caplog.records)
 
 
+def test_a_folder_reached_by_a_link_and_by_its_own_path_is_taken_by_its_own(tmp_path, caplog):
+    root = tmp_path / "set"
+    touch(root, "real/coco/a.png")
+    touch(root, "fake/sdxl/b.png")
+    (root / "fake" / "sdxl" / "reference").symlink_to(root / "real" / "coco")  # walked first in name order
+    touch(root, "biggan/0_real/c.png")
+    (root / "all_reals").symlink_to(root / "biggan" / "0_real")  # sorts first; names no label
+    with caplog.at_level(logging.WARNING, logger="semspai.store.sources"):
+        got = [(r.origin, r.label, r.generator) for r in scan_folder(root)]
+    assert got == [("set/biggan/0_real/c.png", 0, "biggan"), ("set/fake/sdxl/b.png", 1, "sdxl"),
+                   ("set/real/coco/a.png", 0, "coco")]  # fmt: skip
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{root / 'fake' / 'sdxl' / 'reference'}: a link to {root / 'real' / 'coco'}, walked as " in said
+    assert f"{root / 'all_reals'}: a link to" in said
+
+
 def write_csv(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
