@@ -51,6 +51,7 @@ from semspai.store.sources import (
     SourceRecord,
     hash_split,
     parse_split_ratios,
+    printable,
     read_manifest_csv,
     sample_key,
     scan_folder,
@@ -312,7 +313,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
                 unit="img",
             )
         )
-    skipped = [{"path": str(p.record.path), "reason": p.error} for p in probed if p.error]
+    skipped = [{"path": printable(p.record.path), "reason": p.error} for p in probed if p.error]
     missing = [s["path"] for s in skipped if s["reason"] == MISSING]
     if missing:  # a typo in a manifest, or files moved: said, not only counted
         log.warning("%d file(s) the manifests name do not exist, e.g. %s; skipped", len(missing), missing[0])
@@ -327,10 +328,11 @@ def _run(cfg: ShardConfig) -> ShardResult:
             # the same bytes called real and fake: the data has a mistake, and either label would teach (or
             # score) a detector something false, so no copy is kept
             conflicting.append({"sha256": copies[0].sha256, "files": [
-                {"path": str(c.record.path), "label": LABEL_NAMES[c.record.label]} for c in copies]})  # fmt: skip
+                {"path": printable(c.record.path), "label": LABEL_NAMES[c.record.label]} for c in copies]})  # fmt: skip
             continue
         kept.append(copies[0])
-        duplicates += [{"path": str(c.record.path), "duplicate_of": str(copies[0].record.path)} for c in copies[1:]]
+        duplicates += [{"path": printable(c.record.path), "duplicate_of": printable(copies[0].record.path)}
+                       for c in copies[1:]]  # fmt: skip
     n_conflicting = sum(len(c["files"]) for c in conflicting)
     if conflicting:
         example = {f["label"]: f["path"] for f in reversed(conflicting[0]["files"])}  # the first of each label
@@ -386,7 +388,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         "skipped": skipped,
         "duplicates": duplicates,
         "conflicting": conflicting,
-        "unlabeled_skipped": [str(r.path) for r in unlabeled],
+        "unlabeled_skipped": [printable(r.path) for r in unlabeled],
         "confounds": confounds,
     }
     write_json_atomic(out / INDEX_NAME, index)

@@ -56,7 +56,7 @@ def fingerprint_paths(paths: list[Path], root: Path | None = None) -> str:
     for p in sorted(paths, key=os.path.realpath):
         st = p.stat()
         name = str(p.relative_to(root)) if root else os.path.realpath(p)
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # any file name
     return h.hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import math
 import os
@@ -36,6 +37,12 @@ class SourceRecord:
     caption: str = ""
     split: str = ""  # empty = decided by the group hash
     group: str = ""  # samples of one group never straddle splits; empty = the origin
+
+
+def printable(path: str | Path) -> str:
+    """A path as text: its name's bytes as UTF-8, any byte that is not UTF-8 as `\\xNN` (a file named in another
+    encoding is then still a sample, with a stable origin and key, and index.json stays UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def sample_key(origin: str) -> str:
@@ -119,7 +126,8 @@ def scan_folder(root: Path) -> list[SourceRecord]:
     for path in image_files(root):
         rel = path.relative_to(root)
         label, generator = label_from_parts((name, *rel.parts))
-        records.append(SourceRecord(path=path, origin=f"{name}/{rel.as_posix()}", label=label, generator=generator))
+        origin = printable(f"{name}/{rel.as_posix()}")
+        records.append(SourceRecord(path=path, origin=origin, label=label, generator=printable(generator)))
     return records
 
 
@@ -148,7 +156,14 @@ def read_manifest_csv(csv_path: Path) -> list[SourceRecord]:
     """
     csv_path = Path(csv_path)
     base = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+    raw = csv_path.read_bytes()
+    try:  # UTF-8 (with or without a BOM), or UTF-16 with its BOM (what some spreadsheets save as "Unicode text")
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SourceError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the manifest as "
+                          "UTF-8") from exc  # fmt: skip
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip().lower() for f in reader.fieldnames or []]
         spai = "image" in fields and "class" in fields

@@ -1006,3 +1006,27 @@ def test_a_feature_store_is_never_a_shard_folder(image_tree, tmp_path):
         with pytest.raises(SourceError, match="is a Zarr store"):
             shard(image_tree, store, force=force)
     assert sorted(p.name for p in store.iterdir()) == ["zarr.json"]
+
+
+def test_names_and_manifests_in_other_encodings(tmp_path):
+    """A file name that is not UTF-8 is still a sample (its bytes shown as \\xNN); a UTF-16 manifest is read; a
+    manifest in another encoding is a one-line error naming its line."""
+    root = tmp_path / "ds"
+    write_image(root / "real" / "g" / "ok.png", 64, 64, 0)
+    odd = os.fsdecode(b"bad\xff\xfename.png")  # e.g. Latin-1 bytes from an old archive
+    write_image(root / "real" / "g" / odd, 64, 64, 1)
+    res = CliRunner().invoke(cli, ["shard", str(root), "--out", str(tmp_path / "o1"), "--split", "1,0,0"])
+    assert res.exit_code == 0, res.output
+    origins = sorted(s.meta["path"] for _, s in samples(tmp_path / "o1").values())
+    assert origins == ["ds/real/g/bad\\xff\\xfename.png", "ds/real/g/ok.png"]
+    res = CliRunner().invoke(cli, ["shard", str(root), "--out", str(tmp_path / "o1"), "--split", "1,0,0"])
+    assert res.exit_code == 0 and "up to date" in res.output, res.output
+    write_image(tmp_path / "m" / "café.png", 64, 64, 2)
+    (tmp_path / "m" / "utf16.csv").write_bytes("path,label\ncafé.png,real\n".encode("utf-16"))
+    shard([], tmp_path / "o2", manifests=[str(tmp_path / "m" / "utf16.csv")])
+    assert [s.meta["path"] for _, s in samples(tmp_path / "o2").values()] == ["utf16/café.png"]
+    (tmp_path / "m" / "latin1.csv").write_bytes("path,label\ncafé.png,real\n".encode("latin-1"))
+    res = CliRunner().invoke(cli, ["shard", "--manifest", str(tmp_path / "m" / "latin1.csv"), "--out",
+                                   str(tmp_path / "o3")])  # fmt: skip
+    assert res.exit_code == 1 and "latin1.csv:2: not UTF-8 text (byte 0xe9); save the manifest as UTF-8" in res.output
+    assert "Traceback" not in res.output
