@@ -302,7 +302,8 @@ def _run(
         ]
         result = ExtractResult(cfg.store, len(paths), sorted(set(names) & set(done)))
         if result.shards_already_done:
-            log.info("%d of %d shards already done in %s; extracting %d", len(done), len(paths), cfg.store, len(jobs))
+            log.info("%d of %d shards already done in %s; extracting %d", len(result.shards_already_done), len(paths),
+                     cfg.store, len(jobs))  # fmt: skip
         failures: list[tuple[str, BaseException]] = []
         shard_start = time.perf_counter()
 

@@ -135,6 +135,10 @@ def collect_records(cfg: ShardConfig) -> list[SourceRecord]:
         raise SourceError(f"no images (.jpg .png .webp .tif .bmp) found in {', '.join(cfg.sources + cfg.manifests)}")
     seen: dict[str, SourceRecord] = {}
     for r in records:
+        if r.origin in seen and os.path.realpath(seen[r.origin].path) != os.path.realpath(r.path):
+            name = r.origin.split("/")[0]
+            raise SourceError(f"{seen[r.origin].path} and {r.path} would be one sample ({r.origin}): two sources are "
+                              f"named {name}; rename one (a source's name is part of its images' keys)")  # fmt: skip
         if r.origin in seen:
             raise SourceError(f"{r.path} is listed twice (as {r.origin}); list each source once")
         seen[r.origin] = r
@@ -350,7 +354,10 @@ def _run(cfg: ShardConfig) -> ShardResult:
 
     if not kept:
         # refused before the output is touched: a failed run keeps the shards a previous run made
-        why = [f"{n} {what}" for n, what in ((len(skipped), "unreadable"), (len(unlabeled), "unlabeled"),
+        large = sum(1 for x in skipped if x["reason"].startswith(TOO_LARGE))
+        why = [f"{n} {what}" for n, what in ((len(skipped) - large - len(missing), "unreadable"),
+                                             (large, "too large (see --max-pixels)"), (len(missing), "missing"),
+                                             (len(unlabeled), "unlabeled"),
                                              (n_conflicting, "labelled both real and fake")) if n]  # fmt: skip
         raise SourceError(f"no image could be sharded ({', '.join(why)} skipped); {out} is left as it was")
 

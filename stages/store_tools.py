@@ -78,7 +78,11 @@ def format_info(s: dict) -> list[str]:
         f"by label: {_counts(s['by_label'])}",
         f"by generator: {_counts(s['by_generator'])}",
         f"shards: {len(s['done_shards'])} done, {len(s['missing_shards'])} missing"
-        + (f" ({', '.join(s['missing_shards'])}: asked for by a run, not done)" if s["missing_shards"] else ""),
+        + (
+            f" ({', '.join(s['missing_shards'])}: asked for, not done: an extract-clip running or stopped, or dropped)"
+            if s["missing_shards"]
+            else ""
+        ),  # fmt: skip
         f"skipped images (unreadable): {len(s['skipped'])}",
     ]
     lines += [f"  {k['shard']}/{k['key']}: {k['reason']}" for k in s["skipped"][:SKIPPED_SHOWN]]
@@ -146,7 +150,7 @@ def export(path: str, out: str) -> None:
     pending = sorted(set(store.recorded_shards) - set(store.done_shards))
     if pending:  # an extraction still running, or stopped: the export is of what is done
         click.echo(f"warning: {len(pending)} shard(s) asked for are not done (an extract-clip running or "
-                   f"stopped, e.g. {pending[0]}); the export holds the {len(store.done_shards)} done ones",
+                   f"stopped, or dropped; e.g. {pending[0]}); the export holds the {len(store.done_shards)} done ones",
                    err=True)  # fmt: skip
 
 

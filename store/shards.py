@@ -368,8 +368,12 @@ def damaged_tars(folder: Path, index: dict | None = None) -> list[str]:
 def read_index(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / INDEX_NAME
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ShardError(f"{path} is missing: {shard_dir} was not made by `semspai shard` (or the run died)") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ShardError(f"{path} is corrupt ({exc}); rebuild the shards with `semspai shard ... --force`") from exc
+    if not isinstance(index, dict):  # valid JSON, but not what `semspai shard` writes
+        raise ShardError(f"{path} is corrupt (a JSON {type(index).__name__}, not an object); rebuild the shards with "
+                         "`semspai shard ... --force`")  # fmt: skip
+    return index

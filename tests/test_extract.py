@@ -554,7 +554,10 @@ def test_a_changed_tar_is_dropped_from_the_store_and_extracted_again(shards: Pat
     assert res.exit_code == 0 and "dropped 1 shard(s): train-000001;" in res.output, res.output
     assert not (tmp_path / "c.zarr" / "shards" / "train-000001").exists()
     info = CliRunner().invoke(cli, ["store", "info", str(tmp_path / "c.zarr")]).output
-    assert "shards: 2 done, 1 missing (train-000001: asked for by a run, not done)" in info
+    assert (
+        "shards: 2 done, 1 missing (train-000001: asked for, not done: an extract-clip running or stopped, or dropped)"
+        in info
+    )
     result = run(cfg(changed, tmp_path / "c.zarr"), embedder_factory=TINY)
     assert [s.name for s in result.extracted] == ["train-000001"]
     run(cfg(changed, tmp_path / "c-fresh.zarr"), embedder_factory=TINY)
@@ -568,6 +571,15 @@ def test_a_changed_tar_is_dropped_from_the_store_and_extracted_again(shards: Pat
         "train-000002",
     ]
     assert arrays(store) == before
+
+
+def test_a_rerun_over_part_of_a_store_counts_the_done_shards_of_its_spec(shards: Path, reference: Path, tmp_path: Path,
+                                                                          caplog) -> None:  # fmt: skip
+    store = Path(shutil.copytree(reference, tmp_path / "ref.zarr"))
+    with caplog.at_level(logging.INFO, logger="semspai"):
+        result = run(cfg(str(shards / "train-000001.tar"), store), embedder_factory=TINY)
+    assert result.shards_already_done == ["train-000001"] and not result.extracted
+    assert f"1 of 1 shards already done in {store}; extracting 0" in caplog.text  # not the store's 3
 
 
 def test_tar_unlike_its_index_fails_naming_it_and_keeps_the_others(

@@ -438,6 +438,11 @@ def test_too_large_images_refused_naming_the_option(image_tree, tmp_path):
     assert res.exit_code == 0 and "skipped 0 unreadable, 1 too large (--max-pixels), 0 duplicate" in res.output
     res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "zero"), "--max-pixels", "0"])
     assert res.exit_code == 2 and "--max-pixels" in res.output
+    res = CliRunner().invoke(cli, ["shard", str(image_tree), "--out", str(tmp_path / "none"), "--max-pixels", "10"])
+    assert (
+        res.exit_code == 1
+        and f"no image could be sharded ({result.n_written + 1} too large (see --max-pixels) skipped)" in res.output
+    ), res.output
 
 
 def test_missing_manifest_target_is_skipped(tmp_path):
@@ -475,6 +480,10 @@ def test_bad_sources(tmp_path):
     src = small_tree(tmp_path / "src", 3)
     with pytest.raises(SourceError, match="listed twice"):
         shard([src, src], tmp_path / "out")
+    other = small_tree(tmp_path / "b" / "src", 3)  # another folder of the same name
+    with pytest.raises(SourceError, match=r"src/.* and .*b/src/.* would be one sample \(src/.*\): two sources are "
+                       "named src; rename one"):  # fmt: skip
+        shard([src, other], tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------------------------- crashes
@@ -774,9 +783,13 @@ def test_corrupt_stage_manifest_or_index_is_a_clear_error(image_tree, tmp_path, 
     assert "unreadable" in res.output and "--force" in res.output
     assert tar_bytes(out) == before  # the refusal changed nothing
     assert shard(image_tree, out, force=True).n_written == 16
-    (out / INDEX_NAME).write_text(content[:5])
-    with pytest.raises(ShardError, match="corrupt.*--force"):
-        read_index(out)
+    for damaged in (content[:5], "[]"):  # cut short; valid JSON of another shape
+        (out / INDEX_NAME).write_text(damaged)
+        with pytest.raises(ShardError, match="corrupt.*--force"):
+            read_index(out)
+    res = CliRunner().invoke(cli, ["extract-clip", "--shards", str(out), "--store", str(tmp_path / "s.zarr"),
+                                   "--clip", "tiny-random", "--workers", "0"])  # fmt: skip
+    assert res.exit_code != 0 and "Traceback" not in res.output and "index.json is corrupt (a JSON list" in res.output
 
 
 def test_touched_or_added_source_is_stale_naming_what_to_rerun(image_tree, tmp_path):

@@ -471,7 +471,10 @@ def test_info_and_export_h5(tmp_path: Path, shards: list[Path]) -> None:
     n = sum(len(f.keys) for f in feats)
     assert lines[0] == f"images: {n}"
     assert any("RANDOM WEIGHTS" in line for line in lines)
-    assert "shards: 2 done, 1 missing (train-000009: asked for by a run, not done)" in lines
+    assert (
+        "shards: 2 done, 1 missing (train-000009: asked for, not done: an extract-clip running or stopped, or dropped)"
+        in lines
+    )
     assert "skipped images (unreadable): 1" in lines
     assert f"  train-000001/{CORRUPT_KEY}: not a readable image" in lines
     js = json.loads(runner.invoke(cli, ["store", "info", store, "--json"]).output)
