@@ -20,6 +20,7 @@ from semspai.store.features import (
     drop_shards,
     export_h5,
     is_export,
+    undecodable_arrays,
     verify_store,
 )
 from semspai.store.shards import resolve_shards, shard_name
@@ -117,11 +118,12 @@ def info(path: str, as_json: bool) -> None:
 @user_errors
 def verify(path: str, shards: str) -> None:
     """Check every sample of SPEC is in the store exactly once, the tars are unchanged, vectors are sane."""
-    damaged = damaged_arrays(path, done_shard_attrs(path))
+    done = done_shard_attrs(path)
+    damaged = damaged_arrays(path, done) + undecodable_arrays(path, done)  # every chunk read once
     for d in damaged:
         click.echo(f"problem: {d}", err=True)
     if damaged:  # nothing else is checked: where chunks are missing, Zarr reads fill values
-        raise damage_error(path, damaged)
+        raise damage_error(path, damaged, "listed above")
     store = FeatureStore.open(path, check=False)  # just checked
     rule = PatchRule(**{k: v for k, v in store.attrs["patch_rule"].items() if k != "id"})
     paths = resolve_shards(shards)

@@ -499,10 +499,29 @@ def _list_keys(root: zarr.Group) -> list[str]:
     return sync(keys())
 
 
-def damage_error(path: str, damaged: list[str]) -> FeatureStoreError:
-    more = f" (and {len(damaged) - 1} more: `semspai store info {path}` lists them)" if len(damaged) > 1 else ""
+def damage_error(path: str, damaged: list[str], listed: str = "") -> FeatureStoreError:
+    """`listed`: where the others are listed (default: by `store info`)."""
+    listed = listed or f"`semspai store info {path}` lists them"
+    more = f" (and {len(damaged) - 1} more: {listed})" if len(damaged) > 1 else ""
     advice = REBUILD_TEXT if damaged[0].startswith(TEXT_ARRAY) else REBUILD
     return FeatureStoreError(f"feature store {path} is damaged: {damaged[0]}{more}; {advice}")
+
+
+def undecodable_arrays(path: str, done: dict[str, dict]) -> list[str]:
+    """`shards/NAME/ARRAY: what` for each array of the done shards (name -> attrs), and `text: what` for the prompt
+    vectors, holding a chunk that does not decode: every chunk is read (what `damaged_arrays`' listing cannot see)."""
+    root = _zopen(path, mode="r")
+    arrays = [(root, TEXT_ARRAY, TEXT_ARRAY)] if TEXT_ARRAY in root else []
+    for name in sorted(done):
+        group = root[SHARDS_GROUP][name]
+        arrays += [(group, a, f"{SHARDS_GROUP}/{name}/{a}") for a in sorted(group.array_keys())]
+    problems = []
+    for group, array, where in arrays:
+        try:
+            read_array(group, array, where)
+        except FeatureStoreError as exc:
+            problems.append(f"{where}: a chunk does not decode ({type(exc.__cause__).__name__}: {exc.__cause__})")
+    return problems
 
 
 def done_marker(path: str, name: str) -> dict | None:

@@ -440,6 +440,21 @@ def test_fill_value_chunks_are_written_and_corrupt_ones_named(tmp_path: Path, sh
         fs.global_vectors()
 
 
+def test_verify_lists_every_array_with_a_chunk_that_does_not_decode(tmp_path: Path, shards: list[Path]) -> None:
+    store = tmp_path / "f.zarr"
+    _, feats = write(str(store), shards[:2])
+    (store / "shards" / feats[0].name / "global" / "c" / "0" / "0").write_bytes(b"not zstd")
+    (store / "shards" / feats[1].name / "label" / "c" / "0").write_bytes(b"")
+    (store / "shards" / feats[1].name / "boxes" / "c" / "0" / "0").rename(tmp_path / "aside")  # missing
+    res = CliRunner().invoke(cli, ["store", "verify", str(store), "--shards", str(shards[0].parent)])
+    problems = [line for line in res.output.splitlines() if line.startswith("problem: ")]
+    assert res.exit_code == 1 and len(problems) == 3, res.output
+    assert problems[0] == f"problem: shards/{feats[1].name}/boxes: 1 of its 1 chunk files are missing"
+    assert problems[1].startswith(f"problem: shards/{feats[0].name}/global: a chunk does not decode (")
+    assert problems[2].startswith(f"problem: shards/{feats[1].name}/label: a chunk does not decode (")
+    assert "(and 2 more: listed above)" in res.output and "Traceback" not in res.output
+
+
 def test_verify_compares_labels_with_the_tars(tmp_path: Path, shards: list[Path]) -> None:
     store = str(tmp_path / "f.zarr")
     writer, (f,) = write(store, shards[:1], done=False)
