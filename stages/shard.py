@@ -274,6 +274,14 @@ def _run(cfg: ShardConfig) -> ShardResult:
                 f"an earlier semspai kept once and this one leaves out. Rerun `semspai shard ... --out {out} --force` "
                 "(the tars holding them change: extract them into a new --store)"
             )
+        listed = {str(e.get("name")) for e in index.get("shards", [])}
+        unlisted = sorted(p.name for p in out.iterdir() if SHARD_FILE.match(p.name) and p.name not in listed)
+        if index and unlisted:  # put there since: the next stages would refuse the folder, so this says it first
+            raise SourceError(
+                f"{out} holds {unlisted[0]}{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''}, named "
+                f"like its shards but not among the tars its {INDEX_NAME} lists (not made by `semspai shard` into "
+                "it); move it out, or pass --force to rebuild the folder without it"
+            )
         if not damage:
             return ShardResult(out=out, up_to_date=True, seconds=time.perf_counter() - start)
         # the same inputs and config give the same tars: rebuilding repairs, and stores of them stay valid

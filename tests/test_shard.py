@@ -613,6 +613,13 @@ def test_tars_it_did_not_make_are_refused_without_force(image_tree, tmp_path):
         with pytest.raises(SourceError, match=r"holds mydata.tar, not a tar `semspai shard` makes.*move it out"):
             shard(small_tree(tmp_path / "third", 5), folder, force=force)
     assert {p: p.read_bytes() for p in [*out.iterdir(), *fresh.iterdir()]} == before
+    # a shard-named tar put into a folder that is up to date: said at once, not only by the next stage
+    shutil.copy(made / "train-000001.tar", made / "train-000009.tar")
+    with pytest.raises(SourceError, match=r"holds train-000009.tar, named like its shards but not among the tars its "
+                       r"index.json lists .*move it out, or pass --force"):  # fmt: skip
+        shard(image_tree, made, shard_size=4)
+    (made / "train-000009.tar").unlink()
+    assert shard(image_tree, made, shard_size=4).up_to_date
 
 
 def test_a_later_batch_sharded_with_a_prefix_joins_the_same_store(tmp_path):
