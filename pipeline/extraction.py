@@ -740,6 +740,19 @@ class _ReadAhead:
         self.ahead = None
 
 
+class _NoComputeFailed(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_task_failures() -> None:
+    """In a Dask worker process: leave out distributed's log of a task that raised (its traceback and repr); the
+    driver reports the shard's error in one line. Idempotent."""
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NoComputeFailed) for f in worker_log.filters):
+        worker_log.addFilter(_NoComputeFailed())
+
+
 def _outcome(job: ShardJob, write: Future) -> Outcome:
     try:
         return job, write.result(), None
@@ -781,6 +794,8 @@ class DaskDistributor(InlineDistributor):
                     self.cluster.scale(workers)
                 self.client = Client(self.cluster)
                 self.client.wait_for_workers(workers)
+            if not log.isEnabledFor(logging.DEBUG):  # our own workers: a failed shard is ours to report, once
+                self.client.run(quiet_task_failures)
         log.info("dask: %s", self.client)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -389,6 +389,16 @@ def test_each_local_worker_gets_its_own_gpu(monkeypatch) -> None:
     assert sorted(seen.values()) == ["5", "5", "7"]
 
 
+def test_a_failed_task_is_reported_once_not_also_by_dask(capfd) -> None:
+    dist = DaskDistributor(1)
+    try:
+        ((item, result, exc),) = list(dist.map_unordered(int, ["not a number"]))
+    finally:
+        dist.close()
+    assert item == "not a number" and result is None and isinstance(exc, ValueError)
+    assert "Compute Failed" not in capfd.readouterr().err  # the worker's log of it, traceback and all, is left out
+
+
 @pytest.mark.slow
 def test_one_dask_worker_gives_the_same_bits(shards: Path, reference: Path, tmp_path: Path) -> None:
     pids = _dask_matches_reference(shards, reference, tmp_path / "one.zarr", workers=1)
