@@ -12,9 +12,11 @@ from PIL import Image
 
 from semspai.pipeline.photometric import add_noise, gaussian_blur, jpeg_roundtrip
 
+MAX_UPSCALE = 4.0
 KINDS = {  # kind -> (what the value means, valid range check)
     "jpeg": ("JPEG quality 1..100", lambda v: v == int(v) and 1 <= v <= 100),
-    "resize": ("scale factor > 0 (bicubic)", lambda v: v > 0),
+    # at most 4x: a larger upscale of a large image runs out of memory (resize:100 of a 500-px image is 2.5 GP)
+    "resize": ("scale factor in (0, 4] (bicubic)", lambda v: 0 < v <= MAX_UPSCALE),
     "blur": ("Gaussian sigma in pixels > 0", lambda v: v > 0),
     "noise": ("Gaussian noise std on [0, 1] pixels > 0", lambda v: v > 0),
 }

@@ -378,6 +378,9 @@ def test_noise_is_seeded_by_key_and_parsing_checks_ranges():
     for bad in ("jpeg:0", "jpeg:70.5", "resize:-1", "blur", "sharpen:2", "noise:x"):
         with pytest.raises(PerturbError, match="--perturb"):
             parse_perturbations([bad])
+    assert [q.name for q in parse_perturbations(["resize:0.5,2,4"])] == ["resize:0.5", "resize:2", "resize:4"]
+    with pytest.raises(PerturbError, match=r"'100' is out of range \(resize: scale factor in \(0, 4\]"):
+        parse_perturbations(["resize:100"])  # would take the image to 10,000 times its pixels
 
 
 def add_noise(rgb: np.ndarray, std: float, seed: int) -> np.ndarray:
