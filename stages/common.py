@@ -38,11 +38,15 @@ LAZY_USER_ERRORS = (
 )
 
 
-def refuse_foreign_output(path: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+def refuse_foreign_output(path: Path, is_ours: Callable[[Path], bool], what: str, hint: str = "") -> None:
     """An output file may replace an earlier one of its own kind (`is_ours`), nothing else: not an input image,
     a tar or someone's notes given as the output by a slip."""
     if path.is_dir():
         raise FileExistsError(f"{path} is a folder: give the path of a file for {what}")
+    if path.exists() and not path.is_file():  # /dev/stdout, a pipe: reading it to check would wait for ever, and
+        # the output is written beside it and renamed over it (atomic_write), which a device or a pipe cannot take
+        raise FileExistsError(f"{path} is not a regular file (a device or a pipe?): the output is written to a "
+                              "file; give a file's path" + (f" ({hint})" if hint else ""))  # fmt: skip
     if path.exists() and not is_ours(path):
         raise FileExistsError(f"{path} exists and is not {what}; it is left as it is: remove it or choose another path")
 

@@ -189,7 +189,8 @@ def run(cfg: PredictConfig, on_row: Callable[[Prediction], None] | None = None) 
     with torch_threads(cfg.threads):
         if out is None:
             return _predict(cfg, None, on_row, start)
-        refuse_foreign_output(out, written_by_predict, "an earlier predict result")
+        refuse_foreign_output(out, written_by_predict, "an earlier predict result",
+                              "without --out, the rows go to stdout as CSV")  # fmt: skip
         with run_lock(lock_beside(out), busy):
             clear_partials([out, progress_path(out)])  # what a predict killed mid-write left
             return _predict(cfg, out, on_row, start)

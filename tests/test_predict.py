@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -411,6 +412,19 @@ def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, r
     res = predict(image)  # the input itself, by a slip
     assert res.exit_code == 1 and f"Error: {image} exists and is not an earlier predict result" in res.output
     assert image.read_bytes() == before
+    fifo = tmp_path / "pipe.csv"  # as /dev/stdout is when piped: a check that read it would wait for ever
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # should predict open it to read, it gets an end of file, not a hung test
+        with contextlib.suppress(OSError):  # ENXIO: nobody reads it, as it should be
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(10, unblock)
+    timer.start()
+    res = predict(fifo)
+    timer.cancel()
+    assert res.exit_code == 1 and f"Error: {fifo} is not a regular file (a device or a pipe?)" in res.output
+    assert "without --out, the rows go to stdout as CSV" in res.output and fifo.is_fifo()
     (tmp_path / "notes.csv").write_text("my,own,table\n")
     assert predict(tmp_path / "notes.csv").exit_code == 1
     assert (tmp_path / "notes.csv").read_text() == "my,own,table\n"
