@@ -33,9 +33,10 @@ from semspai.store.atomic import clear_partials, write_json_atomic
 from semspai.store.features import FeatureStore
 from semspai.store.images import ImageDecodeError, decode_image, format_of
 from semspai.store.locks import lock_beside, run_lock
-from semspai.store.manifest import StaleOutputError
+from semspai.store.manifest import StaleOutputError, read_manifest
 from semspai.store.progress import begin_progress, file_state, read_progress, row_line
 from semspai.store.shards import (
+    INDEX_NAME,
     SPLITS,
     ShardSample,
     file_sha256,
@@ -640,6 +641,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     perturbations = parse_perturbations(cfg.perturb)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    refuse_other_stage(out)
 
     def busy(holder: str) -> FileExistsError:
         return FileExistsError(f"{out} is being written by another `semspai eval` ({holder})")
@@ -647,6 +649,18 @@ def run(cfg: EvalConfig) -> EvalResult:
     with run_lock(lock_beside(out), busy):
         clear_partials([out / name for name in ("metrics.json", "eval.json")])  # what an eval killed mid-write left
         return _run(cfg, out, perturbations, device, start)
+
+
+def refuse_other_stage(out: Path) -> None:
+    """An eval's --out is no other stage's output: its config.yaml would replace a run's (which --resume trains
+    on), and its report files would lie among a store's arrays or a shard folder's tars."""
+    have = read_manifest(out) if out.is_dir() else None  # eval writes none: any is another stage's
+    what = (f"the output of `semspai {have.stage}`" if have is not None else
+            "a feature store" if (out / "zarr.json").exists() else
+            "a shard folder" if (out / INDEX_NAME).exists() else "")  # fmt: skip
+    if what:
+        inside = f" (e.g. {out / 'eval'})" if have is not None and have.stage == "train" else ""
+        raise FileExistsError(f"--out {out} is {what}, not an eval's output folder: choose another --out{inside}")
 
 
 def stopped_rows(out: Path) -> int:

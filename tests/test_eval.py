@@ -29,7 +29,7 @@ from semspai.store.checkpoints import load_checkpoint, save_checkpoint
 from semspai.store.features import FeatureStoreError
 from semspai.store.images import decode_image
 from semspai.store.locks import lock_beside, run_lock
-from semspai.store.manifest import StaleOutputError
+from semspai.store.manifest import StageManifest, StaleOutputError, write_manifest
 from semspai.store.shards import iter_shard, resolve_shards
 from tests.conftest import random_photo, write_image
 from tests.detector_fixtures import make_checkpoint
@@ -469,6 +469,22 @@ def test_a_failed_eval_leaves_an_earlier_eval_in_its_out_whole(evaluated, tiny_s
         run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(out),
                        overrides=["DATA.GENERATORS=bigan"], device="cpu"))  # fmt: skip
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_another_stages_output_is_never_an_eval_out(tiny_shards, train_store, checkpoints, tmp_path):
+    """An eval into a run dir replaced its config.yaml, and `train --resume` then refused the run."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_manifest(run_dir, StageManifest(stage="train", schema_version=1, config_digest="x", inputs={},
+                                          semspai_version="0", config={}))  # fmt: skip
+    (run_dir / "config.yaml").write_text("mine\n")
+    for out, what in ((run_dir, r"the output of `semspai train`.*\(e.g. .*run/eval\)"), (train_store, "a feature store"),
+                      (tiny_shards, r"the output of `semspai shard`")):  # fmt: skip
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(FileExistsError, match=rf"--out .* is {what}"):
+            run(EvalConfig(checkpoints=[str(checkpoints["none"])], shards=str(tiny_shards), out=str(out), device="cpu"))
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert (run_dir / "config.yaml").read_text() == "mine\n"
 
 
 def test_figures_that_say_nothing_beyond_the_class_shares_are_marked(evaluated, tiny_shards, checkpoints, tmp_path):
