@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -310,6 +311,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan passes every range check (comparisons are false) and .inf overflows
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -405,6 +408,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             loaded = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader) or {}  # noqa: S506 (a safe loader)
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start}); save it as UTF-8") from exc  # fmt: skip
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from exc
         if not isinstance(loaded, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ def parse_perturbations(texts: list[str] | tuple[str, ...]) -> list[Perturbation
                 value = float(raw)
             except ValueError:
                 raise PerturbError(f"--perturb {text!r}: {raw!r} is not a number ({kind}: {what})") from None
-            if not ok(value):
+            if not math.isfinite(value) or not ok(value):
                 raise PerturbError(f"--perturb {text!r}: {raw!r} is out of range ({kind}: {what})")
             p = Perturbation(kind, value)
             if p not in out:

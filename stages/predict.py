@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -259,6 +260,12 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
                          seconds=time.perf_counter() - start, heatmaps=heatmaps)  # fmt: skip
 
 
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):  # nan passes FloatRange: every comparison with it is false
+        raise click.BadParameter(f"{value} is not a number within [0, 1]")
+    return value
+
+
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint file or run dir (its best.pt).")
@@ -292,6 +299,7 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
     "--threshold",
     default=None,
     type=click.FloatRange(0, 1),
+    callback=lambda ctx, param, v: _finite(v),
     help="Label an image fake when its score is at least this; default: the checkpoint's, chosen on val (Youden's J).",
 )
 @click.option(

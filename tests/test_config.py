@@ -199,6 +199,9 @@ def test_bad_files(tmp_path):
     assert "\n" not in str(info.value)  # one line, with the place
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    (tmp_path / "latin1.yaml").write_bytes("# café\nTRAIN:\n  EPOCHS: 3\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 5\); save it as UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
     assert load_config(write_yaml(tmp_path / "empty.yaml", "")) == RunConfig()
     twice = "TRAIN:\n  EPOCHS: 3\n  BASE_LR: 0.001\n  EPOCHS: 30\n"
     with pytest.raises(ConfigError, match=r"not valid YAML: found the key 'EPOCHS' twice \(line 4, column 3\)$"):
@@ -290,6 +293,10 @@ def test_either_spectral_only_key_alone_implies_the_other(tmp_path, given):
         ("AUG.JPEG_QUALITY=[10, 200]", "AUG.JPEG_QUALITY"),
         ("AUG.FLIP_PROB=1.5", "AUG.FLIP_PROB"),
         ("LOSS.TEMPERATURE=0", "LOSS.TEMPERATURE"),
+        ("TRAIN.BASE_LR=.nan", "TRAIN.BASE_LR"),  # NaN passes every comparison
+        ("LOSS.SEMANTIC_WEIGHT=.nan", "LOSS.SEMANTIC_WEIGHT"),
+        ("TRAIN.WARMUP_EPOCHS=.inf", "TRAIN.WARMUP_EPOCHS"),
+        ("AUG.NOISE_STD=[0, .nan]", r"AUG.NOISE_STD\[1\]"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

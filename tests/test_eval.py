@@ -375,7 +375,7 @@ def test_noise_is_seeded_by_key_and_parsing_checks_ranges():
     assert not np.array_equal(p.apply(rgb, "a"), p.apply(rgb, "b"))
     assert [q.name for q in parse_perturbations(["jpeg:50,75", "jpeg:75", "blur:1.0"])] == ["jpeg:50", "jpeg:75",
                                                                                              "blur:1"]  # fmt: skip
-    for bad in ("jpeg:0", "jpeg:70.5", "resize:-1", "blur", "sharpen:2", "noise:x"):
+    for bad in ("jpeg:0", "jpeg:70.5", "resize:-1", "blur", "sharpen:2", "noise:x", "noise:inf", "blur:nan"):
         with pytest.raises(PerturbError, match="--perturb"):
             parse_perturbations([bad])
     assert [q.name for q in parse_perturbations(["resize:0.5,2,4"])] == ["resize:0.5", "resize:2", "resize:4"]

@@ -412,6 +412,8 @@ def test_out_replaces_an_earlier_result_and_nothing_else(checkpoint, tmp_path, r
     res = predict(image)  # the input itself, by a slip
     assert res.exit_code == 1 and f"Error: {image} exists and is not an earlier predict result" in res.output
     assert image.read_bytes() == before
+    res = predict(tmp_path / "t.csv", "--threshold", "nan")  # nan passes a range check: every comparison is false
+    assert res.exit_code == 2 and "nan is not a number within [0, 1]" in res.output
     fifo = tmp_path / "pipe.csv"  # as /dev/stdout is when piped: a check that read it would wait for ever
     os.mkfifo(fifo)
 
