@@ -492,6 +492,10 @@ def warm_start(module: TrainModule, file: Path, sha256: str, cfg: RunConfig, sto
     return {"path": str(file.resolve()), "sha256": sha256, "epoch": int(epoch or 0)}
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the scores became NaN or infinite: the run cannot go on with its config."""
+
+
 class Trainer:
     """One training run in `out`; `fit` trains (or resumes) to TRAIN.EPOCHS; a fresh run starts from the weights
     of `init` (a checkpoint, or a run dir meaning its best.pt) when given."""
@@ -743,7 +747,15 @@ class Trainer:
         rows.sort()  # by key: the same metrics whatever the number of ranks
         labels = np.asarray([r[1] for r in rows], dtype=np.int64)
         logits = np.asarray([r[2] for r in rows], dtype=np.float32)
+        if not np.isfinite(logits).all():  # every rank has every row
+            raise self._diverged(epoch, f"{int((~np.isfinite(logits)).sum())} val logits are NaN or infinite")
         return validation_metrics(labels, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), logits)
+
+    def _diverged(self, epoch: int, what: str) -> TrainingDiverged:
+        lr = self.cfg.TRAIN.BASE_LR
+        return TrainingDiverged(f"epoch {epoch}: {what}: training diverged, and nothing of this epoch is saved; start "
+                                f"over (--force) with a lower TRAIN.BASE_LR (now {lr:g}) or a longer "
+                                "TRAIN.WARMUP_EPOCHS")  # fmt: skip
 
     def _checkpoint(self, epoch: int, history: list[dict], rngs: list[dict]) -> dict:
         return {
@@ -803,6 +815,8 @@ class Trainer:
         try:
             for epoch in range(first, epochs + 1):
                 loss = self._train_epoch(epoch, tb)
+                if not math.isfinite(loss):  # the same on every rank: it is reduced over them
+                    raise self._diverged(epoch, f"the training loss is {loss}")
                 row = {
                     "epoch": epoch,
                     "step": self.scheduler.last_epoch,

@@ -30,6 +30,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 LAZY_USER_ERRORS = (
     "semspai.pipeline.clip:ClipLoadError",
     "semspai.pipeline.data:DataError",
+    "semspai.pipeline.engine:TrainingDiverged",
     "semspai.pipeline.perturb:PerturbError",
     "semspai.pipeline.spectral:EncoderConfigError",
     "semspai.store.features:FeatureStoreError",

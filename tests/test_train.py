@@ -911,3 +911,13 @@ def test_a_frozen_encoder_run_records_its_encoder_and_weights(full_run, tiny_sha
         _train(tiny_shards, None, tmp_path / "tuned", (*none, *frozen), init=out)
     shutil.copyfile(moved, weights)
     assert _train(tiny_shards, None, out, (*none, *frozen)).nothing_to_do
+
+
+def test_a_run_that_diverges_is_a_one_line_error_naming_the_epoch(tiny_shards, train_store, tmp_path):
+    args = ["train", "--from-store", str(train_store), "--shards", str(tiny_shards), "--out", str(tmp_path / "r")]
+    overrides = [*MICRO, "TRAIN.EPOCHS=1", "TRAIN.BASE_LR=1e6"]  # finite, and far too large
+    res = CliRunner().invoke(cli, [*args, *(x for o in overrides for x in ("--set", o))])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert re.search(r"Error: epoch 1: (the training loss is nan|\d+ val logits are NaN or infinite): training "
+                     r"diverged, .*start over \(--force\) with a lower TRAIN.BASE_LR \(now 1e\+06\)", res.output)  # fmt: skip
+    assert not (tmp_path / "r" / "checkpoints").exists() or not any((tmp_path / "r" / "checkpoints").iterdir())
