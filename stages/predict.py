@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from semspai.store.locks import lock_beside, run_lock
 from semspai.store.manifest import StaleOutputError
 from semspai.store.progress import begin_progress, file_state, read_progress, row_line
 from semspai.store.shards import file_sha256
+from semspai.store.sources import printable
 
 if TYPE_CHECKING:  # the model's modules are imported where they are used: `predict --help` answers at once
     from semspai.pipeline.inference import Prediction
@@ -95,9 +97,12 @@ def progress_path(out: Path) -> Path:
     return out.with_name(out.name + PROGRESS_SUFFIX)
 
 
-def heatmap_path(folder: Path, i: int, path: str | Path) -> Path:
-    """Where `--heatmaps FOLDER` draws the map of the i-th input image."""
-    return folder / f"{i:05d}-{Path(path).stem}.png"
+def heatmap_path(folder: Path, path: str | Path) -> Path:
+    """Where `--heatmaps FOLDER` draws the map of the image at `path`: its name and a hash of its real path, so
+    that files of one name in several folders get maps of their own, and a map's name does not depend on the
+    image's place among the inputs (a file added before it, then --resume)."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:10]
+    return folder / f"{Path(path).stem}-{digest}.png"
 
 
 def progress_row(pred: Prediction, state: list[int] | None) -> dict:
@@ -128,7 +133,7 @@ class ScoredSoFar:
         from semspai.pipeline.inference import Prediction
 
         kept, again, matched = {}, Counter(), set()
-        for i, p in enumerate(paths):
+        for p in paths:
             row = self.rows.get(os.path.realpath(p))
             if row is None:
                 continue
@@ -137,7 +142,7 @@ class ScoredSoFar:
                 again["error row(s)"] += 1
             elif row["file"] != file_state(p):
                 again["changed since scored"] += 1
-            elif heatmaps is not None and not heatmap_path(heatmaps, i, p).exists():
+            elif heatmaps is not None and not heatmap_path(heatmaps, p).exists():
                 again[f"without a heatmap in {heatmaps}"] += 1
             else:
                 kept[str(p)] = Prediction(**{k: row[k] for k in CSV_HEADER} | {"path": str(p)})
@@ -227,9 +232,9 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
         log.info("resuming: %d of %d image(s) scored before, %d to go", len(done), len(paths), len(paths) - len(done))
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    todo = [(i, p) for i, p in enumerate(paths) if str(p) not in done]
+    todo = [p for p in paths if str(p) not in done]
     # taken before reading: a change while scoring is seen by a later --resume
-    states = {str(p): file_state(p) for _, p in todo} if out is not None else {}
+    states = {str(p): file_state(p) for p in todo} if out is not None else {}
     heatmaps = []
     with contextlib.ExitStack() as stack:
         sink = None
@@ -237,12 +242,12 @@ def _predict(cfg: PredictConfig, out: Path | None, on_row: Callable[[Prediction]
             out.parent.mkdir(parents=True, exist_ok=True)
             kept = [progress_row(p, have.rows[os.path.realpath(p.path)]["file"]) for p in done.values()]
             sink = stack.enter_context(begin_progress(progress_path(out), header, kept))
-        scored = det.iter_predict([p for _, p in todo], return_maps=folder is not None)
-        for (i, _), (pred, rgb) in zip(todo, progress(scored, total=len(todo), desc="predict", unit="img"),
-                                       strict=True):  # fmt: skip
+        scored = det.iter_predict(todo, return_maps=folder is not None)
+        for pred, rgb in progress(scored, total=len(todo), desc="predict", unit="img"):
             if folder is not None and rgb is not None:  # drawn before the row is kept: a kept row has its map
-                title = f"{Path(pred.path).name}: {pred.label}, score {pred.score:.3f} ({pred.n_patches} patches)"
-                heatmaps.append(report.plot_heatmap(rgb, pred.maps, title, heatmap_path(folder, i, pred.path)))
+                name = printable(Path(pred.path).name)  # matplotlib takes no name that is not UTF-8
+                title = f"{name}: {pred.label}, score {pred.score:.3f} ({pred.n_patches} patches)"
+                heatmaps.append(report.plot_heatmap(rgb, pred.maps, title, heatmap_path(folder, pred.path)))
             pred.maps = None  # drawn: a long run keeps rows, not maps
             if sink is not None:
                 sink.write(row_line(progress_row(pred, states[str(pred.path)])))

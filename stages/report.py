@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,9 @@ CLASS_COLOURS = {"real": "#2b8cbe", "fake": "#e6550d"}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    with warnings.catch_warnings():  # a title in a script the font lacks (file names) is drawn with boxes, quietly
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 

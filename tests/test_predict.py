@@ -577,6 +577,31 @@ def test_a_heatmap_is_drawn_before_its_row_is_kept_and_an_empty_progress_file_st
     assert run(dataclasses.replace(cfg, out=str(tmp_path / "t.csv"))).n_failed == 1  # starts over unasked
 
 
+def test_heatmaps_are_named_by_file_not_by_place_so_a_file_added_before_a_resume_moves_none(checkpoint, tmp_path,
+                                                                                              rgb, monkeypatch):  # fmt: skip
+    folder = tmp_path / "imgs"
+    odd = os.fsdecode(b"\xffodd.png")  # a name that is not UTF-8: matplotlib took no such title
+    for i, name in enumerate(("b.png", "c.png", odd)):
+        save(Image.fromarray(np.roll(rgb, 17 * i, axis=1)), folder / name, "PNG")
+    out, maps = tmp_path / "s.csv", tmp_path / "maps"
+    cfg = PredictConfig(inputs=[str(folder)], checkpoint=str(checkpoint), out=str(out), heatmaps=str(maps),
+                        device="cpu")  # fmt: skip
+    _stop_after(monkeypatch, 2, [])
+    with pytest.raises(Stopped):
+        run(cfg)
+    monkeypatch.undo()
+    first = sorted(p.name for p in maps.iterdir())
+    assert len(first) == 2
+    save(Image.fromarray(rgb[::-1]), folder / "a.png", "PNG")  # sorts before every image scored
+    seen = []
+    _stop_after(monkeypatch, 99, seen)
+    res = run(dataclasses.replace(cfg, resume=True))
+    assert sorted(Path(p).name for p in seen) == sorted(["a.png", odd])  # the two scored are kept, maps and all
+    assert res.n_failed == 0 and len(res.predictions) == 4
+    names = sorted(p.name for p in maps.iterdir())
+    assert len(names) == 4 and set(first) < set(names)  # one map an image, the earlier ones as they were
+
+
 def test_resume_scores_again_error_rows_and_images_without_their_heatmap(checkpoint, tmp_path, rgb, monkeypatch,
                                                                          caplog):  # fmt: skip
     folder = _folder(tmp_path, rgb)  # 0.png 1.jpeg 2.tiff broken.png
