@@ -116,7 +116,8 @@ def describe(image: ImageInput, i: int) -> str:
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given, and image files under directories (recursively, sorted; as `semspai shard` walks a
-    folder: `image_files`), each file once (the first time it comes); a missing path is an error."""
+    folder: `image_files`), each file once (where it first comes, by its own path rather than a symlink's when
+    both are found); a missing path is an error."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -125,7 +126,7 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(item)
         else:
             raise FileNotFoundError(f"{item} does not exist")
-    return unique_files(found)
+    return unique_files(found, unlinked=True)
 
 
 def patch_batches(items: Iterable[tuple[T, np.ndarray | None]], max_images: int = DEFAULT_BATCH_IMAGES,
@@ -301,6 +302,8 @@ def load_detector(checkpoint: str | Path, clip: str | None = None, device: str |
         raise CheckpointError(f"checkpoint {file} does not fit its own config ({exc}); was it written by another "
                               "semspai version?") from exc  # fmt: skip
     embedder = spec = None
+    if clip and model.semantic_mode == "none":
+        log.warning("--clip %s is not used by %s: a spectral-only checkpoint reads no CLIP vector", clip, file)
     if model.semantic_mode != "none":
         if not state.get("clip_spec"):
             raise CheckpointError(f"checkpoint {file} uses CLIP vectors but records no CLIP spec")

@@ -278,7 +278,7 @@ def _finite(value: float | None) -> float | None:
     "--out",
     default=None,
     type=click.Path(dir_okay=False),
-    help="Results file: .json for JSON, else CSV (path,score,label,n_patches,error). Default: CSV on stdout.",
+    help="Results file: .json for JSON, else CSV (path,score,label,n_patches,error). Default (or -): CSV on stdout.",
 )
 @click.option(
     "--heatmaps",
@@ -330,6 +330,7 @@ def command(inputs, checkpoint, out, heatmaps, clip, encoder_weights, device, ch
     only when no file could be scored. Rows go to stdout as they are scored when there is no --out; with one,
     they are kept in OUT.progress until OUT is written, so a stopped run goes on with --resume.
     """
+    out = None if out == "-" else out  # `--out -`: stdout, as for other tools (not a file named "-")
     with contextlib.suppress(AttributeError, ValueError):  # paths that are no UTF-8 go out as their bytes on disk
         sys.stdout.reconfigure(errors="surrogateescape")
     stream = csv.DictWriter(sys.stdout, fieldnames=CSV_HEADER, lineterminator="\n")
@@ -357,7 +358,7 @@ def command(inputs, checkpoint, out, heatmaps, clip, encoder_weights, device, ch
     click.echo(f"{n - result.n_failed} of {n} images scored ({n_fake} called fake) in {result.seconds:.1f} s{where}",
                err=True)  # fmt: skip
     if result.n_failed:
-        click.echo(f"{result.n_failed} file(s) could not be read; see the error column", err=True)
+        click.echo(f"{result.n_failed} file(s) could not be read; see their rows' error", err=True)
     if result.n_failed == n:
         raise click.ClickException("no image could be scored")
 

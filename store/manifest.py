@@ -39,12 +39,15 @@ class StageManifest:
     file_shas: dict[str, list] = field(default_factory=dict)
 
 
-def unique_files(paths: Iterable[str | Path]) -> list[Path]:
+def unique_files(paths: Iterable[str | Path], unlinked: bool = False) -> list[Path]:
     """Each file once, as it was first named: the same file named twice, from another working directory or
-    through a symlink (one real path) counts once."""
+    through a symlink (one real path) counts once. `unlinked`: named by a path that is no symlink where one of
+    its names is (at the place of its first name)."""
     first: dict[str, Path] = {}
     for p in paths:
-        first.setdefault(os.path.realpath(p), Path(p))
+        real = os.path.realpath(p)
+        if real not in first or (unlinked and os.path.islink(first[real]) and not os.path.islink(p)):
+            first[real] = Path(p)
     return list(first.values())
 
 

@@ -286,6 +286,9 @@ def test_directories_are_walked_recursively(tmp_path, rgb, caplog):
     # a file named twice, or named and inside a named folder, is scored once (where it first comes)
     again = find_images([tmp_path / "a" / "top.JPG", tmp_path / "a", tmp_path / "a" / "b" / ".." / "top.JPG"])
     assert [p.name for p in again] == ["top.JPG", "deep.webp"]
+    # a file linked under another name is scored once, under its own path (the link sorts first)
+    (tmp_path / "a" / "alias.webp").symlink_to(tmp_path / "a" / "b" / "deep.webp")
+    assert [str(p.relative_to(tmp_path)) for p in find_images([tmp_path / "a"])] == ["a/b/deep.webp", "a/top.JPG"]
     with pytest.raises(FileNotFoundError, match="nope"):
         find_images([tmp_path / "nope"])
 
@@ -317,6 +320,10 @@ def test_cli_csv_matches_python_api(checkpoint, detector, tmp_path, rgb):
             assert float(row["score"]) == pytest.approx(p.score, abs=1e-6)
             assert (row["label"], int(row["n_patches"]), row["error"]) == (p.label, p.n_patches, "")
     assert "1 file(s) could not be read" in res.output
+    res = CliRunner().invoke(cli, ["predict", str(folder / "0.png"), "--checkpoint", str(checkpoint), "--out", "-",
+                                   "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0 and "path,score,label,n_patches,error" in res.output  # `-`: stdout, not a file "-"
+    assert not Path("-").exists()
 
 
 def test_json_output_and_heatmaps(checkpoint, tmp_path, rgb):
@@ -735,3 +742,11 @@ def test_files_are_decoded_in_threads_ahead_of_the_model_and_arrays_inline(detec
     on = {kind: [name for k, name in threads if k is kind] for kind in (type(paths[0]), np.ndarray)}
     assert len(on[type(paths[0])]) == 6 and all(name.startswith("decode") for name in on[type(paths[0])]), threads
     assert on[np.ndarray] == [threading.current_thread().name], threads
+
+
+def test_clip_given_for_a_spectral_only_checkpoint_is_said_to_be_unused(tmp_path, caplog):
+    none = make_checkpoint(tmp_path / "none.pt", mode="none", seed=1)
+    with caplog.at_level(logging.WARNING, logger="semspai.pipeline.inference"):
+        det = load_detector(none, clip="ViT-B-32:/nowhere.safetensors")
+    assert det.semantic_mode == "none"
+    assert "--clip ViT-B-32:/nowhere.safetensors is not used by" in caplog.text and "spectral-only" in caplog.text
