@@ -277,7 +277,8 @@ class Detector:
 
 
 def load_detector(checkpoint: str | Path, clip: str | None = None, device: str | torch.device = "cpu",
-                  precision: str = "auto", encoder: bool = True, encoder_weights: str | None = None) -> Detector:  # fmt: skip
+                  precision: str = "auto", encoder: bool = True,
+                  encoder_weights: str | None = None) -> Detector:  # fmt: skip
     """The detector a checkpoint (or a run directory, meaning its best checkpoint) holds, with its CLIP encoder.
 
     `clip` overrides where the encoder's weights are read from (e.g. the file moved); it must still be the

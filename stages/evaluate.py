@@ -232,8 +232,9 @@ def kept_rows(path: Path, header: dict, resume: bool) -> dict[str, dict]:
         return {}
     differ = [k for k in RESUME_KEYS if have.get(k) != header[k]]
     if differ:
-        names = {"checkpoint_sha256": f"checkpoint ({have.get('checkpoint')})", "tars": "shards or --split (or tars changed "
-                 "since)", "store": "--store", "perturb": "--perturb", "report": "checkpoint order"}  # fmt: skip
+        names = {"checkpoint_sha256": f"checkpoint ({have.get('checkpoint')})",
+                 "tars": "shards or --split (or tars changed since)", "store": "--store", "perturb": "--perturb",
+                 "report": "checkpoint order"}  # fmt: skip
         raise StaleOutputError(f"--resume: {path} was scored with another {', '.join(names[k] for k in differ)}; "
                                f"resume with the same ones, or delete {path.parent} to start over")  # fmt: skip
     log.info("%s: resuming, %d image(s) scored before the stop", header["checkpoint"], len(rows))

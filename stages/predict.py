@@ -344,8 +344,8 @@ def command(inputs, checkpoint, out, heatmaps, clip, encoder_weights, device, ch
         sys.stdout.flush()
 
     cfg = PredictConfig(inputs=list(inputs), checkpoint=checkpoint, out=out, heatmaps=heatmaps, clip=clip,
-                        encoder_weights=encoder_weights, device=device, chunk_size=chunk_size, threshold=threshold, resume=resume,
-                        threads=threads)  # fmt: skip
+                        encoder_weights=encoder_weights, device=device, chunk_size=chunk_size, threshold=threshold,
+                        resume=resume, threads=threads)  # fmt: skip
     try:
         result = run(cfg, on_row=on_row if out is None else None)
     except BrokenPipeError:  # the reader of stdout stopped (`| head`): so does predict, quietly, as `cat` would

@@ -119,7 +119,7 @@ def info(path: str, as_json: bool) -> None:
 def verify(path: str, shards: str) -> None:
     """Check every sample of SPEC is in the store exactly once, the tars are unchanged, vectors are sane."""
     done = done_shard_attrs(path)
-    damaged = damaged_arrays(path, done) + undecodable_arrays(path, done)  # every chunk read once
+    damaged = damaged_arrays(path, done) + undecodable_arrays(path, done)  # the latter reads every chunk
     for d in damaged:
         click.echo(f"problem: {d}", err=True)
     if damaged:  # nothing else is checked: where chunks are missing, Zarr reads fill values
