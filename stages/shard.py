@@ -327,6 +327,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         )
     skipped = [{"path": printable(p.record.path), "reason": p.error} for p in probed if p.error]
     missing = [s["path"] for s in skipped if s["reason"] == MISSING]
+    n_too_large = sum(1 for s in skipped if s["reason"].startswith(TOO_LARGE))
     if missing:  # a typo in a manifest, or files moved: said, not only counted
         log.warning("%d file(s) the manifests name do not exist, e.g. %s; skipped", len(missing), missing[0])
     by_sha: dict[str, list[_Probed]] = {}
@@ -362,9 +363,8 @@ def _run(cfg: ShardConfig) -> ShardResult:
 
     if not kept:
         # refused before the output is touched: a failed run keeps the shards a previous run made
-        large = sum(1 for x in skipped if x["reason"].startswith(TOO_LARGE))
-        why = [f"{n} {what}" for n, what in ((len(skipped) - large - len(missing), "unreadable"),
-                                             (large, "too large (see --max-pixels)"), (len(missing), "missing"),
+        why = [f"{n} {what}" for n, what in ((len(skipped) - n_too_large - len(missing), "unreadable"),
+                                             (n_too_large, "too large (see --max-pixels)"), (len(missing), "missing"),
                                              (len(unlabeled), "unlabeled"),
                                              (n_conflicting, "labelled both real and fake")) if n]  # fmt: skip
         raise SourceError(f"no image could be sharded ({', '.join(why)} skipped); {out} is left as it was")
@@ -414,7 +414,7 @@ def _run(cfg: ShardConfig) -> ShardResult:
         up_to_date=False,
         n_written=len(kept),
         n_skipped=len(skipped),
-        n_too_large=sum(1 for s in skipped if s["reason"].startswith(TOO_LARGE)),
+        n_too_large=n_too_large,
         n_missing=len(missing),
         n_duplicates=len(duplicates),
         n_conflicting=n_conflicting,
